@@ -1,1 +1,2 @@
-//! hearth front end
+//! hearth's front end: the Lambda REST API.
+pub mod invoker;

@@ -1,0 +1,86 @@
+//! The boundary between the front end and the worker side (assignment + sandboxes).
+//!
+//! The front end resolves a request to a [`FunctionSpec`] (one immutable version of a
+//! function's code and configuration) and hands it to an [`Invoker`]. In `hearth up` the
+//! invoker is in-process (no RPC); a networked implementation can sit behind the same trait.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker needs to run one version of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// Function name (not an ARN).
+    pub name: String,
+    /// `$LATEST` or a published version number.
+    pub version: String,
+    /// Unqualified function ARN, `arn:aws:lambda:<region>:<account>:function:<name>`.
+    pub arn: String,
+    /// Runtime identifier as given at creation (`python3.11`, `provided.al2023`, ...).
+    pub runtime: String,
+    pub handler: String,
+    pub memory_mb: u32,
+    pub timeout_s: u32,
+    pub env: BTreeMap<String, String>,
+    /// Directory holding the unpacked code; mounted read-only at `/var/task`.
+    pub code_dir: PathBuf,
+    /// Base64 SHA-256 of the deployment package, as Lambda reports `CodeSha256`.
+    pub code_sha256: String,
+    /// Changes whenever code or configuration changes; sandboxes are pooled per revision.
+    pub revision_id: String,
+}
+
+/// One synchronous invocation.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    pub spec: FunctionSpec,
+    /// The ARN the caller invoked (qualified with the version or alias used).
+    pub invoked_arn: String,
+    pub payload: bytes::Bytes,
+    /// Decoded `X-Amz-Client-Context` (JSON text), if any.
+    pub client_context: Option<String>,
+    /// The function's reserved concurrency, if set (`PutFunctionConcurrency`).
+    pub reserved_concurrency: Option<u32>,
+    /// Concurrency available to functions without a reservation: the account limit minus the
+    /// sum of all reservations.
+    pub unreserved_limit: u32,
+}
+
+/// What came back from the function.
+#[derive(Debug, Clone, Default)]
+pub struct InvokeResult {
+    /// The response payload, or the error document when `function_error` is set.
+    pub payload: Vec<u8>,
+    /// The function failed (exception, timeout, crash, out of memory): the front end answers
+    /// HTTP 200 with `X-Amz-Function-Error: Unhandled`.
+    pub function_error: bool,
+    /// The invocation's log: init output if this invocation ran init, then `START`, the
+    /// runtime's output, `END` and `REPORT` lines.
+    pub log: String,
+}
+
+/// Why an invocation did not reach the function.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InvokeError {
+    /// Concurrency limit reached; `reason` is Lambda's `Reason` value
+    /// (`ReservedFunctionConcurrentInvocationLimitExceeded`, `ConcurrentInvocationLimitExceeded`).
+    #[error("rate exceeded: {reason}")]
+    TooManyRequests { reason: String },
+    /// The platform cannot run this function right now (e.g. its runtime image is missing).
+    #[error("{0}")]
+    NotReady(String),
+    /// An internal fault; the message is for logs, not for the caller.
+    #[error("service error: {0}")]
+    Service(String),
+}
+
+/// Runs invocations. Implemented by the worker side.
+#[async_trait::async_trait]
+pub trait Invoker: Send + Sync + 'static {
+    /// Run one invocation to completion (or failure of the function).
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError>;
+    /// The function was deleted or changed: drop its idle sandboxes (in-flight ones finish).
+    fn retire(&self, function_name: &str);
+}
