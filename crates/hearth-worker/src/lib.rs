@@ -1,1 +1,11 @@
-//! hearth worker
+//! hearth's worker: runtime images, the runsc sandbox engine, the agent's host side and the
+//! pool that assigns invocations to sandboxes.
+pub mod cgroup;
+pub mod engine;
+pub mod frames;
+pub mod images;
+pub mod pool;
+
+pub use engine::{EngineConfig, RunscEngine};
+pub use images::ImageStore;
+pub use pool::{Worker, WorkerConfig};

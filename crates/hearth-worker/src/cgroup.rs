@@ -1,0 +1,170 @@
+//! Cgroups of sandboxes: nested under the worker's own cgroup, read for memory figures.
+//!
+//! runsc places a sandbox in `cgroupsPath`; a relative path is resolved against the cgroup of
+//! the runsc process, which is the worker's own. hearth gives every sandbox
+//! `<PARENT>/<sandbox id>`, so all sandboxes of one worker sit under one parent per hierarchy
+//! and a restarted worker finds (and removes) what an earlier run left there.
+//!
+//! Both cgroup v1 (one hierarchy per controller, as on this machine) and v2 are handled. On v1
+//! the `cpuset` parent must carry `cpus` and `mems` before runsc can create a child in it (the
+//! kernel starts a new cpuset empty), so [`Cgroups::prepare`] copies them from above.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Name of the directory all sandbox cgroups of a worker live under.
+pub const PARENT: &str = "hearth";
+
+/// Where this process's cgroups are.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    /// (controller list as in /proc/self/cgroup, absolute directory of our own cgroup).
+    own: Vec<(String, PathBuf)>,
+    unified: bool,
+}
+
+impl Cgroups {
+    /// Discover the cgroups of the current process.
+    pub fn discover() -> Self {
+        let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mut own = Vec::new();
+        let mut unified_only = true;
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let rel = path.trim_start_matches('/');
+            if ctrls.is_empty() {
+                let dir = Path::new("/sys/fs/cgroup").join(rel);
+                let unified_dir = Path::new("/sys/fs/cgroup/unified").join(rel);
+                let d = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                    dir
+                } else {
+                    unified_dir
+                };
+                own.push((String::new(), d));
+            } else {
+                unified_only = false;
+                let mount = ctrls.strip_prefix("name=").unwrap_or(ctrls);
+                own.push((
+                    ctrls.to_string(),
+                    Path::new("/sys/fs/cgroup").join(mount).join(rel),
+                ));
+            }
+        }
+        Cgroups {
+            own,
+            unified: unified_only,
+        }
+    }
+
+    fn controller_dir(&self, controller: &str) -> Option<&Path> {
+        if self.unified {
+            return self
+                .own
+                .iter()
+                .find(|(c, _)| c.is_empty())
+                .map(|(_, p)| p.as_path());
+        }
+        self.own
+            .iter()
+            .find(|(c, _)| c.split(',').any(|x| x == controller))
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// The relative `cgroupsPath` for a sandbox.
+    pub fn sandbox_path(id: &str) -> String {
+        format!("{PARENT}/{id}")
+    }
+
+    /// Make the parent usable (v1 cpuset needs cpus and mems).
+    pub fn prepare(&self) {
+        if self.unified {
+            return;
+        }
+        if let Some(dir) = self.controller_dir("cpuset") {
+            let parent = dir.join(PARENT);
+            let _ = fs::create_dir_all(&parent);
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                let current = fs::read_to_string(parent.join(f)).unwrap_or_default();
+                if current.trim().is_empty()
+                    && let Ok(v) = fs::read_to_string(dir.join(f))
+                {
+                    let _ = fs::write(parent.join(f), v.trim());
+                }
+            }
+        }
+    }
+
+    /// Remove empty sandbox cgroups left under the parent (after their sandboxes are gone).
+    /// Returns how many directories were removed.
+    pub fn remove_stale(&self) -> usize {
+        let mut removed = 0;
+        for (_, dir) in &self.own {
+            let parent = dir.join(PARENT);
+            let Ok(entries) = fs::read_dir(&parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Remove one sandbox's cgroup directories (runsc normally does; this is the safety net).
+    pub fn remove_sandbox(&self, id: &str) {
+        for (_, dir) in &self.own {
+            let _ = fs::remove_dir(dir.join(PARENT).join(id));
+        }
+    }
+
+    /// Sandbox cgroup directories that exist now (used by tests and leak checks).
+    pub fn sandbox_dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for (_, dir) in &self.own {
+            if let Ok(entries) = fs::read_dir(dir.join(PARENT)) {
+                out.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+        }
+        out
+    }
+
+    /// Peak memory use of a sandbox in bytes.
+    pub fn memory_peak(&self, id: &str) -> Option<u64> {
+        let dir = self.controller_dir("memory")?.join(PARENT).join(id);
+        let file = if self.unified {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
+        fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+    }
+
+    /// Whether the kernel OOM-killed something in the sandbox's cgroup.
+    pub fn oom_killed(&self, id: &str) -> bool {
+        let Some(dir) = self.controller_dir("memory") else {
+            return false;
+        };
+        let dir = dir.join(PARENT).join(id);
+        let file = if self.unified {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        let count = |key: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(key)
+                        .map(|v| v.trim().parse::<u64>().unwrap_or(0))
+                })
+                .unwrap_or(0)
+        };
+        count("oom_kill ") > 0 || (self.unified && count("oom ") > 0)
+    }
+}

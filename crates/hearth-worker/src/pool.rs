@@ -1,0 +1,853 @@
+//! The worker's sandbox pool: assignment of invocations to execution environments.
+//!
+//! Each function revision (name, version, revision id) has a stack of idle sandboxes. An
+//! invocation takes the most recently used idle sandbox of its revision (warm start) or
+//! creates one (cold start: boot, then init until the runtime first asks for work), runs,
+//! and hands the sandbox back. One invocation at a time per sandbox; concurrent invocations
+//! of one function run in separate sandboxes. Idle sandboxes are destroyed after the
+//! keep-alive period, and least-recently-used idle sandboxes are evicted when a new one would
+//! pass the worker's memory budget.
+//!
+//! Failures follow Lambda: a handled function error keeps the sandbox; a timeout, a runtime
+//! exit, or the sandbox dying (out of memory) destroys it and the caller gets a function
+//! error. Concurrency limits (reserved per function, and the account's unreserved pool) are
+//! checked before any work and answered with `TooManyRequests`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hearth_api::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
+use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta};
+use tokio::sync::{Notify, mpsc};
+
+use crate::engine::{RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SandboxSpec};
+use crate::frames;
+use crate::images::{ImageStore, recipe_for};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub region: String,
+    /// How long an idle sandbox is kept for reuse.
+    pub keep_alive: Duration,
+    /// Memory all sandboxes together may be given (function memory + sentry overhead).
+    pub memory_budget_mb: u64,
+    /// Size of each sandbox's writable `/tmp`.
+    pub tmp_mb: u32,
+    /// Longest init (boot + runtime start + handler import) before the start fails.
+    pub init_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            region: "us-east-1".into(),
+            keep_alive: Duration::from_secs(300),
+            memory_budget_mb: default_memory_budget_mb(),
+            tmp_mb: 512,
+            init_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// 80 % of the machine's memory.
+pub fn default_memory_budget_mb() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| {
+                    v.split_whitespace()
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+        })
+        .unwrap_or(4 * 1024 * 1024);
+    total_kb / 1024 * 8 / 10
+}
+
+/// Counts of sandboxes, for status output, tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub live: usize,
+    pub idle: usize,
+    pub cold_starts: usize,
+    pub warm_starts: usize,
+}
+
+/// One execution environment owned by the pool.
+struct Env {
+    sandbox: Sandbox,
+    frames: mpsc::Receiver<Frame<AgentMsg>>,
+    function: String,
+    memory_mb: u32,
+    last_used: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    idle: HashMap<String, Vec<Env>>,
+    /// Memory promised to live sandboxes.
+    committed_mb: u64,
+    live: usize,
+    inflight: HashMap<String, u32>,
+    inflight_unreserved: u32,
+    cold_starts: usize,
+    warm_starts: usize,
+}
+
+struct Inner {
+    engine: Arc<RunscEngine>,
+    images: ImageStore,
+    cfg: WorkerConfig,
+    state: Mutex<State>,
+    closed: AtomicBool,
+    destroying: AtomicUsize,
+    destroyed: Notify,
+}
+
+/// The in-process worker: implements [`Invoker`] over runsc sandboxes.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+/// How an invocation ended inside the sandbox.
+enum Outcome {
+    Response(Vec<u8>),
+    FunctionError(Vec<u8>),
+    Exit(String),
+    Died,
+    Timeout,
+}
+
+/// How init ended.
+enum Init {
+    Ready { init_ms: f64 },
+    Failed { doc: Vec<u8> },
+}
+
+impl Worker {
+    /// Create the worker; removes what an earlier run left and starts the keep-alive reaper.
+    pub fn new(engine: Arc<RunscEngine>, images: ImageStore, cfg: WorkerConfig) -> Self {
+        let stale = engine.cleanup_stale();
+        if !stale.is_empty() {
+            tracing::info!(
+                count = stale.len(),
+                "removed sandboxes left by an earlier run"
+            );
+        }
+        let inner = Arc::new(Inner {
+            engine,
+            images,
+            cfg,
+            state: Mutex::new(State::default()),
+            closed: AtomicBool::new(false),
+            destroying: AtomicUsize::new(0),
+            destroyed: Notify::new(),
+        });
+        let weak = Arc::downgrade(&inner);
+        let tick =
+            (inner.cfg.keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.closed.load(Ordering::Relaxed) {
+                    break;
+                }
+                inner.expire_idle();
+            }
+        });
+        Worker { inner }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.lock();
+        PoolStats {
+            live: st.live,
+            idle: st.idle.values().map(Vec::len).sum(),
+            cold_starts: st.cold_starts,
+            warm_starts: st.warm_starts,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<RunscEngine> {
+        &self.inner.engine
+    }
+
+    /// Destroy every idle sandbox and wait until all destroys finish; later invocations fail.
+    /// Busy sandboxes are destroyed as their invocations end.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let idle: Vec<Env> = {
+            let mut st = self.inner.lock();
+            st.idle.drain().flat_map(|(_, v)| v).collect()
+        };
+        for env in idle {
+            self.inner.destroy(env);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = self.inner.lock().live;
+            if live == 0 && self.inner.destroying.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(live, "shutdown: sandboxes still busy");
+                break;
+            }
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), self.inner.destroyed.notified())
+                    .await;
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Destroy a sandbox in the background (runsc kill + delete + reap: tens of ms).
+    fn destroy(self: &Arc<Self>, env: Env) {
+        self.release_memory(env.memory_mb as u64 + SENTRY_OVERHEAD_MB);
+        self.teardown(env);
+    }
+
+    /// Kill a sandbox whose memory is already released from the accounting.
+    fn teardown(self: &Arc<Self>, env: Env) {
+        self.destroying.fetch_add(1, Ordering::SeqCst);
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let Env {
+                sandbox, frames, ..
+            } = env;
+            drop(frames);
+            inner.engine.destroy(sandbox);
+            inner.destroying.fetch_sub(1, Ordering::SeqCst);
+            inner.destroyed.notify_waiters();
+        });
+    }
+
+    fn expire_idle(self: &Arc<Self>) {
+        let now = Instant::now();
+        let expired: Vec<Env> = {
+            let mut st = self.lock();
+            let mut out = Vec::new();
+            for envs in st.idle.values_mut() {
+                let (old, keep): (Vec<Env>, Vec<Env>) = envs
+                    .drain(..)
+                    .partition(|e| now.duration_since(e.last_used) >= self.cfg.keep_alive);
+                *envs = keep;
+                out.extend(old);
+            }
+            st.idle.retain(|_, v| !v.is_empty());
+            out
+        };
+        for env in expired {
+            tracing::debug!(sandbox = %env.sandbox.id, function = %env.function, "keep-alive expired");
+            self.destroy(env);
+        }
+    }
+
+    /// Reserve memory for a new sandbox, evicting least-recently-used idle ones if needed.
+    fn reserve_memory(self: &Arc<Self>, need_mb: u64) -> Result<(), InvokeError> {
+        let mut evict = Vec::new();
+        let fits = {
+            let mut st = self.lock();
+            loop {
+                if st.committed_mb + need_mb <= self.cfg.memory_budget_mb {
+                    st.committed_mb += need_mb;
+                    st.live += 1;
+                    break true;
+                }
+                let oldest = st
+                    .idle
+                    .iter()
+                    .flat_map(|(k, v)| {
+                        v.iter()
+                            .enumerate()
+                            .map(move |(i, e)| (k.clone(), i, e.last_used))
+                    })
+                    .min_by_key(|(_, _, t)| *t);
+                let Some((key, i, _)) = oldest else {
+                    break false;
+                };
+                let Some(env) = st.idle.get_mut(&key).map(|v| v.remove(i)) else {
+                    break false;
+                };
+                st.idle.retain(|_, v| !v.is_empty());
+                st.committed_mb = st
+                    .committed_mb
+                    .saturating_sub(env.memory_mb as u64 + SENTRY_OVERHEAD_MB);
+                st.live = st.live.saturating_sub(1);
+                evict.push(env);
+            }
+        };
+        for env in evict {
+            tracing::debug!(sandbox = %env.sandbox.id, "evicted to make room");
+            self.teardown(env);
+        }
+        if fits {
+            Ok(())
+        } else {
+            Err(InvokeError::TooManyRequests {
+                reason: "ConcurrentInvocationLimitExceeded".into(),
+            })
+        }
+    }
+
+    fn release_memory(&self, mb: u64) {
+        let mut st = self.lock();
+        st.committed_mb = st.committed_mb.saturating_sub(mb);
+        st.live = st.live.saturating_sub(1);
+    }
+}
+
+/// Holds one unit of concurrency until dropped.
+struct Admission {
+    inner: Arc<Inner>,
+    function: String,
+    reserved: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        if let Some(n) = st.inflight.get_mut(&self.function) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.inflight.remove(&self.function);
+            }
+        }
+        if !self.reserved {
+            st.inflight_unreserved = st.inflight_unreserved.saturating_sub(1);
+        }
+    }
+}
+
+fn admit(inner: &Arc<Inner>, req: &InvokeRequest) -> Result<Admission, InvokeError> {
+    let mut st = inner.lock();
+    let name = &req.spec.name;
+    let current = st.inflight.get(name).copied().unwrap_or(0);
+    match req.reserved_concurrency {
+        Some(limit) => {
+            if current >= limit {
+                return Err(InvokeError::TooManyRequests {
+                    reason: "ReservedFunctionConcurrentInvocationLimitExceeded".into(),
+                });
+            }
+        }
+        None => {
+            if st.inflight_unreserved >= req.unreserved_limit {
+                return Err(InvokeError::TooManyRequests {
+                    reason: "ConcurrentInvocationLimitExceeded".into(),
+                });
+            }
+            st.inflight_unreserved += 1;
+        }
+    }
+    *st.inflight.entry(name.clone()).or_insert(0) += 1;
+    Ok(Admission {
+        inner: inner.clone(),
+        function: name.clone(),
+        reserved: req.reserved_concurrency.is_some(),
+    })
+}
+
+fn pool_key(spec: &FunctionSpec) -> String {
+    format!(
+        "{}\u{0}{}\u{0}{}",
+        spec.name, spec.version, spec.revision_id
+    )
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The environment Lambda gives a runtime, for one function version.
+pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<String> {
+    let exec_env = recipe_for(&spec.runtime)
+        .map(|r| r.execution_env)
+        .unwrap_or("AWS_Lambda_provided");
+    let day = chrono_day();
+    let stream = format!("{day}/[{}]{}", spec.version, uuid::Uuid::new_v4().simple());
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let platform = [
+        ("_HANDLER", spec.handler.clone()),
+        ("AWS_LAMBDA_FUNCTION_NAME", spec.name.clone()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", spec.version.clone()),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", init_type.to_string()),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{}", spec.name)),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", stream),
+        ("AWS_REGION", region.to_string()),
+        ("AWS_DEFAULT_REGION", region.to_string()),
+        ("AWS_EXECUTION_ENV", exec_env.to_string()),
+        ("LAMBDA_TASK_ROOT", "/var/task".into()),
+        ("LAMBDA_RUNTIME_DIR", "/var/runtime".into()),
+        ("TZ", ":UTC".into()),
+        ("LANG", "C.UTF-8".into()),
+        ("PATH", "/var/lang/bin:/usr/local/bin:/usr/bin:/bin:/opt/bin".into()),
+        (
+            "LD_LIBRARY_PATH",
+            "/var/lang/lib:/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:/var/task:/var/task/lib:/opt/lib".into(),
+        ),
+    ];
+    env.retain(|kv| {
+        !platform
+            .iter()
+            .any(|(k, _)| kv.split('=').next() == Some(*k))
+    });
+    env.extend(platform.iter().map(|(k, v)| format!("{k}={v}")));
+    env
+}
+
+fn chrono_day() -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let days = (epoch_ms() / 86_400_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}/{m:02}/{d:02}")
+}
+
+fn error_doc(message: &str, error_type: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "errorMessage": message, "errorType": error_type }))
+        .unwrap_or_default()
+}
+
+impl Worker {
+    /// Boot a sandbox for `spec` and run init.
+    async fn create(&self, spec: &FunctionSpec) -> Result<(Env, Init, Vec<u8>), InvokeError> {
+        let inner = &self.inner;
+        let rootfs = inner
+            .images
+            .rootfs_for_runtime(&spec.runtime)
+            .map_err(|e| InvokeError::NotReady(e.to_string()))?;
+        let need = spec.memory_mb as u64 + SENTRY_OVERHEAD_MB;
+        inner.reserve_memory(need)?;
+        let sandbox_spec = SandboxSpec {
+            rootfs,
+            code_dir: spec.code_dir.clone(),
+            env: lambda_env(spec, &inner.cfg.region, "on-demand"),
+            memory_mb: spec.memory_mb,
+            tmp_mb: inner.cfg.tmp_mb,
+            pids_limit: 1024,
+        };
+        let mut sandbox = match inner.engine.start(&sandbox_spec).await {
+            Ok(s) => s,
+            Err(e) => {
+                inner.release_memory(need);
+                return Err(InvokeError::Service(e.to_string()));
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        if let Some(mut stdout) = sandbox.stdout.take() {
+            let id = sandbox.id.clone();
+            tokio::spawn(async move {
+                loop {
+                    match frames::read_frame::<_, AgentMsg>(&mut stdout).await {
+                        Ok(f) => {
+                            if tx.send(f).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(hearth_proto::FrameError::Closed) => break,
+                        Err(e) => {
+                            tracing::warn!(sandbox = %id, "agent channel: {e}");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+        let mut env = Env {
+            sandbox,
+            frames: rx,
+            function: spec.name.clone(),
+            memory_mb: spec.memory_mb,
+            last_used: Instant::now(),
+        };
+        let init_limit = inner
+            .cfg
+            .init_timeout
+            .max(Duration::from_secs(spec.timeout_s as u64));
+        let deadline = tokio::time::Instant::now() + init_limit;
+        let mut log = Vec::new();
+        let mut hello = false;
+        let init = loop {
+            let frame = tokio::select! {
+                f = env.frames.recv() => f,
+                _ = tokio::time::sleep_until(deadline) => {
+                    break Init::Failed { doc: error_doc(
+                        &format!("Init timed out after {:.2} seconds", init_limit.as_secs_f64()),
+                        "Runtime.InitTimeout") };
+                }
+            };
+            match frame {
+                Some(Frame {
+                    msg: AgentMsg::Hello { protocol, .. },
+                    ..
+                }) => {
+                    hello = true;
+                    if protocol != hearth_proto::PROTOCOL_VERSION {
+                        break Init::Failed {
+                            doc: error_doc(
+                                "agent speaks another protocol version",
+                                "Runtime.AgentMismatch",
+                            ),
+                        };
+                    }
+                }
+                Some(Frame {
+                    msg: AgentMsg::Log,
+                    body,
+                }) => log.extend_from_slice(&body),
+                Some(Frame {
+                    msg: AgentMsg::InitDone { init_ms },
+                    ..
+                }) => break Init::Ready { init_ms },
+                Some(Frame {
+                    msg: AgentMsg::InitError { .. },
+                    body,
+                }) => break Init::Failed { doc: body },
+                Some(Frame {
+                    msg: AgentMsg::RuntimeExit { status },
+                    ..
+                }) => {
+                    break Init::Failed {
+                        doc: error_doc(
+                            &format!("Runtime exited with error: {status}"),
+                            "Runtime.ExitError",
+                        ),
+                    };
+                }
+                Some(_) => {}
+                None => {
+                    let detail = env
+                        .sandbox
+                        .stderr_tail
+                        .lock()
+                        .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+                        .unwrap_or_default();
+                    if !hello {
+                        tracing::warn!(sandbox = %env.sandbox.id, "sandbox ended before the agent started: {detail}");
+                    }
+                    let (msg, ty) = if inner.engine.cgroups().oom_killed(&env.sandbox.id) {
+                        (
+                            "Runtime exited with error: signal: killed",
+                            "Runtime.OutOfMemory",
+                        )
+                    } else {
+                        (
+                            "Runtime exited without providing a reason",
+                            "Runtime.ExitError",
+                        )
+                    };
+                    break Init::Failed {
+                        doc: error_doc(msg, ty),
+                    };
+                }
+            }
+        };
+        {
+            let mut st = inner.lock();
+            st.cold_starts += 1;
+        }
+        Ok((env, init, log))
+    }
+
+    async fn run(
+        env: &mut Env,
+        req: &InvokeRequest,
+        request_id: &str,
+        log: &mut Vec<u8>,
+    ) -> Outcome {
+        let timeout = Duration::from_secs(req.spec.timeout_s as u64);
+        let meta = InvokeMeta {
+            request_id: request_id.to_string(),
+            deadline_ms: epoch_ms() + timeout.as_millis() as u64,
+            invoked_function_arn: req.invoked_arn.clone(),
+            trace_id: format!(
+                "Root=1-{:08x}-{};Parent={:016x};Sampled=0",
+                epoch_ms() / 1000,
+                &uuid::Uuid::new_v4().simple().to_string()[..24],
+                rand::random::<u64>()
+            ),
+            client_context: req.client_context.clone(),
+            cognito_identity: None,
+        };
+        if frames::write_frame(&mut env.sandbox.stdin, &HostMsg::Invoke(meta), &req.payload)
+            .await
+            .is_err()
+        {
+            return Outcome::Died;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let frame = tokio::select! {
+                f = env.frames.recv() => f,
+                _ = tokio::time::sleep_until(deadline) => return Outcome::Timeout,
+            };
+            match frame {
+                Some(Frame {
+                    msg: AgentMsg::Log,
+                    body,
+                }) => log.extend_from_slice(&body),
+                Some(Frame {
+                    msg: AgentMsg::Response { request_id: id },
+                    body,
+                }) if id == request_id => {
+                    return Outcome::Response(body);
+                }
+                Some(Frame {
+                    msg: AgentMsg::FunctionError { request_id: id, .. },
+                    body,
+                }) if id == request_id => {
+                    return Outcome::FunctionError(body);
+                }
+                Some(Frame {
+                    msg: AgentMsg::RuntimeExit { status },
+                    ..
+                }) => return Outcome::Exit(status),
+                Some(_) => {}
+                None => return Outcome::Died,
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Invoker for Worker {
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(InvokeError::NotReady("the worker is shutting down".into()));
+        }
+        let _admission = admit(inner, &req)?;
+        let key = pool_key(&req.spec);
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let warm = {
+            let mut st = inner.lock();
+            let env = st.idle.get_mut(&key).and_then(Vec::pop);
+            if env.is_some() {
+                st.warm_starts += 1;
+            }
+            env
+        };
+        let mut log = Vec::new();
+        let (mut env, init_ms) = match warm {
+            Some(env) => (env, None),
+            None => {
+                let (env, init, init_log) = self.create(&req.spec).await?;
+                log.extend_from_slice(&init_log);
+                match init {
+                    Init::Ready { init_ms } => (env, Some(init_ms)),
+                    Init::Failed { doc } => {
+                        let mut out = String::from_utf8_lossy(&log).into_owned();
+                        let ty = serde_json::from_slice::<serde_json::Value>(&doc)
+                            .ok()
+                            .and_then(|v| {
+                                v.get("errorType")
+                                    .and_then(|t| t.as_str())
+                                    .map(String::from)
+                            })
+                            .unwrap_or_else(|| "Runtime.Unknown".into());
+                        out.push_str(&format!(
+                            "START RequestId: {request_id} Version: {}\n",
+                            req.spec.version
+                        ));
+                        out.push_str(&format!("END RequestId: {request_id}\n"));
+                        out.push_str(&format!(
+                            "REPORT RequestId: {request_id}\tDuration: 0.00 ms\tBilled Duration: 0 ms\tMemory Size: {} MB\tMax Memory Used: {} MB\tStatus: error\tError Type: {ty}\n",
+                            req.spec.memory_mb,
+                            inner.engine.cgroups().memory_peak(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
+                        ));
+                        inner.destroy(env);
+                        return Ok(InvokeResult {
+                            payload: doc,
+                            function_error: true,
+                            log: out,
+                        });
+                    }
+                }
+            }
+        };
+        let started = Instant::now();
+        let mut inv_log = Vec::new();
+        let outcome = Self::run(&mut env, &req, &request_id, &mut inv_log).await;
+        let duration = started.elapsed();
+        let peak_mb = inner
+            .engine
+            .cgroups()
+            .memory_peak(&env.sandbox.id)
+            .unwrap_or(0)
+            / (1024 * 1024);
+        let timeout_s = req.spec.timeout_s;
+        let (payload, function_error, keep) = match outcome {
+            Outcome::Response(body) => (body, false, true),
+            Outcome::FunctionError(body) => (body, true, true),
+            Outcome::Timeout => {
+                let msg = format!(
+                    "{} {request_id} Task timed out after {timeout_s}.00 seconds",
+                    chrono_now_iso()
+                );
+                inv_log.extend_from_slice(format!("{msg}\n").as_bytes());
+                (error_doc(&msg, "Sandbox.Timedout"), true, false)
+            }
+            Outcome::Exit(status) => {
+                let msg =
+                    format!("RequestId: {request_id} Error: Runtime exited with error: {status}");
+                inv_log.extend_from_slice(format!("{msg}\nRuntime.ExitError\n").as_bytes());
+                (error_doc(&msg, "Runtime.ExitError"), true, false)
+            }
+            Outcome::Died => {
+                // Let the frame reader see the end, then ask the cgroup why the sandbox died.
+                let (msg, ty) = if inner.engine.cgroups().oom_killed(&env.sandbox.id) {
+                    (
+                        format!(
+                            "RequestId: {request_id} Error: Runtime exited with error: signal: killed"
+                        ),
+                        "Runtime.OutOfMemory",
+                    )
+                } else {
+                    (
+                        format!(
+                            "RequestId: {request_id} Error: Runtime exited without providing a reason"
+                        ),
+                        "Runtime.ExitError",
+                    )
+                };
+                inv_log.extend_from_slice(format!("{msg}\n{ty}\n").as_bytes());
+                (error_doc(&msg, ty), true, false)
+            }
+        };
+        let mut out = String::from_utf8_lossy(&log).into_owned();
+        out.push_str(&format!(
+            "START RequestId: {request_id} Version: {}\n",
+            req.spec.version
+        ));
+        out.push_str(&String::from_utf8_lossy(&inv_log));
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&format!("END RequestId: {request_id}\n"));
+        let ms = duration.as_secs_f64() * 1000.0;
+        out.push_str(&format!(
+            "REPORT RequestId: {request_id}\tDuration: {ms:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {peak_mb} MB\t",
+            ms.ceil().max(1.0) as u64,
+            req.spec.memory_mb
+        ));
+        if let Some(i) = init_ms {
+            out.push_str(&format!("Init Duration: {i:.2} ms\t"));
+        }
+        if !keep {
+            out.push_str("Status: error\t");
+        }
+        out.push('\n');
+        if keep && !inner.closed.load(Ordering::SeqCst) {
+            env.last_used = Instant::now();
+            inner.lock().idle.entry(key).or_default().push(env);
+        } else {
+            inner.destroy(env);
+        }
+        Ok(InvokeResult {
+            payload,
+            function_error,
+            log: out,
+        })
+    }
+
+    fn retire(&self, function_name: &str) {
+        let envs: Vec<Env> = {
+            let mut st = self.inner.lock();
+            let mut out = Vec::new();
+            for envs in st.idle.values_mut() {
+                let (gone, keep): (Vec<Env>, Vec<Env>) =
+                    envs.drain(..).partition(|e| e.function == function_name);
+                *envs = keep;
+                out.extend(gone);
+            }
+            st.idle.retain(|_, v| !v.is_empty());
+            out
+        };
+        for env in envs {
+            self.inner.destroy(env);
+        }
+    }
+}
+
+fn chrono_now_iso() -> String {
+    let ms = epoch_ms();
+    let secs = ms / 1000;
+    let day = chrono_day().replace('/', "-");
+    let rem = secs % 86_400;
+    format!(
+        "{day}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        let d = chrono_day();
+        assert_eq!(d.len(), 10);
+        assert!(d.starts_with("20"));
+        assert!(chrono_now_iso().ends_with('Z'));
+    }
+
+    #[test]
+    fn lambda_env_sets_platform_vars_and_user_vars_cannot_override_them() {
+        let mut spec = FunctionSpec {
+            name: "f".into(),
+            version: "$LATEST".into(),
+            arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
+            runtime: "python3.11".into(),
+            handler: "app.handler".into(),
+            memory_mb: 256,
+            timeout_s: 3,
+            env: Default::default(),
+            code_dir: "/x".into(),
+            code_sha256: String::new(),
+            revision_id: "r".into(),
+        };
+        spec.env.insert("GREETING".into(), "hi".into());
+        spec.env.insert("AWS_REGION".into(), "evil".into());
+        let env = lambda_env(&spec, "eu-west-1", "on-demand");
+        assert!(env.contains(&"GREETING=hi".to_string()));
+        assert!(env.contains(&"AWS_REGION=eu-west-1".to_string()));
+        assert!(!env.contains(&"AWS_REGION=evil".to_string()));
+        assert!(env.contains(&"AWS_LAMBDA_FUNCTION_MEMORY_SIZE=256".to_string()));
+        assert!(env.contains(&"AWS_EXECUTION_ENV=AWS_Lambda_python3.11".to_string()));
+        assert!(
+            env.iter()
+                .any(|e| e.starts_with("AWS_LAMBDA_LOG_STREAM_NAME=") && e.contains("[$LATEST]"))
+        );
+        assert!(
+            !env.iter()
+                .any(|e| e.starts_with("AWS_LAMBDA_MAX_CONCURRENCY"))
+        );
+    }
+}
