@@ -1,1 +1,52 @@
-fn main() {}
+//! The `hearth` command: the platform (`hearth up`) and the daily commands around it.
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// hearth: a self-hosted, Lambda-compatible serverless platform.
+#[derive(Parser)]
+#[command(name = "hearth", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start every part in one process (front end, assignment, worker) on one data directory.
+    Up(cmd::up::UpArgs),
+    /// Build, import and list runtime images.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCmd),
+    /// Deploy, list and delete functions.
+    #[command(subcommand, name = "fn")]
+    Function(cmd::client::FnCmd),
+    /// Invoke a function and print its response.
+    Invoke(cmd::client::InvokeArgs),
+    /// Print a function's recent log.
+    Logs(cmd::client::LogsArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG").unwrap_or_else(|_| "hearth=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Up(args) => cmd::up::run(args),
+        Command::Image(c) => cmd::image::run(c),
+        Command::Function(c) => cmd::client::run_fn(c),
+        Command::Invoke(a) => cmd::client::run_invoke(a),
+        Command::Logs(a) => cmd::client::run_logs(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

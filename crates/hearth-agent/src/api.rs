@@ -1,0 +1,506 @@
+//! The Lambda Runtime API (`/2018-06-01/runtime/...`): the invocation state machine shared by
+//! the connection threads, the worker reader and the reaper, and the per-connection loop.
+
+use std::collections::VecDeque;
+use std::io::{self, BufReader, Read};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hearth_proto::{AgentMsg, InvokeMeta, MAX_SYNC_PAYLOAD};
+use serde_json::{Value, json};
+
+use crate::http::{self, Body, Framing, Head, HttpError};
+use crate::output::Emitter;
+
+/// Where init stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// The runtime is initialising: it has neither called `next` nor posted `init/error`.
+    Running,
+    /// The runtime posted `init/error`, exited before its first `next`, or never started.
+    Failed,
+    /// The runtime called `next` once: init is over.
+    Done,
+}
+
+/// The invocation handed to the runtime most recently.
+struct Current {
+    request_id: String,
+    answered: bool,
+}
+
+struct State {
+    init: Init,
+    /// Invocations from the worker that no `next` has taken yet.
+    pending: VecDeque<(InvokeMeta, Vec<u8>)>,
+    current: Option<Current>,
+    /// The worker sent `Restore` and no `restore/next` has consumed it yet.
+    restored: bool,
+    runtime_exited: bool,
+}
+
+/// State shared by every thread of the agent.
+pub struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+    out: Emitter,
+    snap_start: bool,
+    started: Instant,
+}
+
+/// An answer to one request.
+pub struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+    /// The invocation this reply hands out (`next`): put back if the reply cannot be written.
+    handed_out: Option<InvokeMeta>,
+}
+
+impl Reply {
+    fn new(status: u16, body: Vec<u8>) -> Self {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body,
+            handed_out: None,
+        }
+    }
+
+    fn accepted() -> Self {
+        Reply::new(202, br#"{"status":"OK"}"#.to_vec())
+    }
+
+    fn error(status: u16, error_type: &str, message: &str) -> Self {
+        Reply::new(status, error_doc(error_type, message))
+    }
+
+    fn invalid_state(message: &str) -> Self {
+        Reply::error(403, "InvalidStateTransition", message)
+    }
+}
+
+/// `{"errorMessage": …, "errorType": …}`.
+pub fn error_doc(error_type: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"errorMessage": message, "errorType": error_type}))
+        .unwrap_or_default()
+}
+
+/// The error type and error document of an error a runtime posted: the type comes from the
+/// `Lambda-Runtime-Function-Error-Type` header, else the body's `errorType`, else `default`;
+/// a body that is not a JSON object is wrapped into an error document.
+pub fn runtime_error(
+    header: Option<&str>,
+    body: Vec<u8>,
+    default: &str,
+) -> (String, Vec<u8>) {
+    let parsed = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => Some(map),
+        _ => None,
+    };
+    let from_body = parsed
+        .as_ref()
+        .and_then(|m| m.get("errorType"))
+        .and_then(Value::as_str);
+    let error_type = header
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .or(from_body.filter(|t| !t.is_empty()))
+        .unwrap_or(default)
+        .to_string();
+    let doc = if parsed.is_some() {
+        body
+    } else {
+        error_doc(&error_type, &String::from_utf8_lossy(&body))
+    };
+    (error_type, doc)
+}
+
+impl Shared {
+    pub fn new(out: Emitter, snap_start: bool, started: Instant) -> Self {
+        Shared {
+            state: Mutex::new(State {
+                init: Init::Running,
+                pending: VecDeque::new(),
+                current: None,
+                restored: false,
+                runtime_exited: false,
+            }),
+            cond: Condvar::new(),
+            out,
+            snap_start,
+            started,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.cond.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The worker sent an invocation.
+    pub fn invoke(&self, meta: InvokeMeta, event: Vec<u8>) {
+        self.lock().pending.push_back((meta, event));
+        self.cond.notify_all();
+    }
+
+    /// The worker says the sandbox was restored from a snapshot.
+    pub fn restored(&self) {
+        self.lock().restored = true;
+        self.cond.notify_all();
+    }
+
+    /// Init failed before the runtime could start (no bootstrap).
+    pub fn fail_init(&self, error_type: &str, message: &str) {
+        let mut st = self.lock();
+        st.init = Init::Failed;
+        self.out.send(
+            AgentMsg::InitError {
+                error_type: error_type.into(),
+            },
+            error_doc(error_type, message),
+        );
+    }
+
+    /// The reaper saw the runtime exit: report it (as an init error too if init never ended),
+    /// then have the pump exit.
+    pub fn runtime_exited(&self, status: String) {
+        let mut st = self.lock();
+        if st.init == Init::Running {
+            st.init = Init::Failed;
+            let message = if status == "exit status 0" {
+                "Runtime exited without providing a reason".to_string()
+            } else {
+                format!("Runtime exited with error: {status}")
+            };
+            self.out.send(
+                AgentMsg::InitError {
+                    error_type: "Runtime.ExitError".into(),
+                },
+                error_doc("Runtime.ExitError", &message),
+            );
+        }
+        self.out.send(AgentMsg::RuntimeExit { status }, Vec::new());
+        self.out.exit(0);
+        st.runtime_exited = true;
+        self.cond.notify_all();
+    }
+
+    /// Wait up to `timeout` for the runtime to exit; true if it did.
+    pub fn wait_runtime_exit(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        let (st, _) = self
+            .cond
+            .wait_timeout_while(st, timeout, |st| !st.runtime_exited)
+            .unwrap_or_else(|e| e.into_inner());
+        st.runtime_exited
+    }
+
+    /// Have the pump exit after writing everything queued so far.
+    pub fn exit(&self, code: i32) {
+        self.out.exit(code);
+    }
+
+    /// Put back an invocation whose `next` reply could not be delivered.
+    fn requeue(&self, meta: InvokeMeta, event: Vec<u8>) {
+        let mut st = self.lock();
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.request_id == meta.request_id && !c.answered)
+        {
+            st.current = None;
+            st.pending.push_front((meta, event));
+            self.cond.notify_all();
+        }
+    }
+
+    /// Route one request.
+    pub fn route(&self, head: &Head, body: Body) -> Reply {
+        let Some(rest) = head.path.strip_prefix("/2018-06-01/runtime/") else {
+            return not_found();
+        };
+        let segments: Vec<&str> = rest.split('/').collect();
+        let method = match segments.as_slice() {
+            ["invocation", "next"] | ["restore", "next"] => "GET",
+            ["invocation", _, "response" | "error"] | ["init" | "restore", "error"] => "POST",
+            _ => return not_found(),
+        };
+        if head.method != method {
+            let mut reply = Reply::error(405, "MethodNotAllowed", "method not allowed");
+            reply.headers.push(("Allow", method.into()));
+            return reply;
+        }
+        let error_type = head.header("Lambda-Runtime-Function-Error-Type");
+        match segments.as_slice() {
+            ["invocation", "next"] => self.next(),
+            ["invocation", id, "response"] => self.answer(id, body, None),
+            ["invocation", id, _] => self.answer(id, body, Some(error_type)),
+            ["init", _] => self.init_error(error_type, body),
+            ["restore", "next"] => self.restore_next(),
+            _ => self.restore_error(error_type, body),
+        }
+    }
+
+    /// `GET /runtime/invocation/next`: end init on the first call, then long-poll.
+    fn next(&self) -> Reply {
+        let mut st = self.lock();
+        if st.current.as_ref().is_some_and(|c| !c.answered) {
+            return Reply::invalid_state("the current invocation has not been answered");
+        }
+        match st.init {
+            Init::Failed => return Reply::invalid_state("init failed: the runtime should exit"),
+            Init::Running => {
+                st.init = Init::Done;
+                let init_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+                self.out.send(AgentMsg::InitDone { init_ms }, Vec::new());
+            }
+            Init::Done => {}
+        }
+        st.current = None;
+        let (meta, event) = loop {
+            // Another long-poll may have taken an invocation meanwhile: wait for it to end.
+            if st.current.as_ref().is_none_or(|c| c.answered) {
+                if let Some(next) = st.pending.pop_front() {
+                    break next;
+                }
+            }
+            st = self.wait(st);
+        };
+        st.current = Some(Current {
+            request_id: meta.request_id.clone(),
+            answered: false,
+        });
+        drop(st);
+
+        let mut headers = vec![
+            ("Lambda-Runtime-Aws-Request-Id", meta.request_id.clone()),
+            ("Lambda-Runtime-Deadline-Ms", meta.deadline_ms.to_string()),
+            (
+                "Lambda-Runtime-Invoked-Function-Arn",
+                meta.invoked_function_arn.clone(),
+            ),
+            ("Lambda-Runtime-Trace-Id", meta.trace_id.clone()),
+        ];
+        if let Some(cc) = &meta.client_context {
+            headers.push(("Lambda-Runtime-Client-Context", cc.clone()));
+        }
+        if let Some(ci) = &meta.cognito_identity {
+            headers.push(("Lambda-Runtime-Cognito-Identity", ci.clone()));
+        }
+        Reply {
+            status: 200,
+            headers,
+            body: event,
+            handed_out: Some(meta),
+        }
+    }
+
+    /// `POST /runtime/invocation/{id}/response` (`error_type` None) or `.../error`.
+    fn answer(&self, id: &str, body: Body, error_type: Option<Option<&str>>) -> Reply {
+        let mut st = self.lock();
+        match st.current.as_mut() {
+            Some(c) if c.request_id == id && c.answered => {
+                return Reply::invalid_state(&format!("invocation {id} was already answered"));
+            }
+            Some(c) if c.request_id == id => c.answered = true,
+            _ => return Reply::error(400, "InvalidRequestID", "Invalid request ID"),
+        }
+        let request_id = id.to_string();
+        let Body::Full(body) = body else {
+            let message = format!(
+                "Response payload size exceeded maximum allowed payload size ({MAX_SYNC_PAYLOAD} bytes)."
+            );
+            self.out.send(
+                AgentMsg::FunctionError {
+                    request_id,
+                    error_type: "Function.ResponseSizeTooLarge".into(),
+                },
+                error_doc("Function.ResponseSizeTooLarge", &message),
+            );
+            return Reply::error(413, "RequestEntityTooLarge", &message);
+        };
+        match error_type {
+            None => self.out.send(AgentMsg::Response { request_id }, body),
+            Some(header) => {
+                let (error_type, doc) = runtime_error(header, body, "Unhandled");
+                self.out.send(
+                    AgentMsg::FunctionError {
+                        request_id,
+                        error_type,
+                    },
+                    doc,
+                );
+            }
+        }
+        Reply::accepted()
+    }
+
+    /// `POST /runtime/init/error`: only while init runs.
+    fn init_error(&self, header: Option<&str>, body: Body) -> Reply {
+        let Body::Full(body) = body else {
+            return too_large();
+        };
+        let mut st = self.lock();
+        if st.init != Init::Running {
+            return Reply::invalid_state("init/error is only allowed during init");
+        }
+        st.init = Init::Failed;
+        let (error_type, doc) = runtime_error(header, body, "Runtime.Unknown");
+        self.out.send(AgentMsg::InitError { error_type }, doc);
+        Reply::accepted()
+    }
+
+    /// `GET /runtime/restore/next`: snapshot-ready; returns once the worker restored us.
+    fn restore_next(&self) -> Reply {
+        if !self.snap_start {
+            return Reply::error(
+                403,
+                "Runtime.NotASnapshot",
+                "not a snapshot: restore hooks are only available with SnapStart",
+            );
+        }
+        let mut st = self.lock();
+        if st.init != Init::Running {
+            return Reply::invalid_state("restore/next is only allowed during init");
+        }
+        self.out.send(AgentMsg::RestoreReady, Vec::new());
+        while !st.restored {
+            st = self.wait(st);
+        }
+        st.restored = false;
+        Reply::new(200, Vec::new())
+    }
+
+    /// `POST /runtime/restore/error`.
+    fn restore_error(&self, header: Option<&str>, body: Body) -> Reply {
+        let Body::Full(body) = body else {
+            return too_large();
+        };
+        let (error_type, doc) = runtime_error(header, body, "Runtime.Unknown");
+        self.out.send(AgentMsg::RestoreError { error_type }, doc);
+        Reply::accepted()
+    }
+}
+
+fn not_found() -> Reply {
+    Reply::error(404, "NotFound", "no such Runtime API endpoint")
+}
+
+fn too_large() -> Reply {
+    Reply::error(
+        413,
+        "RequestEntityTooLarge",
+        &format!("payload exceeds {MAX_SYNC_PAYLOAD} bytes"),
+    )
+}
+
+/// Accept connections forever, one thread each.
+pub fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("hearth-agent: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("runtime-api-conn".into())
+            .spawn(move || connection(&shared, stream));
+        if let Err(e) = spawned {
+            eprintln!("hearth-agent: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// Serve requests on one connection until it closes, fails or asks to close.
+fn connection(shared: &Shared, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(stream);
+    loop {
+        let head = match http::read_head(&mut r) {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(HttpError::Io(_)) => return,
+            Err(e @ HttpError::Malformed(_)) => return bad_request(&mut w, &e),
+        };
+        let fits = !matches!(head.framing, Framing::Length(n) if n > MAX_SYNC_PAYLOAD as u64);
+        let wants_body = head.framing != Framing::Length(0);
+        if head.expect_continue && fits && wants_body && http::write_continue(&mut w).is_err() {
+            return;
+        }
+        let body = match http::read_body(&mut r, head.framing, MAX_SYNC_PAYLOAD) {
+            Ok(body) => body,
+            Err(HttpError::Io(_)) => return,
+            Err(e @ HttpError::Malformed(_)) => return bad_request(&mut w, &e),
+        };
+        let too_large = body == Body::TooLarge;
+        let reply = shared.route(&head, body);
+        let keep_alive = head.keep_alive && !too_large;
+        let written = http::write_response(
+            &mut w,
+            reply.status,
+            &reply.headers,
+            &reply.body,
+            keep_alive,
+        );
+        if written.is_err() {
+            if let Some(meta) = reply.handed_out {
+                shared.requeue(meta, reply.body);
+            }
+            return;
+        }
+        if too_large {
+            // The unread rest of the body is still coming: swallow some of it before closing,
+            // so the client reads our 413 instead of a connection reset.
+            let _ = w.shutdown(Shutdown::Write);
+            let _ = r.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+            let _ = io::copy(&mut r.take(64 << 20), &mut io::sink());
+            return;
+        }
+        if !keep_alive {
+            return;
+        }
+    }
+}
+
+fn bad_request(w: &mut TcpStream, e: &HttpError) {
+    let body = error_doc("InvalidRequest", &e.to_string());
+    let _ = http::write_response(w, 400, &[], &body, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_error_documents() {
+        let (t, doc) = runtime_error(Some("MyError"), br#"{"errorMessage":"x"}"#.to_vec(), "U");
+        assert_eq!((t.as_str(), doc.as_slice()), ("MyError", &br#"{"errorMessage":"x"}"#[..]));
+
+        let (t, _) = runtime_error(None, br#"{"errorType":"Body.Type"}"#.to_vec(), "U");
+        assert_eq!(t, "Body.Type");
+
+        let (t, doc) = runtime_error(Some(" "), b"plain text".to_vec(), "Unhandled");
+        assert_eq!(t, "Unhandled");
+        let doc: Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(
+            doc,
+            json!({"errorMessage": "plain text", "errorType": "Unhandled"})
+        );
+
+        // A JSON value that is not an object is wrapped too.
+        let (_, doc) = runtime_error(Some("T"), b"[1]".to_vec(), "U");
+        let doc: Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(doc, json!({"errorMessage": "[1]", "errorType": "T"}));
+    }
+}

@@ -1,0 +1,168 @@
+//! The runtime process: finding and starting `bootstrap`, signalling it, and reaping children.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A started runtime: its pid (also its process group) and the read ends of its output pipes.
+pub struct Runtime {
+    pub pid: i32,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// The bootstrap candidates, in Lambda's order.
+pub fn candidates(task_root: &Path, runtime_dir: &Path) -> [PathBuf; 3] {
+    [
+        task_root.join("bootstrap"),
+        PathBuf::from("/opt/bootstrap"),
+        runtime_dir.join("bootstrap"),
+    ]
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Start the first executable bootstrap. The runtime gets `env`, runs in `cwd` in a process
+/// group of its own, reads /dev/null and writes to two pipes. The error is a message for an
+/// `Runtime.InvalidEntrypoint` init error.
+pub fn spawn(
+    candidates: &[PathBuf],
+    cwd: &Path,
+    env: Vec<(OsString, OsString)>,
+) -> Result<Runtime, String> {
+    let Some(path) = candidates.iter().find(|p| is_executable(p)) else {
+        let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        return Err(format!(
+            "Couldn't find valid bootstrap(s): [{}]",
+            list.join(" ")
+        ));
+    };
+    // Absolute, so a relative task root is not resolved a second time against `cwd`.
+    let program = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+    let mut child = Command::new(&program)
+        .current_dir(cwd)
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("fork/exec {}: {e}", program.display()))?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err("runtime pipes missing".into());
+    };
+    // `child` is dropped without waiting: the reaper owns reaping.
+    Ok(Runtime {
+        pid: child.id() as i32,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+    })
+}
+
+/// Send `sig` to the runtime's process group (it and whatever it started).
+pub fn signal_group(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill has no memory effects; a stale group only yields ESRCH.
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}
+
+/// Reap every child, forever (as PID 1 the agent inherits orphans). Calls `on_exit` with the
+/// runtime's status string when `runtime_pid` exits. Returns once no children are left.
+pub fn reap(runtime_pid: i32, on_exit: impl FnOnce(String)) {
+    let mut on_exit = Some(on_exit);
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes only to `status`.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return; // ECHILD: nothing left to reap
+        }
+        if pid == runtime_pid {
+            if let Some(f) = on_exit.take() {
+                f(describe_status(status));
+            }
+        }
+    }
+}
+
+/// A wait status as Go's `os.ProcessState` prints it: `exit status 1`, `signal: killed`.
+pub fn describe_status(status: libc::c_int) -> String {
+    if libc::WIFEXITED(status) {
+        return format!("exit status {}", libc::WEXITSTATUS(status));
+    }
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let core = if libc::WCOREDUMP(status) {
+            " (core dumped)"
+        } else {
+            ""
+        };
+        return format!("signal: {}{core}", signal_name(sig));
+    }
+    format!("wait status {status:#x}")
+}
+
+fn signal_name(sig: libc::c_int) -> String {
+    let name = match sig {
+        libc::SIGHUP => "hangup",
+        libc::SIGINT => "interrupt",
+        libc::SIGQUIT => "quit",
+        libc::SIGILL => "illegal instruction",
+        libc::SIGTRAP => "trace/breakpoint trap",
+        libc::SIGABRT => "aborted",
+        libc::SIGBUS => "bus error",
+        libc::SIGFPE => "floating point exception",
+        libc::SIGKILL => "killed",
+        libc::SIGUSR1 => "user defined signal 1",
+        libc::SIGSEGV => "segmentation fault",
+        libc::SIGUSR2 => "user defined signal 2",
+        libc::SIGPIPE => "broken pipe",
+        libc::SIGALRM => "alarm clock",
+        libc::SIGTERM => "terminated",
+        libc::SIGXCPU => "CPU time limit exceeded",
+        libc::SIGXFSZ => "file size limit exceeded",
+        libc::SIGSYS => "bad system call",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_style_status_strings() {
+        assert_eq!(describe_status(0), "exit status 0");
+        assert_eq!(describe_status(3 << 8), "exit status 3");
+        assert_eq!(describe_status(libc::SIGKILL), "signal: killed");
+        assert_eq!(describe_status(libc::SIGTERM), "signal: terminated");
+        assert_eq!(
+            describe_status(libc::SIGSEGV | 0x80),
+            "signal: segmentation fault (core dumped)"
+        );
+        assert_eq!(describe_status(40), "signal: signal 40");
+    }
+
+    #[test]
+    fn missing_bootstrap_lists_candidates() {
+        let c = candidates(Path::new("/nonexistent/task"), Path::new("/nonexistent/rt"));
+        let err = spawn(&c[..1], Path::new("/"), vec![])
+            .err()
+            .expect("no bootstrap");
+        assert_eq!(
+            err,
+            "Couldn't find valid bootstrap(s): [/nonexistent/task/bootstrap]"
+        );
+    }
+}

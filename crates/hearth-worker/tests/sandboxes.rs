@@ -1,0 +1,428 @@
+//! End-to-end tests of the worker with real runsc sandboxes, the real agent and real runtime
+//! images. Needs root, runsc, the images (`hearth image build`) and the static agent; the
+//! README's test command prepares all of them. Paths come from `HEARTH_IMAGE_CACHE` and
+//! `HEARTH_AGENT` (defaults: `target/hearth-images`, the static agent build).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_api::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
+use hearth_worker::engine::default_runsc;
+use hearth_worker::{EngineConfig, ImageStore, RunscEngine, Worker, WorkerConfig};
+use serde_json::{Value, json};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn agent_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HEARTH_AGENT") {
+        return p.into();
+    }
+    let p = static_build("hearth-agent");
+    assert!(
+        p.is_file(),
+        "static agent missing at {}: build it with the README's test command or set HEARTH_AGENT",
+        p.display()
+    );
+    p
+}
+
+/// A binary of the static build (`--target x86_64-unknown-linux-gnu`), debug or release.
+fn static_build(name: &str) -> PathBuf {
+    let base = workspace().join("target/x86_64-unknown-linux-gnu");
+    let debug = base.join("debug").join(name);
+    let release = base.join("release").join(name);
+    match (debug.is_file(), release.is_file()) {
+        (true, true) => {
+            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            if modified(&release) > modified(&debug) { release } else { debug }
+        }
+        (false, true) => release,
+        _ => debug,
+    }
+}
+
+fn image_cache() -> PathBuf {
+    std::env::var_os("HEARTH_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/hearth-images"))
+}
+
+struct Harness {
+    worker: Worker,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new(keep_alive: Duration) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = RunscEngine::new(EngineConfig {
+            runsc: default_runsc(),
+            state_root: dir.path().join("runsc"),
+            bundles: dir.path().join("bundles"),
+            agent: agent_path(),
+            pin_cores: true,
+            extra_flags: vec![],
+        })
+        .expect("runsc engine (is runsc installed?)");
+        let images = ImageStore::new(image_cache());
+        images
+            .rootfs("python3.11")
+            .expect("python3.11 image missing: run `hearth image build`");
+        let worker = Worker::new(
+            Arc::new(engine),
+            images,
+            WorkerConfig {
+                keep_alive,
+                memory_budget_mb: 8192,
+                ..WorkerConfig::default()
+            },
+        );
+        Harness { worker, dir }
+    }
+
+    fn code(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.dir.path().join("code").join(name);
+        std::fs::create_dir_all(&dir).expect("code dir");
+        for (path, text) in files {
+            let p = dir.join(path);
+            std::fs::write(&p, text).expect("write code");
+            let mode = if *path == "bootstrap" { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        dir
+    }
+
+    fn spec(&self, name: &str, runtime: &str, handler: &str, files: &[(&str, &str)]) -> FunctionSpec {
+        FunctionSpec {
+            name: name.into(),
+            version: "$LATEST".into(),
+            arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{name}"),
+            runtime: runtime.into(),
+            handler: handler.into(),
+            memory_mb: 256,
+            timeout_s: 10,
+            env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
+            code_dir: self.code(name, files),
+            code_sha256: "x".into(),
+            revision_id: "r1".into(),
+        }
+    }
+
+    async fn invoke(&self, spec: &FunctionSpec, payload: Value) -> Result<InvokeResult, InvokeError> {
+        self.worker
+            .invoke(InvokeRequest {
+                spec: spec.clone(),
+                invoked_arn: spec.arn.clone(),
+                payload: serde_json::to_vec(&payload).expect("json").into(),
+                client_context: None,
+                reserved_concurrency: None,
+                unreserved_limit: 100,
+            })
+            .await
+    }
+
+    /// Shut down and check nothing is left: no containers, no cgroups.
+    async fn finish(self) {
+        self.worker.shutdown().await;
+        let engine = self.worker.engine();
+        assert_eq!(engine.list(), Vec::<String>::new(), "runsc containers leaked");
+        assert_eq!(engine.cgroups().sandbox_dirs(), Vec::<PathBuf>::new(), "cgroups leaked");
+        let bundles: Vec<_> = std::fs::read_dir(self.dir.path().join("bundles"))
+            .map(|r| r.flatten().collect())
+            .unwrap_or_default();
+        assert!(bundles.is_empty(), "bundles leaked");
+    }
+}
+
+fn json_of(r: &InvokeResult) -> Value {
+    serde_json::from_slice(&r.payload).unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&r.payload)))
+}
+
+const PY_APP: &str = r#"
+import os, time, json
+COUNT = 0
+def handler(event, context):
+    global COUNT
+    COUNT += 1
+    print("handling", json.dumps(event))
+    if event.get("raise"):
+        raise ValueError("bad input: " + str(event["raise"]))
+    if event.get("sleep"):
+        time.sleep(event["sleep"])
+    if event.get("exit") is not None:
+        os._exit(event["exit"])
+    if event.get("alloc_mb"):
+        blocks = [bytearray(1024 * 1024) for _ in range(event["alloc_mb"])]
+        for b in blocks:
+            b[::4096] = b"x" * len(b[::4096])
+    return {
+        "event": event,
+        "count": COUNT,
+        "pid": os.getpid(),
+        "request_id": context.aws_request_id,
+        "function_name": context.function_name,
+        "memory": context.memory_limit_in_mb,
+        "version": context.function_version,
+        "arn": context.invoked_function_arn,
+        "remaining_ms": context.get_remaining_time_in_millis(),
+        "greeting": os.environ.get("GREETING"),
+        "region": os.environ.get("AWS_REGION"),
+        "init_type": os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE"),
+        "task_root": os.environ.get("LAMBDA_TASK_ROOT"),
+        "cwd": os.getcwd(),
+        "tmp_writable": os.access("/tmp", os.W_OK),
+        "task_writable": os.access("/var/task", os.W_OK),
+    }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("pyecho", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({"hello": "world"})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert_eq!(v["event"], json!({"hello": "world"}));
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["function_name"], "pyecho");
+    assert_eq!(v["memory"], "256");
+    assert_eq!(v["version"], "$LATEST");
+    assert_eq!(v["arn"], spec.arn.as_str());
+    assert_eq!(v["greeting"], "hello");
+    assert_eq!(v["region"], "us-east-1");
+    assert_eq!(v["init_type"], "on-demand");
+    assert_eq!(v["task_root"], "/var/task");
+    assert_eq!(v["cwd"], "/var/task");
+    assert_eq!(v["tmp_writable"], true);
+    assert_eq!(v["task_writable"], false);
+    let remaining = v["remaining_ms"].as_i64().expect("remaining");
+    assert!(remaining > 5_000 && remaining <= 10_000, "remaining {remaining}");
+    let rid = v["request_id"].as_str().expect("rid").to_string();
+    // The log: the handler's output between START and END, then REPORT with an init duration.
+    assert!(r.log.contains(&format!("START RequestId: {rid} Version: $LATEST")), "{}", r.log);
+    assert!(r.log.contains("handling {\"hello\": \"world\"}"), "{}", r.log);
+    assert!(r.log.contains(&format!("END RequestId: {rid}")), "{}", r.log);
+    assert!(r.log.contains("Memory Size: 256 MB"), "{}", r.log);
+    assert!(r.log.contains("Init Duration:"), "{}", r.log);
+    let start = r.log.find("START").unwrap_or(0);
+    let handling = r.log.find("handling").unwrap_or(0);
+    let end = r.log.find("END RequestId").unwrap_or(0);
+    assert!(start < handling && handling < end, "{}", r.log);
+
+    // Second call: same sandbox (module state kept), no init.
+    let r2 = h.invoke(&spec, json!({"n": 2})).await.expect("invoke");
+    let v2 = json_of(&r2);
+    assert_eq!(v2["count"], 2);
+    assert_ne!(v2["request_id"], v["request_id"]);
+    assert!(!r2.log.contains("Init Duration"), "{}", r2.log);
+    let stats = h.worker.stats();
+    assert_eq!((stats.cold_starts, stats.warm_starts, stats.live), (1, 1, 1));
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_exception_is_a_function_error_and_keeps_the_sandbox() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("pyerr", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({"raise": "nope"})).await.expect("invoke");
+    assert!(r.function_error);
+    let v = json_of(&r);
+    assert_eq!(v["errorType"], "ValueError");
+    assert_eq!(v["errorMessage"], "bad input: nope");
+    assert!(v["stackTrace"].is_array());
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&r)["count"], 2, "the sandbox survives a handled error");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_stops_the_sandbox_and_the_next_call_starts_fresh() {
+    let h = Harness::new(Duration::from_secs(60));
+    let mut spec = h.spec("pyslow", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    spec.timeout_s = 1;
+    let warm = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&warm)["count"], 1);
+    let r = h.invoke(&spec, json!({"sleep": 5})).await.expect("invoke");
+    assert!(r.function_error);
+    let v = json_of(&r);
+    let msg = v["errorMessage"].as_str().expect("message");
+    assert!(msg.ends_with("Task timed out after 1.00 seconds"), "{msg}");
+    assert_eq!(v["errorType"], "Sandbox.Timedout");
+    assert!(r.log.contains("Task timed out after 1.00 seconds"), "{}", r.log);
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&r)["count"], 1, "a timed-out sandbox is replaced, init runs again");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_exit_mid_invocation_is_runtime_exit_error() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("pycrash", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({"exit": 3})).await.expect("invoke");
+    assert!(r.function_error);
+    let v = json_of(&r);
+    assert_eq!(v["errorType"], "Runtime.ExitError");
+    assert!(v["errorMessage"].as_str().unwrap_or("").contains("exit status 3"), "{v}");
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&r)["count"], 1);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_memory_kills_only_the_sandbox() {
+    let h = Harness::new(Duration::from_secs(60));
+    let mut spec = h.spec("pymem", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    spec.memory_mb = 128;
+    let r = h.invoke(&spec, json!({"alloc_mb": 600})).await.expect("invoke");
+    assert!(r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert!(
+        v["errorType"] == "Runtime.OutOfMemory" || v["errorType"] == "MemoryError",
+        "unexpected error {v}"
+    );
+    // The worker is fine and the next call works in a fresh sandbox.
+    let r = h.invoke(&spec, json!({"alloc_mb": 10})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_failure_is_the_first_invocations_error() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("pyinit", "python3.11", "app.handler", &[("app.py", "raise RuntimeError('boom at import')\n")]);
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(r.function_error);
+    let v = json_of(&r);
+    assert!(v["errorMessage"].as_str().unwrap_or("").contains("boom at import"), "{v}");
+    let spec = h.spec("pymissing", "python3.11", "nothere.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(r.function_error);
+    assert_eq!(json_of(&r)["errorType"], "Runtime.ImportModuleError");
+    h.finish().await;
+}
+
+const SHELL_BOOTSTRAP: &str = r#"#!/bin/sh
+set -eu
+echo "init from shell bootstrap"
+while true; do
+  HEADERS=$(mktemp)
+  EVENT=$(curl -sS -LD "$HEADERS" "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/next")
+  REQUEST_ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)
+  echo "got $REQUEST_ID"
+  RESPONSE="{\"echo\": $EVENT, \"handler\": \"$_HANDLER\", \"fn\": \"$AWS_LAMBDA_FUNCTION_NAME\"}"
+  curl -sS -X POST "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/$REQUEST_ID/response" -d "$RESPONSE" >/dev/null
+done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_bootstrap_with_curl_on_provided_runtime() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("shell", "provided.al2023", "function.handler", &[("bootstrap", SHELL_BOOTSTRAP)]);
+    for i in 0..3 {
+        let r = h.invoke(&spec, json!({"i": i})).await.expect("invoke");
+        assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+        let v = json_of(&r);
+        assert_eq!(v, json!({"echo": {"i": i}, "handler": "function.handler", "fn": "shell"}));
+        if i == 0 {
+            assert!(r.log.contains("init from shell bootstrap"), "{}", r.log);
+        }
+    }
+    assert_eq!(h.worker.stats().cold_starts, 1);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_lambda_runtime_bootstrap() {
+    let bin = std::env::var_os("HEARTH_RUST_FIXTURE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| static_build("rust-echo"));
+    assert!(bin.is_file(), "Rust fixture missing at {}: build it with the README's test command", bin.display());
+    let h = Harness::new(Duration::from_secs(60));
+    let mut spec = h.spec("rusty", "provided.al2023", "bootstrap", &[]);
+    std::fs::copy(&bin, spec.code_dir.join("bootstrap")).expect("copy fixture");
+    spec.memory_mb = 128;
+    let r = h.invoke(&spec, json!({"name": "ferris"})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert_eq!(v["message"], "hello ferris");
+    assert_eq!(v["function_name"], "rusty");
+    assert!(v["request_id"].as_str().map(|s| s.len() == 36).unwrap_or(false), "{v}");
+    let r = h.invoke(&spec, json!({"fail": true})).await.expect("invoke");
+    assert!(r.function_error);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_expiry_destroys_idle_sandboxes() {
+    let h = Harness::new(Duration::from_millis(800));
+    let spec = h.spec("pyexpire", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    assert_eq!(json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"], 1);
+    assert_eq!(h.worker.stats().live, 1);
+    let mut waited = 0;
+    while h.worker.stats().live > 0 && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    assert_eq!(h.worker.stats().live, 0, "idle sandbox outlived its keep-alive");
+    assert_eq!(json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"], 1);
+    assert_eq!(h.worker.stats().cold_starts, 2);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
+    let h = Arc::new(Harness::new(Duration::from_secs(60)));
+    let spec = h.spec("pypar", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let (a, b) = tokio::join!(h.invoke(&spec, json!({"sleep": 1})), h.invoke(&spec, json!({"sleep": 1})));
+    let (a, b) = (json_of(&a.expect("a")), json_of(&b.expect("b")));
+    assert_eq!((a["count"].clone(), b["count"].clone()), (json!(1), json!(1)), "two sandboxes, each ran once");
+    assert_eq!(h.worker.stats().live, 2);
+    // Reserved concurrency 1: a second concurrent call is throttled.
+    let req = |p: Value| InvokeRequest {
+        spec: spec.clone(),
+        invoked_arn: spec.arn.clone(),
+        payload: serde_json::to_vec(&p).unwrap_or_default().into(),
+        client_context: None,
+        reserved_concurrency: Some(1),
+        unreserved_limit: 100,
+    };
+    let (x, y) = tokio::join!(h.worker.invoke(req(json!({"sleep": 1}))), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        h.worker.invoke(req(json!({}))).await
+    });
+    assert!(x.is_ok());
+    match y {
+        Err(InvokeError::TooManyRequests { reason }) => {
+            assert_eq!(reason, "ReservedFunctionConcurrentInvocationLimitExceeded")
+        }
+        other => panic!("expected throttle, got {other:?}"),
+    }
+    match Arc::try_unwrap(h) {
+        Ok(h) => h.finish().await,
+        Err(_) => panic!("harness still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_removes_what_a_killed_one_left() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("pyleft", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    h.invoke(&spec, json!({})).await.expect("invoke");
+    let engine = h.worker.engine().clone();
+    assert_eq!(engine.list().len(), 1);
+    // Simulate a crash: a new engine on the same state root, without shutting the old one down.
+    let cfg = engine.config().clone();
+    let engine2 = Arc::new(RunscEngine::new(cfg).expect("engine"));
+    let worker2 = Worker::new(engine2.clone(), ImageStore::new(image_cache()), WorkerConfig::default());
+    assert_eq!(engine2.list(), Vec::<String>::new());
+    assert_eq!(engine2.cgroups().sandbox_dirs(), Vec::<PathBuf>::new());
+    worker2.shutdown().await;
+    // The old worker's pool still holds the (now deleted) sandbox; shutting it down is harmless.
+    h.worker.shutdown().await;
+}

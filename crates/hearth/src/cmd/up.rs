@@ -1,0 +1,189 @@
+//! `hearth up`: every part in one process on one data directory (the single-machine default).
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hearth_worker::engine::default_runsc;
+use hearth_worker::{EngineConfig, RunscEngine, Worker, WorkerConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Data directory: metadata, code, logs, images, sandbox state.
+    #[arg(long, env = "HEARTH_DATA_DIR", default_value_os_t = super::default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Address the Lambda API listens on (port 0 picks a free port).
+    #[arg(long, env = "HEARTH_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Region reported in ARNs and to functions.
+    #[arg(long, env = "HEARTH_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// Access key id clients sign with (generated and kept in <data-dir>/credentials.json if unset).
+    #[arg(long, env = "HEARTH_ACCESS_KEY_ID", requires = "secret_access_key")]
+    pub access_key_id: Option<String>,
+    /// Secret access key clients sign with.
+    #[arg(long, env = "HEARTH_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub secret_access_key: Option<String>,
+    /// Account concurrency limit.
+    #[arg(long, env = "HEARTH_ACCOUNT_CONCURRENCY", default_value_t = 1000)]
+    pub account_concurrency: u32,
+    /// Seconds an idle sandbox is kept warm for reuse.
+    #[arg(long, env = "HEARTH_KEEP_ALIVE", default_value_t = 300)]
+    pub keep_alive: u64,
+    /// Memory (MiB) all sandboxes together may use (default: 80 % of the machine).
+    #[arg(long, env = "HEARTH_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<u64>,
+    /// Image cache directory (default: <data-dir>/images).
+    #[arg(long, env = "HEARTH_IMAGE_CACHE")]
+    pub image_cache: Option<PathBuf>,
+    /// Do not build missing runtime images at start (functions of a missing runtime fail with
+    /// ResourceNotReadyException).
+    #[arg(long)]
+    pub no_build_images: bool,
+    /// The static agent binary.
+    #[arg(long, env = "HEARTH_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// The runsc binary.
+    #[arg(long, env = "HEARTH_RUNSC")]
+    pub runsc: Option<PathBuf>,
+    /// Do not pin each sandbox to one core.
+    #[arg(long, env = "HEARTH_NO_PIN")]
+    pub no_pin: bool,
+}
+
+/// Credentials kept in the data directory so restarts keep working clients.
+#[derive(Serialize, Deserialize)]
+struct Credentials {
+    access_key_id: String,
+    secret_access_key: String,
+}
+
+fn random_string(len: usize, alphabet: &[u8]) -> String {
+    (0..len)
+        .map(|_| alphabet[rand::random_range(0..alphabet.len())] as char)
+        .collect()
+}
+
+fn load_or_create_credentials(data_dir: &Path, args: &UpArgs) -> anyhow::Result<Credentials> {
+    if let (Some(a), Some(s)) = (&args.access_key_id, &args.secret_access_key) {
+        return Ok(Credentials {
+            access_key_id: a.clone(),
+            secret_access_key: s.clone(),
+        });
+    }
+    let path = data_dir.join("credentials.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()));
+    }
+    let creds = Credentials {
+        access_key_id: format!("HEARTH{}", random_string(14, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")),
+        secret_access_key: random_string(
+            40,
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+        ),
+    };
+    write_private(&path, &serde_json::to_vec_pretty(&creds)?)?;
+    Ok(creds)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(up(args))
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let creds = load_or_create_credentials(&data_dir, &args)?;
+
+    let images = hearth_worker::ImageStore::new(args.image_cache.clone().unwrap_or_else(|| data_dir.join("images")));
+    if !args.no_build_images {
+        let store = images.clone();
+        tokio::task::spawn_blocking(move || store.ensure_all(&mut super::image::progress_printer()))
+            .await?
+            .context("building runtime images (or start with --no-build-images)")?;
+    }
+
+    let engine = RunscEngine::new(EngineConfig {
+        runsc: args.runsc.clone().unwrap_or_else(default_runsc),
+        state_root: data_dir.join("runsc"),
+        bundles: data_dir.join("sandboxes"),
+        agent: super::find_agent(args.agent.clone()),
+        pin_cores: !args.no_pin,
+        extra_flags: vec![],
+    })?;
+    let worker = Worker::new(
+        Arc::new(engine),
+        images,
+        WorkerConfig {
+            region: args.region.clone(),
+            keep_alive: Duration::from_secs(args.keep_alive),
+            memory_budget_mb: args
+                .memory_budget_mb
+                .unwrap_or_else(hearth_worker::pool::default_memory_budget_mb),
+            ..WorkerConfig::default()
+        },
+    );
+
+    let config = hearth_api::ApiConfig {
+        data_dir: data_dir.clone(),
+        region: args.region.clone(),
+        account_id: "000000000000".into(),
+        credentials: vec![(creds.access_key_id.clone(), creds.secret_access_key.clone())],
+        account_concurrency: args.account_concurrency,
+    };
+    let state = hearth_api::AppState::new(config, Arc::new(worker.clone()))
+        .await
+        .context("opening metadata")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let endpoint = format!("http://{addr}");
+    let env_file = data_dir.join("client.env");
+    let env_text = format!(
+        "export AWS_ENDPOINT_URL={endpoint}\nexport AWS_ACCESS_KEY_ID={}\nexport AWS_SECRET_ACCESS_KEY={}\nexport AWS_DEFAULT_REGION={}\n",
+        creds.access_key_id, creds.secret_access_key, args.region
+    );
+    write_private(&env_file, env_text.as_bytes())?;
+    println!("hearth is up");
+    println!("  endpoint:          {endpoint}");
+    println!("  access key id:     {}", creds.access_key_id);
+    println!("  secret access key: {}", creds.secret_access_key);
+    println!("  region:            {}", args.region);
+    println!("  data directory:    {}", data_dir.display());
+    println!("point boto3 and the AWS CLI at it with:  source {}", env_file.display());
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+        }
+        tracing::info!("shutting down");
+    };
+    hearth_api::serve(listener, state, shutdown).await?;
+    worker.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
