@@ -1,0 +1,397 @@
+//! Durable function metadata in redb (`<data-dir>/meta.redb`).
+//!
+//! One record per function, keyed by name: its `$LATEST` configuration, its published
+//! versions (immutable copies), its aliases, its reserved concurrency and tags, stored as JSON.
+//! A second table mirrors each function's reservation so the front end can sum reservations on
+//! every invoke without decoding every function.
+//!
+//! Every change is one read-modify-write inside one redb write transaction
+//! ([`Store::update`]): redb runs write transactions one at a time, so concurrent updates of a
+//! function serialize, and a closure that fails (a validation error, a `RevisionId` that does
+//! not match) aborts the transaction, leaving nothing changed. Commits are durable (fsync)
+//! before they return.
+//!
+//! Why one JSON record per function rather than a table per kind: a function's versions,
+//! aliases and reservation change together under the same rules (an alias must point at an
+//! existing version; a version an alias uses cannot be deleted), and keeping them in one
+//! record makes each such rule one atomic check. Records are small (configuration only; code
+//! lives in the content-addressed code directory, see [`crate::code`]).
+//!
+//! redb's API is synchronous; the router calls the store from `tokio::task::spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// name → JSON [`FunctionRecord`].
+const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
+/// name → reserved concurrency (only functions with a reservation).
+const RESERVED: TableDefinition<&str, u32> = TableDefinition::new("reserved_concurrency");
+
+/// Errors of the metadata store. All of them are internal faults to a caller.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("metadata database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt function record {name:?}: {source}")]
+    Corrupt { name: String, source: serde_json::Error },
+    #[error("encoding function record: {0}")]
+    Encode(serde_json::Error),
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// Where a version's code lives and what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRef {
+    /// Base64 SHA-256 of the zip (`CodeSha256`).
+    pub sha256_b64: String,
+    /// Hex SHA-256 of the zip: the code directory's name.
+    pub sha256_hex: String,
+    /// Zip length in bytes (`CodeSize`).
+    pub size: u64,
+}
+
+/// One function version's code and configuration: `$LATEST` (mutable) or a published version
+/// (an immutable copy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub runtime: String,
+    pub role: String,
+    pub handler: Option<String>,
+    pub description: String,
+    pub timeout_s: u32,
+    pub memory_mb: u32,
+    pub environment: BTreeMap<String, String>,
+    pub ephemeral_storage_mb: u32,
+    /// `SnapStart.ApplyOn`: `None` or `PublishedVersions`.
+    pub snap_start_apply_on: String,
+    pub code: CodeRef,
+    /// `2024-01-01T00:00:00.000+0000`.
+    pub last_modified: String,
+    pub revision_id: String,
+}
+
+impl VersionRecord {
+    /// Same code and configuration (ignoring time, revision and description): publishing such
+    /// a `$LATEST` again would create an identical version.
+    pub fn same_content(&self, other: &VersionRecord) -> bool {
+        self.runtime == other.runtime
+            && self.role == other.role
+            && self.handler == other.handler
+            && self.timeout_s == other.timeout_s
+            && self.memory_mb == other.memory_mb
+            && self.environment == other.environment
+            && self.ephemeral_storage_mb == other.ephemeral_storage_mb
+            && self.snap_start_apply_on == other.snap_start_apply_on
+            && self.code == other.code
+    }
+}
+
+/// An alias: a name pointing at a version, optionally routing a share of invocations to a
+/// second version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub name: String,
+    pub function_version: String,
+    pub description: String,
+    /// `RoutingConfig.AdditionalVersionWeights`: at most one entry, version → weight in [0, 1].
+    pub additional_version_weights: BTreeMap<String, f64>,
+    pub revision_id: String,
+}
+
+/// Everything hearth knows about one function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    pub name: String,
+    pub latest: VersionRecord,
+    /// Published versions by number.
+    pub versions: BTreeMap<u64, VersionRecord>,
+    /// The number the next published version gets (numbers are never reused).
+    pub next_version: u64,
+    pub aliases: BTreeMap<String, AliasRecord>,
+    pub reserved_concurrency: Option<u32>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The metadata database.
+pub struct Store {
+    db: Database,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn decode(name: &str, bytes: &[u8]) -> Result<FunctionRecord, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|source| StoreError::Corrupt { name: name.to_string(), source })
+}
+
+fn encode(record: &FunctionRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(StoreError::Encode)
+}
+
+impl Store {
+    /// Open (or create) the database file.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).map_err(db)?;
+        let txn = db.begin_write().map_err(db)?;
+        {
+            txn.open_table(FUNCTIONS).map_err(db)?;
+            txn.open_table(RESERVED).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        Ok(Store { db })
+    }
+
+    /// One function's record.
+    pub fn get(&self, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(FUNCTIONS).map_err(db)?;
+        let value = table.get(name).map_err(db)?;
+        value.map(|v| decode(name, v.value())).transpose()
+    }
+
+    /// Insert a new function. Returns `false` (and changes nothing) if the name is taken.
+    pub fn create(&self, record: &FunctionRecord) -> Result<bool, StoreError> {
+        let bytes = encode(record)?;
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = txn.open_table(FUNCTIONS).map_err(db)?;
+            if table.get(record.name.as_str()).map_err(db)?.is_some() {
+                return Ok(false);
+            }
+            table.insert(record.name.as_str(), bytes.as_slice()).map_err(db)?;
+            let mut reserved = txn.open_table(RESERVED).map_err(db)?;
+            if let Some(n) = record.reserved_concurrency {
+                reserved.insert(record.name.as_str(), n).map_err(db)?;
+            }
+        }
+        txn.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// Read-modify-write one function atomically. `f` gets the record and the sum of the
+    /// other functions' reservations. Returns `Ok(None)` if the function does not exist; if
+    /// `f` fails, nothing is written.
+    pub fn update<T, E>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut FunctionRecord, u64) -> Result<T, E>,
+    ) -> Result<Option<T>, E>
+    where
+        E: From<StoreError>,
+    {
+        let txn = self.db.begin_write().map_err(db)?;
+        let out = {
+            let mut table = txn.open_table(FUNCTIONS).map_err(db)?;
+            let mut reserved = txn.open_table(RESERVED).map_err(db)?;
+            let current = match table.get(name).map_err(db)? {
+                Some(v) => decode(name, v.value())?,
+                None => return Ok(None),
+            };
+            let mut others = 0u64;
+            for entry in reserved.iter().map_err(db)? {
+                let (k, v) = entry.map_err(db)?;
+                if k.value() != name {
+                    others += u64::from(v.value());
+                }
+            }
+            let mut record = current;
+            let out = f(&mut record, others)?;
+            // The name is the key: a closure cannot rename a function.
+            record.name = name.to_string();
+            table.insert(name, encode(&record)?.as_slice()).map_err(db)?;
+            match record.reserved_concurrency {
+                Some(n) => {
+                    reserved.insert(name, n).map_err(db)?;
+                }
+                None => {
+                    reserved.remove(name).map_err(db)?;
+                }
+            }
+            out
+        };
+        txn.commit().map_err(db)?;
+        Ok(Some(out))
+    }
+
+    /// Delete a function; returns its last record.
+    pub fn remove(&self, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        let old = {
+            let mut table = txn.open_table(FUNCTIONS).map_err(db)?;
+            let old = match table.remove(name).map_err(db)? {
+                Some(v) => Some(decode(name, v.value())?),
+                None => None,
+            };
+            txn.open_table(RESERVED).map_err(db)?.remove(name).map_err(db)?;
+            old
+        };
+        txn.commit().map_err(db)?;
+        Ok(old)
+    }
+
+    /// Up to `limit` functions in name order, starting at `from` (inclusive) if given.
+    pub fn list(&self, from: Option<&str>, limit: usize) -> Result<Vec<FunctionRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(FUNCTIONS).map_err(db)?;
+        let iter = match from {
+            Some(start) => table.range(start..).map_err(db)?,
+            None => table.iter().map_err(db)?,
+        };
+        let mut out = Vec::new();
+        for entry in iter.take(limit) {
+            let (k, v) = entry.map_err(db)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every function (account-wide figures).
+    pub fn all(&self) -> Result<Vec<FunctionRecord>, StoreError> {
+        self.list(None, usize::MAX)
+    }
+
+    /// Sum of all reserved concurrency.
+    pub fn reserved_total(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(RESERVED).map_err(db)?;
+        let mut total = 0u64;
+        for entry in table.iter().map_err(db)? {
+            let (_, v) = entry.map_err(db)?;
+            total += u64::from(v.value());
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(code: &str) -> VersionRecord {
+        VersionRecord {
+            runtime: "python3.11".into(),
+            role: "arn:aws:iam::000000000000:role/r".into(),
+            handler: Some("app.handler".into()),
+            description: String::new(),
+            timeout_s: 3,
+            memory_mb: 128,
+            environment: BTreeMap::from([("A".to_string(), "1".to_string())]),
+            ephemeral_storage_mb: 512,
+            snap_start_apply_on: "None".into(),
+            code: CodeRef { sha256_b64: code.into(), sha256_hex: code.into(), size: 10 },
+            last_modified: "2024-01-01T00:00:00.000+0000".into(),
+            revision_id: "r1".into(),
+        }
+    }
+
+    fn function(name: &str) -> FunctionRecord {
+        FunctionRecord {
+            name: name.into(),
+            latest: version("c1"),
+            versions: BTreeMap::new(),
+            next_version: 1,
+            aliases: BTreeMap::new(),
+            reserved_concurrency: None,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    #[derive(Debug)]
+    enum TestError {
+        Store,
+        Rejected,
+    }
+    impl From<StoreError> for TestError {
+        fn from(_: StoreError) -> Self {
+            TestError::Store
+        }
+    }
+
+    #[test]
+    fn create_get_update_remove_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta.redb");
+        {
+            let store = Store::open(&path).expect("open");
+            assert!(store.create(&function("a")).expect("create"));
+            assert!(!store.create(&function("a")).expect("create dup"), "duplicate accepted");
+            assert!(store.create(&function("b")).expect("create"));
+            let published = store
+                .update("a", |rec, _| -> Result<u64, TestError> {
+                    let n = rec.next_version;
+                    rec.versions.insert(n, rec.latest.clone());
+                    rec.next_version += 1;
+                    rec.reserved_concurrency = Some(7);
+                    Ok(n)
+                })
+                .expect("update");
+            assert_eq!(published, Some(1));
+            assert_eq!(store.reserved_total().expect("sum"), 7);
+            let missing = store.update("zzz", |_, _| -> Result<(), TestError> { Ok(()) });
+            assert!(matches!(missing, Ok(None)));
+        }
+        // Reopen: everything is still there.
+        let store = Store::open(&path).expect("reopen");
+        let a = store.get("a").expect("get").expect("a exists");
+        assert_eq!(a.versions.len(), 1);
+        assert_eq!(a.next_version, 2);
+        assert_eq!(a.reserved_concurrency, Some(7));
+        assert_eq!(store.reserved_total().expect("sum"), 7);
+        let names: Vec<String> =
+            store.all().expect("all").into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(store.remove("a").expect("remove").map(|r| r.name), Some("a".to_string()));
+        assert_eq!(store.reserved_total().expect("sum"), 0);
+        assert!(store.get("a").expect("get").is_none());
+    }
+
+    #[test]
+    fn failed_update_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("meta.redb")).expect("open");
+        store.create(&function("a")).expect("create");
+        let before = store.get("a").expect("get");
+        let r = store.update("a", |rec, _| -> Result<(), TestError> {
+            rec.latest.memory_mb = 4096;
+            rec.reserved_concurrency = Some(3);
+            Err(TestError::Rejected)
+        });
+        assert!(matches!(r, Err(TestError::Rejected)));
+        assert_eq!(store.get("a").expect("get"), before);
+        assert_eq!(store.reserved_total().expect("sum"), 0);
+    }
+
+    #[test]
+    fn update_sees_other_reservations_and_list_pages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("meta.redb")).expect("open");
+        for name in ["c", "a", "b", "d"] {
+            store.create(&function(name)).expect("create");
+        }
+        for (name, n) in [("a", 5u32), ("b", 10)] {
+            store
+                .update(name, |rec, _| -> Result<(), TestError> {
+                    rec.reserved_concurrency = Some(n);
+                    Ok(())
+                })
+                .expect("update");
+        }
+        let seen = store
+            .update("a", |_, others| -> Result<u64, TestError> { Ok(others) })
+            .expect("update");
+        assert_eq!(seen, Some(10));
+        let page: Vec<String> =
+            store.list(Some("b"), 2).expect("list").into_iter().map(|r| r.name).collect();
+        assert_eq!(page, ["b", "c"]);
+    }
+}

@@ -1,0 +1,399 @@
+//! The daily commands: `hearth fn deploy|ls|rm`, `hearth invoke`, `hearth logs`.
+//!
+//! They speak the same signed Lambda API as boto3 (hearth's own SigV4 signer), reading the
+//! endpoint and keys from the standard `AWS_*` variables or, when those are unset, from
+//! `<data-dir>/client.env` written by `hearth up`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use hearth_api::sigv4::{SigningParams, encode_path_segment, sign};
+use serde_json::{Value, json};
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// hearth's endpoint (default: $AWS_ENDPOINT_URL, else <data-dir>/client.env).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// Data directory of a local `hearth up`, to read client.env from.
+    #[arg(long, env = "HEARTH_DATA_DIR", default_value_os_t = super::default_data_dir())]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum FnCmd {
+    /// Zip a directory and create the function, or update its code if it exists.
+    Deploy(DeployArgs),
+    /// List functions.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a function.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// Directory holding the function's code (zipped as is; `bootstrap` keeps its exec bit).
+    dir: PathBuf,
+    /// Function name (default: the directory's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Runtime: python3.11, provided, provided.al2, provided.al2023.
+    #[arg(long, default_value = "python3.11")]
+    runtime: String,
+    /// Handler, e.g. `app.handler`.
+    #[arg(long, default_value = "app.handler")]
+    handler: String,
+    /// Memory in MB (128–10240).
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Timeout in seconds (1–900).
+    #[arg(long)]
+    timeout: Option<u32>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Execution role ARN (recorded only).
+    #[arg(long, default_value = "arn:aws:iam::000000000000:role/hearth")]
+    role: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Args)]
+pub struct InvokeArgs {
+    /// Function name, name:qualifier or ARN.
+    name: String,
+    /// JSON payload (default `{}`; `-` reads stdin).
+    payload: Option<String>,
+    /// Version or alias.
+    #[arg(long)]
+    qualifier: Option<String>,
+    /// Print the invocation's log (last 4 KB) to stderr.
+    #[arg(long)]
+    log: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// Function name.
+    name: String,
+    /// How many bytes from the end of the log.
+    #[arg(long, default_value_t = 16384)]
+    bytes: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// A signed client for hearth's API.
+struct Client {
+    endpoint: String,
+    key: String,
+    secret: String,
+    region: String,
+    agent: ureq::Agent,
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// Turn a Lambda error reply into an error with its type and message.
+    fn check(self) -> anyhow::Result<Reply> {
+        if self.status < 300 {
+            return Ok(self);
+        }
+        let kind = self
+            .headers
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("Error")
+            .to_string();
+        let msg = self.json()["message"].as_str().map(String::from).unwrap_or_default();
+        bail!("{kind} (HTTP {}): {msg}", self.status)
+    }
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<Client> {
+        let mut vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+        let env_file = self.data_dir.join("client.env");
+        if !vars.contains_key("AWS_ACCESS_KEY_ID") || self.endpoint_url.is_none() {
+            if let Ok(text) = std::fs::read_to_string(&env_file) {
+                for line in text.lines() {
+                    if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                        vars.entry(k.to_string()).or_insert_with(|| v.to_string());
+                    }
+                }
+            }
+        }
+        let get = |k: &str| {
+            vars.get(k).cloned().with_context(|| {
+                format!("{k} is not set and {} has none: start `hearth up` or source its client.env", env_file.display())
+            })
+        };
+        let endpoint = match &self.endpoint_url {
+            Some(e) => e.clone(),
+            None => get("AWS_ENDPOINT_URL")?,
+        };
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(960)))
+            .build();
+        Ok(Client {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            key: get("AWS_ACCESS_KEY_ID")?,
+            secret: get("AWS_SECRET_ACCESS_KEY")?,
+            region: vars
+                .get("AWS_DEFAULT_REGION")
+                .or_else(|| vars.get("AWS_REGION"))
+                .cloned()
+                .unwrap_or_else(|| "us-east-1".into()),
+            agent: ureq::Agent::new_with_config(config),
+        })
+    }
+}
+
+impl Client {
+    fn call(&self, method: &str, path_and_query: &str, body: &[u8], extra: &[(&str, String)]) -> anyhow::Result<Reply> {
+        let url = format!("{}{}", self.endpoint, path_and_query);
+        let method = http::Method::from_bytes(method.as_bytes())?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        for (k, v) in extra {
+            headers.insert(http::HeaderName::from_bytes(k.as_bytes())?, http::HeaderValue::from_str(v)?);
+        }
+        let params = SigningParams {
+            access_key_id: &self.key,
+            secret_access_key: &self.secret,
+            region: &self.region,
+            service: "lambda",
+            time: chrono::Utc::now(),
+            content_sha256_header: false,
+        };
+        let signed = sign(&method, &url, &headers, body, &params).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        let mut req = http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers.iter().chain(signed.iter().map(|(k, v)| (k, v))) {
+            req = req.header(k, v);
+        }
+        let req = req.body(body.to_vec())?;
+        let mut resp = self
+            .agent
+            .run(req)
+            .with_context(|| format!("cannot reach hearth at {}", self.endpoint))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.body_mut().read_to_vec()?;
+        Ok(Reply { status, headers, body })
+    }
+}
+
+pub fn run_fn(cmd: FnCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        FnCmd::Deploy(args) => deploy(args),
+        FnCmd::Ls { conn } => {
+            let c = conn.client()?;
+            let mut marker: Option<String> = None;
+            println!("{:<32} {:<16} {:>7} {:>8}  LAST MODIFIED", "NAME", "RUNTIME", "MEMORY", "TIMEOUT");
+            loop {
+                let q = match &marker {
+                    Some(m) => format!("/2015-03-31/functions/?Marker={}", encode_path_segment(m)),
+                    None => "/2015-03-31/functions/".to_string(),
+                };
+                let page = c.call("GET", &q, b"", &[])?.check()?.json();
+                for f in page["Functions"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<16} {:>7} {:>8}  {}",
+                        f["FunctionName"].as_str().unwrap_or(""),
+                        f["Runtime"].as_str().unwrap_or(""),
+                        f["MemorySize"].as_u64().unwrap_or(0),
+                        f["Timeout"].as_u64().unwrap_or(0),
+                        f["LastModified"].as_str().unwrap_or("")
+                    );
+                }
+                match page["NextMarker"].as_str() {
+                    Some(m) => marker = Some(m.to_string()),
+                    None => break,
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FnCmd::Rm { name, conn } => {
+            let c = conn.client()?;
+            c.call("DELETE", &format!("/2015-03-31/functions/{}", encode_path_segment(&name)), b"", &[])?
+                .check()?;
+            eprintln!("deleted {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Zip a directory (deterministic order, unix modes kept), showing progress.
+fn zip_dir(dir: &Path) -> anyhow::Result<(Vec<u8>, usize)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                files.push(e.path());
+            } else if ft.is_symlink() {
+                bail!("{} is a symbolic link: Lambda packages cannot hold links", e.path().display());
+            }
+        }
+    }
+    files.sort();
+    let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("zipping {bar:30} {bytes}/{total_bytes} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut out = std::io::Cursor::new(Vec::new());
+    {
+        let mut zip = zip::ZipWriter::new(&mut out);
+        for f in &files {
+            let rel = f.strip_prefix(dir)?.to_string_lossy().replace('\\', "/");
+            let mode = std::fs::metadata(f)?.permissions().mode() & 0o777;
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .unix_permissions(mode);
+            zip.start_file(rel.clone(), opts)?;
+            let mut src = std::fs::File::open(f)?;
+            let mut buf = [0u8; 64 * 1024];
+            loop {
+                let n = src.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                zip.write_all(&buf[..n])?;
+                bar.inc(n as u64);
+            }
+            bar.set_message(rel);
+        }
+        zip.finish()?;
+    }
+    bar.finish_and_clear();
+    Ok((out.into_inner(), files.len()))
+}
+
+fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let c = args.conn.client()?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => args
+            .dir
+            .canonicalize()?
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .context("cannot name the function after the directory: give --name")?,
+    };
+    let (zip, count) = zip_dir(&args.dir)?;
+    eprintln!("package: {count} files zipped to {} bytes", zip.len());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&zip);
+    let mut vars = serde_json::Map::new();
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
+        vars.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    let path = format!("/2015-03-31/functions/{}", encode_path_segment(&name));
+    let exists = c.call("GET", &path, b"", &[])?.status == 200;
+    let mut config = json!({ "Runtime": args.runtime, "Handler": args.handler });
+    if let Some(m) = args.memory {
+        config["MemorySize"] = json!(m);
+    }
+    if let Some(t) = args.timeout {
+        config["Timeout"] = json!(t);
+    }
+    if !vars.is_empty() {
+        config["Environment"] = json!({ "Variables": vars });
+    }
+    let result = if exists {
+        let body = serde_json::to_vec(&json!({ "ZipFile": b64 }))?;
+        c.call("PUT", &format!("{path}/code"), &body, &[])?.check()?;
+        let body = serde_json::to_vec(&config)?;
+        c.call("PUT", &format!("{path}/configuration"), &body, &[])?.check()?.json()
+    } else {
+        config["FunctionName"] = json!(name);
+        config["Role"] = json!(args.role);
+        config["Code"] = json!({ "ZipFile": b64 });
+        let body = serde_json::to_vec(&config)?;
+        c.call("POST", "/2015-03-31/functions", &body, &[])?.check()?.json()
+    };
+    println!(
+        "{} {}\n  arn:    {}\n  sha256: {}\n  state:  {}",
+        if exists { "updated" } else { "created" },
+        name,
+        result["FunctionArn"].as_str().unwrap_or(""),
+        result["CodeSha256"].as_str().unwrap_or(""),
+        result["State"].as_str().unwrap_or("")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
+    let c = args.conn.client()?;
+    let payload = match args.payload.as_deref() {
+        None => b"{}".to_vec(),
+        Some("-") => {
+            let mut v = Vec::new();
+            std::io::stdin().read_to_end(&mut v)?;
+            v
+        }
+        Some(p) => p.as_bytes().to_vec(),
+    };
+    let mut path = format!("/2015-03-31/functions/{}/invocations", encode_path_segment(&args.name));
+    if let Some(q) = &args.qualifier {
+        path.push_str(&format!("?Qualifier={}", encode_path_segment(q)));
+    }
+    let mut extra = vec![("x-amz-invocation-type", "RequestResponse".to_string())];
+    if args.log {
+        extra.push(("x-amz-log-type", "Tail".to_string()));
+    }
+    let reply = c.call("POST", &path, &payload, &extra)?.check()?;
+    if let Some(log) = reply.headers.get("x-amz-log-result").and_then(|v| v.to_str().ok()) {
+        let text = base64::engine::general_purpose::STANDARD.decode(log).unwrap_or_default();
+        eprint!("{}", String::from_utf8_lossy(&text));
+    }
+    std::io::stdout().write_all(&reply.body)?;
+    println!();
+    if reply.headers.contains_key("x-amz-function-error") {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let c = args.conn.client()?;
+    let path = format!(
+        "/hearth/v1/functions/{}/logs?tail_bytes={}",
+        encode_path_segment(&args.name),
+        args.bytes
+    );
+    let reply = c.call("GET", &path, b"", &[])?.check()?;
+    std::io::stdout().write_all(&reply.body)?;
+    Ok(ExitCode::SUCCESS)
+}
