@@ -90,11 +90,7 @@ pub fn error_doc(error_type: &str, message: &str) -> Vec<u8> {
 /// The error type and error document of an error a runtime posted: the type comes from the
 /// `Lambda-Runtime-Function-Error-Type` header, else the body's `errorType`, else `default`;
 /// a body that is not a JSON object is wrapped into an error document.
-pub fn runtime_error(
-    header: Option<&str>,
-    body: Vec<u8>,
-    default: &str,
-) -> (String, Vec<u8>) {
+pub fn runtime_error(header: Option<&str>, body: Vec<u8>, default: &str) -> (String, Vec<u8>) {
     let parsed = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(map)) => Some(map),
         _ => None,
@@ -264,10 +260,9 @@ impl Shared {
         st.current = None;
         let (meta, event) = loop {
             // Another long-poll may have taken an invocation meanwhile: wait for it to end.
-            if st.current.as_ref().is_none_or(|c| c.answered) {
-                if let Some(next) = st.pending.pop_front() {
-                    break next;
-                }
+            let free = st.current.as_ref().is_none_or(|c| c.answered);
+            if let Some(next) = free.then(|| st.pending.pop_front()).flatten() {
+                break next;
             }
             st = self.wait(st);
         };
@@ -485,14 +480,17 @@ mod tests {
     #[test]
     fn runtime_error_documents() {
         let (t, doc) = runtime_error(Some("MyError"), br#"{"errorMessage":"x"}"#.to_vec(), "U");
-        assert_eq!((t.as_str(), doc.as_slice()), ("MyError", &br#"{"errorMessage":"x"}"#[..]));
+        assert_eq!(
+            (t.as_str(), doc.as_slice()),
+            ("MyError", &br#"{"errorMessage":"x"}"#[..])
+        );
 
         let (t, _) = runtime_error(None, br#"{"errorType":"Body.Type"}"#.to_vec(), "U");
         assert_eq!(t, "Body.Type");
 
         let (t, doc) = runtime_error(Some(" "), b"plain text".to_vec(), "Unhandled");
         assert_eq!(t, "Unhandled");
-        let doc: Value = serde_json::from_slice(&doc).unwrap();
+        let doc: Value = serde_json::from_slice(&doc).expect("test");
         assert_eq!(
             doc,
             json!({"errorMessage": "plain text", "errorType": "Unhandled"})
@@ -500,7 +498,7 @@ mod tests {
 
         // A JSON value that is not an object is wrapped too.
         let (_, doc) = runtime_error(Some("T"), b"[1]".to_vec(), "U");
-        let doc: Value = serde_json::from_slice(&doc).unwrap();
+        let doc: Value = serde_json::from_slice(&doc).expect("test");
         assert_eq!(doc, json!({"errorMessage": "[1]", "errorType": "T"}));
     }
 }

@@ -143,7 +143,10 @@ fn read_fields<R: BufRead>(r: &mut R) -> Result<Vec<(String, String)>, HttpError
         if !is_token(name) {
             return Err(HttpError::Malformed("bad header field name"));
         }
-        fields.push((name.to_string(), value.trim_matches([' ', '\t']).to_string()));
+        fields.push((
+            name.to_string(),
+            value.trim_matches([' ', '\t']).to_string(),
+        ));
     }
 }
 
@@ -400,34 +403,48 @@ mod tests {
                    POST /two HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n\
                    GET /three HTTP/1.1\r\nConnection: close\r\n\r\n";
         let mut r = std::io::BufReader::with_capacity(7, raw.as_bytes());
-        let h1 = read_head(&mut r).unwrap().unwrap();
+        let h1 = read_head(&mut r).expect("test").expect("test");
         assert_eq!(
-            read_body(&mut r, h1.framing, 100).unwrap(),
+            read_body(&mut r, h1.framing, 100).expect("test"),
             Body::Full(b"abc".to_vec())
         );
-        let h2 = read_head(&mut r).unwrap().unwrap();
+        let h2 = read_head(&mut r).expect("test").expect("test");
         assert_eq!(h2.path, "/two");
         assert_eq!(
-            read_body(&mut r, h2.framing, 100).unwrap(),
+            read_body(&mut r, h2.framing, 100).expect("test"),
             Body::Full(b"de".to_vec())
         );
-        let h3 = read_head(&mut r).unwrap().unwrap();
+        let h3 = read_head(&mut r).expect("test").expect("test");
         assert_eq!((h3.method.as_str(), h3.path.as_str()), ("GET", "/three"));
         assert!(h1.keep_alive && h2.keep_alive && !h3.keep_alive);
-        assert!(read_head(&mut r).unwrap().is_none(), "clean EOF after the last one");
+        assert!(
+            read_head(&mut r).expect("test").is_none(),
+            "clean EOF after the last one"
+        );
     }
 
     #[test]
     fn http10_closes_unless_keep_alive() {
         assert!(!one("GET / HTTP/1.0\r\n\r\n").0.keep_alive);
-        assert!(one("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").0.keep_alive);
-        assert!(!one("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n").0.keep_alive);
+        assert!(
+            one("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                .0
+                .keep_alive
+        );
+        assert!(
+            !one("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n")
+                .0
+                .keep_alive
+        );
     }
 
     #[test]
     fn too_large_bodies() {
         let mut r = "POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n".as_bytes();
-        assert!(matches!(request(&mut r, 1024), Ok(Some((_, Body::TooLarge)))));
+        assert!(matches!(
+            request(&mut r, 1024),
+            Ok(Some((_, Body::TooLarge)))
+        ));
         let chunked = format!(
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n{}\r\n1\r\nx\r\n0\r\n\r\n",
             "a".repeat(1024)
@@ -437,7 +454,10 @@ mod tests {
             Ok(Some((_, Body::TooLarge)))
         ));
         // Exactly the limit is fine.
-        let exact = format!("POST / HTTP/1.1\r\nContent-Length: 1024\r\n\r\n{}", "a".repeat(1024));
+        let exact = format!(
+            "POST / HTTP/1.1\r\nContent-Length: 1024\r\n\r\n{}",
+            "a".repeat(1024)
+        );
         assert!(matches!(
             request(&mut exact.as_bytes(), 1024),
             Ok(Some((_, Body::Full(b)))) if b.len() == 1024
@@ -448,11 +468,26 @@ mod tests {
     fn malformed_requests() {
         assert_eq!(malformed("GARBAGE\r\n\r\n"), "request line");
         assert_eq!(malformed("GET /  HTTP/1.1\r\n\r\n"), "request line");
-        assert_eq!(malformed("GET / HTTP/2.0\r\n\r\n"), "unsupported HTTP version");
-        assert_eq!(malformed("GET / HTTP/1.1\r\nNoColon\r\n\r\n"), "header field without a colon");
-        assert_eq!(malformed("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), "bad header field name");
-        assert_eq!(malformed("GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"), "obsolete header line folding");
-        assert_eq!(malformed("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), "bad content-length");
+        assert_eq!(
+            malformed("GET / HTTP/2.0\r\n\r\n"),
+            "unsupported HTTP version"
+        );
+        assert_eq!(
+            malformed("GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
+            "header field without a colon"
+        );
+        assert_eq!(
+            malformed("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"),
+            "bad header field name"
+        );
+        assert_eq!(
+            malformed("GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"),
+            "obsolete header line folding"
+        );
+        assert_eq!(
+            malformed("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            "bad content-length"
+        );
         assert_eq!(
             malformed("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
             "conflicting content-length"
@@ -472,7 +507,10 @@ mod tests {
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE + 10));
         assert_eq!(malformed(&long), "line too long");
         let many: String = (0..=MAX_HEADERS).map(|i| format!("H{i}: v\r\n")).collect();
-        assert_eq!(malformed(&format!("GET / HTTP/1.1\r\n{many}\r\n")), "too many header fields");
+        assert_eq!(
+            malformed(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            "too many header fields"
+        );
     }
 
     #[test]
@@ -487,7 +525,7 @@ mod tests {
                 "{raw:?}"
             );
         }
-        assert!(request(&mut &b""[..], 1024).unwrap().is_none());
+        assert!(request(&mut &b""[..], 1024).expect("test").is_none());
     }
 
     #[test]
@@ -500,9 +538,9 @@ mod tests {
             b"{}",
             false,
         )
-        .unwrap();
+        .expect("test");
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out).expect("test"),
             "HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
              X-A: bInjected: 1\r\nConnection: close\r\n\r\n{}"
         );

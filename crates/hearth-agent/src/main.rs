@@ -26,6 +26,7 @@
 //! sends the HTTP request that makes a handler queue `Response`, `FunctionError` or `InitDone`,
 //! so that output is in the pipes by then and reaches the worker first. Frames are queued
 //! while the state lock is held, so their order matches the order of state transitions.
+//! `Hello` is written by the main thread before the pump starts, so it is always first.
 
 mod api;
 mod http;
@@ -50,16 +51,16 @@ const GRACE: Duration = Duration::from_millis(500);
 
 /// Startup failures (everything later is reported to the worker as frames).
 #[derive(Debug)]
-enum Error {
+enum AgentError {
     Listen(String, io::Error),
     Setup(&'static str, io::Error),
 }
 
-impl fmt::Display for Error {
+impl fmt::Display for AgentError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
-            Error::Setup(what, e) => write!(f, "cannot {what}: {e}"),
+            AgentError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            AgentError::Setup(what, e) => write!(f, "cannot {what}: {e}"),
         }
     }
 }
@@ -97,23 +98,23 @@ fn main() {
     }
 }
 
-fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Error> {
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), AgentError> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)
         .map(drop)
-        .map_err(|e| Error::Setup("start a thread", e))
+        .map_err(|e| AgentError::Setup("start a thread", e))
 }
 
-fn run() -> Result<(), Error> {
+fn run() -> Result<(), AgentError> {
     let config = Config::from_env();
-    let listener =
-        TcpListener::bind(&config.listen).map_err(|e| Error::Listen(config.listen.clone(), e))?;
+    let listener = TcpListener::bind(&config.listen)
+        .map_err(|e| AgentError::Listen(config.listen.clone(), e))?;
     let api_addr = listener
         .local_addr()
-        .map_err(|e| Error::Listen(config.listen.clone(), e))?
+        .map_err(|e| AgentError::Listen(config.listen.clone(), e))?
         .to_string();
-    let (out, mut pump) = output::channel().map_err(|e| Error::Setup("create a pipe", e))?;
+    let (out, mut pump) = output::channel().map_err(|e| AgentError::Setup("create a pipe", e))?;
 
     // The runtime's environment: ours, minus HEARTH_*, plus the Runtime API address.
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
@@ -124,20 +125,18 @@ fn run() -> Result<(), Error> {
     let started = Instant::now();
     let candidates = process::candidates(&config.task_root, &config.runtime_dir);
     let runtime = process::spawn(&candidates, &config.task_root, env);
-    out.send(
-        AgentMsg::Hello {
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            protocol: PROTOCOL_VERSION,
-        },
-        Vec::new(),
-    );
-    let shared = Arc::new(Shared::new(out.clone(), config.snap_start, started));
+    // Written before the pump runs, so it precedes any runtime output.
+    pump.write_now(&AgentMsg::Hello {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        protocol: PROTOCOL_VERSION,
+    });
+    let shared = Arc::new(Shared::new(out, config.snap_start, started));
 
     let runtime_pid = match runtime {
         Ok(rt) => {
             pump.attach(rt.stdout)
                 .and_then(|()| pump.attach(rt.stderr))
-                .map_err(|e| Error::Setup("set up the runtime's pipes", e))?;
+                .map_err(|e| AgentError::Setup("set up the runtime's pipes", e))?;
             pump.set_runtime(rt.pid);
             // The reaper starts only now, so it never races std's own wait in `spawn`.
             let sh = shared.clone();

@@ -138,6 +138,11 @@ impl Pump {
         self.runtime_pid = Some(pid);
     }
 
+    /// Write a frame right away, before [`Pump::run`] starts (the `Hello` that must come first).
+    pub fn write_now(&self, msg: &AgentMsg) {
+        self.write(&mut io::stdout().lock(), msg, &[]);
+    }
+
     /// Run the pump forever; the process exits from here on an `Exit` or a dead stdout.
     pub fn run(mut self) -> ! {
         let stdout = io::stdout();
@@ -246,5 +251,83 @@ impl Pump {
             crate::process::signal_group(pid, libc::SIGKILL);
         }
         std::process::exit(if shutting_down { 0 } else { 1 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_proto::{Frame, read_frame};
+    use std::fs::File;
+
+    fn pipe() -> (OwnedFd, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: just created, owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    }
+
+    fn frames(mut out: &[u8]) -> Vec<Frame<AgentMsg>> {
+        let mut frames = Vec::new();
+        while !out.is_empty() {
+            frames.push(read_frame(&mut out).expect("frame"));
+        }
+        frames
+    }
+
+    #[test]
+    fn pending_output_is_written_before_requested_frames() {
+        let (emitter, mut pump) = channel().expect("channel");
+        let (stdout_r, mut stdout_w) = pipe();
+        let (stderr_r, mut stderr_w) = pipe();
+        pump.attach(stdout_r).expect("attach");
+        pump.attach(stderr_r).expect("attach");
+
+        // Three writes on stdout and one on stderr, then the request: one coalesced Log first.
+        for chunk in [b"one\n", b"two\n", b"six\n"] {
+            stdout_w.write_all(chunk).expect("write");
+        }
+        stderr_w.write_all(b"err\n").expect("write");
+        let response = AgentMsg::Response {
+            request_id: "r".into(),
+        };
+        emitter.send(response.clone(), b"body".to_vec());
+
+        let mut out = Vec::new();
+        pump.run_commands(&mut out);
+        let got = frames(&out);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].msg, AgentMsg::Log);
+        assert_eq!(got[0].body, b"one\ntwo\nsix\nerr\n");
+        assert_eq!(
+            (&got[1].msg, got[1].body.as_slice()),
+            (&response, &b"body"[..])
+        );
+
+        // Nothing pending, nothing queued: nothing written.
+        let mut out = Vec::new();
+        pump.run_commands(&mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn large_output_is_split_into_bounded_frames_and_eof_detaches() {
+        let (_emitter, mut pump) = channel().expect("channel");
+        let (r, mut w) = pipe();
+        // SAFETY: F_SETPIPE_SZ on a pipe we own.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * 1024) };
+        pump.attach(r).expect("attach");
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+        w.write_all(&data).expect("write");
+        drop(w);
+
+        let mut out = Vec::new();
+        pump.drain_logs(&mut out);
+        let got = frames(&out);
+        assert!(got.len() >= 3 && got.iter().all(|f| f.body.len() <= LOG_FRAME));
+        let joined: Vec<u8> = got.into_iter().flat_map(|f| f.body).collect();
+        assert_eq!(joined, data);
+        assert!(pump.logs.is_empty(), "a closed pipe is no longer polled");
     }
 }

@@ -87,10 +87,8 @@ pub fn reap(runtime_pid: i32, on_exit: impl FnOnce(String)) {
             }
             return; // ECHILD: nothing left to reap
         }
-        if pid == runtime_pid {
-            if let Some(f) = on_exit.take() {
-                f(describe_status(status));
-            }
+        if let Some(f) = on_exit.take_if(|_| pid == runtime_pid) {
+            f(describe_status(status));
         }
     }
 }
