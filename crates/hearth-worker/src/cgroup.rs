@@ -2,7 +2,7 @@
 //!
 //! runsc places a sandbox in `cgroupsPath`; a relative path is resolved against the cgroup of
 //! the runsc process, which is the worker's own. hearth gives every sandbox
-//! `<PARENT>/<sandbox id>`, so all sandboxes of one worker sit under one parent per hierarchy
+//! `hearth/<worker instance>/<sandbox id>`, so all sandboxes of one worker sit under one parent per hierarchy
 //! and a restarted worker finds (and removes) what an earlier run left there.
 //!
 //! Both cgroup v1 (one hierarchy per controller, as on this machine) and v2 are handled. On v1
@@ -12,7 +12,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Name of the directory all sandbox cgroups of a worker live under.
+/// Name of the directory all hearth cgroups live under; each worker has its own directory
+/// below it (several workers, e.g. parallel tests, share a machine without seeing each other).
 pub const PARENT: &str = "hearth";
 
 /// Where this process's cgroups are.
@@ -21,11 +22,13 @@ pub struct Cgroups {
     /// (controller list as in /proc/self/cgroup, absolute directory of our own cgroup).
     own: Vec<(String, PathBuf)>,
     unified: bool,
+    /// `hearth/<worker instance>`, relative to our own cgroup.
+    parent: String,
 }
 
 impl Cgroups {
-    /// Discover the cgroups of the current process.
-    pub fn discover() -> Self {
+    /// Discover the cgroups of the current process; `instance` names this worker's directory.
+    pub fn discover(instance: &str) -> Self {
         let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let mut own = Vec::new();
         let mut unified_only = true;
@@ -57,6 +60,7 @@ impl Cgroups {
         Cgroups {
             own,
             unified: unified_only,
+            parent: format!("{PARENT}/{instance}"),
         }
     }
 
@@ -75,8 +79,8 @@ impl Cgroups {
     }
 
     /// The relative `cgroupsPath` for a sandbox.
-    pub fn sandbox_path(id: &str) -> String {
-        format!("{PARENT}/{id}")
+    pub fn sandbox_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.parent)
     }
 
     /// Make the parent usable (v1 cpuset needs cpus and mems).
@@ -85,16 +89,27 @@ impl Cgroups {
             return;
         }
         if let Some(dir) = self.controller_dir("cpuset") {
-            let parent = dir.join(PARENT);
-            let _ = fs::create_dir_all(&parent);
-            for f in ["cpuset.cpus", "cpuset.mems"] {
-                let current = fs::read_to_string(parent.join(f)).unwrap_or_default();
-                if current.trim().is_empty()
-                    && let Ok(v) = fs::read_to_string(dir.join(f))
-                {
-                    let _ = fs::write(parent.join(f), v.trim());
+            let mut above = dir.to_path_buf();
+            for part in self.parent.split('/') {
+                let here = above.join(part);
+                let _ = fs::create_dir_all(&here);
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let current = fs::read_to_string(here.join(f)).unwrap_or_default();
+                    if current.trim().is_empty()
+                        && let Ok(v) = fs::read_to_string(above.join(f))
+                    {
+                        let _ = fs::write(here.join(f), v.trim());
+                    }
                 }
+                above = here;
             }
+        }
+    }
+
+    /// Remove this worker's (empty) directory under the hearth parent, at shutdown.
+    pub fn remove_parent(&self) {
+        for (_, dir) in &self.own {
+            let _ = fs::remove_dir(dir.join(&self.parent));
         }
     }
 
@@ -103,7 +118,7 @@ impl Cgroups {
     pub fn remove_stale(&self) -> usize {
         let mut removed = 0;
         for (_, dir) in &self.own {
-            let parent = dir.join(PARENT);
+            let parent = dir.join(&self.parent);
             let Ok(entries) = fs::read_dir(&parent) else {
                 continue;
             };
@@ -119,7 +134,7 @@ impl Cgroups {
     /// Remove one sandbox's cgroup directories (runsc normally does; this is the safety net).
     pub fn remove_sandbox(&self, id: &str) {
         for (_, dir) in &self.own {
-            let _ = fs::remove_dir(dir.join(PARENT).join(id));
+            let _ = fs::remove_dir(dir.join(&self.parent).join(id));
         }
     }
 
@@ -127,7 +142,7 @@ impl Cgroups {
     pub fn sandbox_dirs(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for (_, dir) in &self.own {
-            if let Ok(entries) = fs::read_dir(dir.join(PARENT)) {
+            if let Ok(entries) = fs::read_dir(dir.join(&self.parent)) {
                 out.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
             }
         }
@@ -136,7 +151,7 @@ impl Cgroups {
 
     /// Peak memory use of a sandbox in bytes.
     pub fn memory_peak(&self, id: &str) -> Option<u64> {
-        let dir = self.controller_dir("memory")?.join(PARENT).join(id);
+        let dir = self.controller_dir("memory")?.join(&self.parent).join(id);
         let file = if self.unified {
             "memory.peak"
         } else {
@@ -150,7 +165,7 @@ impl Cgroups {
         let Some(dir) = self.controller_dir("memory") else {
             return false;
         };
-        let dir = dir.join(PARENT).join(id);
+        let dir = dir.join(&self.parent).join(id);
         let file = if self.unified {
             "memory.events"
         } else {

@@ -122,7 +122,13 @@ impl RunscEngine {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
-        let cgroups = Cgroups::discover();
+        // One cgroup directory per worker, named after its state root.
+        let instance = {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(cfg.state_root.to_string_lossy().as_bytes());
+            format!("w{}", &hex::encode(digest)[..12])
+        };
+        let cgroups = Cgroups::discover(&instance);
         cgroups.prepare();
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -218,7 +224,7 @@ impl RunscEngine {
                 { "destination": "/hearth/agent", "type": "bind", "source": self.cfg.agent, "options": ["bind", "ro"] }
             ],
             "linux": {
-                "cgroupsPath": Cgroups::sandbox_path(id),
+                "cgroupsPath": self.cgroups.sandbox_path(id),
                 "resources": {
                     "memory": { "limit": mem },
                     "pids": { "limit": spec.pids_limit },

@@ -39,7 +39,11 @@ fn static_build(name: &str) -> PathBuf {
     match (debug.is_file(), release.is_file()) {
         (true, true) => {
             let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            if modified(&release) > modified(&debug) { release } else { debug }
+            if modified(&release) > modified(&debug) {
+                release
+            } else {
+                debug
+            }
         }
         (false, true) => release,
         _ => debug,
@@ -98,7 +102,13 @@ impl Harness {
         dir
     }
 
-    fn spec(&self, name: &str, runtime: &str, handler: &str, files: &[(&str, &str)]) -> FunctionSpec {
+    fn spec(
+        &self,
+        name: &str,
+        runtime: &str,
+        handler: &str,
+        files: &[(&str, &str)],
+    ) -> FunctionSpec {
         FunctionSpec {
             name: name.into(),
             version: "$LATEST".into(),
@@ -114,7 +124,11 @@ impl Harness {
         }
     }
 
-    async fn invoke(&self, spec: &FunctionSpec, payload: Value) -> Result<InvokeResult, InvokeError> {
+    async fn invoke(
+        &self,
+        spec: &FunctionSpec,
+        payload: Value,
+    ) -> Result<InvokeResult, InvokeError> {
         self.worker
             .invoke(InvokeRequest {
                 spec: spec.clone(),
@@ -131,8 +145,16 @@ impl Harness {
     async fn finish(self) {
         self.worker.shutdown().await;
         let engine = self.worker.engine();
-        assert_eq!(engine.list(), Vec::<String>::new(), "runsc containers leaked");
-        assert_eq!(engine.cgroups().sandbox_dirs(), Vec::<PathBuf>::new(), "cgroups leaked");
+        assert_eq!(
+            engine.list(),
+            Vec::<String>::new(),
+            "runsc containers leaked"
+        );
+        assert_eq!(
+            engine.cgroups().sandbox_dirs(),
+            Vec::<PathBuf>::new(),
+            "cgroups leaked"
+        );
         let bundles: Vec<_> = std::fs::read_dir(self.dir.path().join("bundles"))
             .map(|r| r.flatten().collect())
             .unwrap_or_default();
@@ -141,7 +163,8 @@ impl Harness {
 }
 
 fn json_of(r: &InvokeResult) -> Value {
-    serde_json::from_slice(&r.payload).unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&r.payload)))
+    serde_json::from_slice(&r.payload)
+        .unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&r.payload)))
 }
 
 const PY_APP: &str = r#"
@@ -185,7 +208,10 @@ def handler(event, context):
 async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() {
     let h = Harness::new(Duration::from_secs(60));
     let spec = h.spec("pyecho", "python3.11", "app.handler", &[("app.py", PY_APP)]);
-    let r = h.invoke(&spec, json!({"hello": "world"})).await.expect("invoke");
+    let r = h
+        .invoke(&spec, json!({"hello": "world"}))
+        .await
+        .expect("invoke");
     assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
     let v = json_of(&r);
     assert_eq!(v["event"], json!({"hello": "world"}));
@@ -202,12 +228,28 @@ async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() 
     assert_eq!(v["tmp_writable"], true);
     assert_eq!(v["task_writable"], false);
     let remaining = v["remaining_ms"].as_i64().expect("remaining");
-    assert!(remaining > 5_000 && remaining <= 10_000, "remaining {remaining}");
+    assert!(
+        remaining > 5_000 && remaining <= 10_000,
+        "remaining {remaining}"
+    );
     let rid = v["request_id"].as_str().expect("rid").to_string();
     // The log: the handler's output between START and END, then REPORT with an init duration.
-    assert!(r.log.contains(&format!("START RequestId: {rid} Version: $LATEST")), "{}", r.log);
-    assert!(r.log.contains("handling {\"hello\": \"world\"}"), "{}", r.log);
-    assert!(r.log.contains(&format!("END RequestId: {rid}")), "{}", r.log);
+    assert!(
+        r.log
+            .contains(&format!("START RequestId: {rid} Version: $LATEST")),
+        "{}",
+        r.log
+    );
+    assert!(
+        r.log.contains("handling {\"hello\": \"world\"}"),
+        "{}",
+        r.log
+    );
+    assert!(
+        r.log.contains(&format!("END RequestId: {rid}")),
+        "{}",
+        r.log
+    );
     assert!(r.log.contains("Memory Size: 256 MB"), "{}", r.log);
     assert!(r.log.contains("Init Duration:"), "{}", r.log);
     let start = r.log.find("START").unwrap_or(0);
@@ -222,7 +264,10 @@ async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() 
     assert_ne!(v2["request_id"], v["request_id"]);
     assert!(!r2.log.contains("Init Duration"), "{}", r2.log);
     let stats = h.worker.stats();
-    assert_eq!((stats.cold_starts, stats.warm_starts, stats.live), (1, 1, 1));
+    assert_eq!(
+        (stats.cold_starts, stats.warm_starts, stats.live),
+        (1, 1, 1)
+    );
     h.finish().await;
 }
 
@@ -230,14 +275,21 @@ async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() 
 async fn python_exception_is_a_function_error_and_keeps_the_sandbox() {
     let h = Harness::new(Duration::from_secs(60));
     let spec = h.spec("pyerr", "python3.11", "app.handler", &[("app.py", PY_APP)]);
-    let r = h.invoke(&spec, json!({"raise": "nope"})).await.expect("invoke");
+    let r = h
+        .invoke(&spec, json!({"raise": "nope"}))
+        .await
+        .expect("invoke");
     assert!(r.function_error);
     let v = json_of(&r);
     assert_eq!(v["errorType"], "ValueError");
     assert_eq!(v["errorMessage"], "bad input: nope");
     assert!(v["stackTrace"].is_array());
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
-    assert_eq!(json_of(&r)["count"], 2, "the sandbox survives a handled error");
+    assert_eq!(
+        json_of(&r)["count"],
+        2,
+        "the sandbox survives a handled error"
+    );
     h.finish().await;
 }
 
@@ -254,21 +306,40 @@ async fn timeout_stops_the_sandbox_and_the_next_call_starts_fresh() {
     let msg = v["errorMessage"].as_str().expect("message");
     assert!(msg.ends_with("Task timed out after 1.00 seconds"), "{msg}");
     assert_eq!(v["errorType"], "Sandbox.Timedout");
-    assert!(r.log.contains("Task timed out after 1.00 seconds"), "{}", r.log);
+    assert!(
+        r.log.contains("Task timed out after 1.00 seconds"),
+        "{}",
+        r.log
+    );
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
-    assert_eq!(json_of(&r)["count"], 1, "a timed-out sandbox is replaced, init runs again");
+    assert_eq!(
+        json_of(&r)["count"],
+        1,
+        "a timed-out sandbox is replaced, init runs again"
+    );
     h.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_exit_mid_invocation_is_runtime_exit_error() {
     let h = Harness::new(Duration::from_secs(60));
-    let spec = h.spec("pycrash", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let spec = h.spec(
+        "pycrash",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
     let r = h.invoke(&spec, json!({"exit": 3})).await.expect("invoke");
     assert!(r.function_error);
     let v = json_of(&r);
     assert_eq!(v["errorType"], "Runtime.ExitError");
-    assert!(v["errorMessage"].as_str().unwrap_or("").contains("exit status 3"), "{v}");
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit status 3"),
+        "{v}"
+    );
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
     assert_eq!(json_of(&r)["count"], 1);
     h.finish().await;
@@ -279,7 +350,10 @@ async fn exceeding_memory_kills_only_the_sandbox() {
     let h = Harness::new(Duration::from_secs(60));
     let mut spec = h.spec("pymem", "python3.11", "app.handler", &[("app.py", PY_APP)]);
     spec.memory_mb = 128;
-    let r = h.invoke(&spec, json!({"alloc_mb": 600})).await.expect("invoke");
+    let r = h
+        .invoke(&spec, json!({"alloc_mb": 600}))
+        .await
+        .expect("invoke");
     assert!(r.function_error, "{}", String::from_utf8_lossy(&r.payload));
     let v = json_of(&r);
     assert!(
@@ -287,7 +361,10 @@ async fn exceeding_memory_kills_only_the_sandbox() {
         "unexpected error {v}"
     );
     // The worker is fine and the next call works in a fresh sandbox.
-    let r = h.invoke(&spec, json!({"alloc_mb": 10})).await.expect("invoke");
+    let r = h
+        .invoke(&spec, json!({"alloc_mb": 10}))
+        .await
+        .expect("invoke");
     assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
     h.finish().await;
 }
@@ -295,12 +372,28 @@ async fn exceeding_memory_kills_only_the_sandbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_failure_is_the_first_invocations_error() {
     let h = Harness::new(Duration::from_secs(60));
-    let spec = h.spec("pyinit", "python3.11", "app.handler", &[("app.py", "raise RuntimeError('boom at import')\n")]);
+    let spec = h.spec(
+        "pyinit",
+        "python3.11",
+        "app.handler",
+        &[("app.py", "raise RuntimeError('boom at import')\n")],
+    );
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
     assert!(r.function_error);
     let v = json_of(&r);
-    assert!(v["errorMessage"].as_str().unwrap_or("").contains("boom at import"), "{v}");
-    let spec = h.spec("pymissing", "python3.11", "nothere.handler", &[("app.py", PY_APP)]);
+    assert!(
+        v["errorMessage"]
+            .as_str()
+            .unwrap_or("")
+            .contains("boom at import"),
+        "{v}"
+    );
+    let spec = h.spec(
+        "pymissing",
+        "python3.11",
+        "nothere.handler",
+        &[("app.py", PY_APP)],
+    );
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
     assert!(r.function_error);
     assert_eq!(json_of(&r)["errorType"], "Runtime.ImportModuleError");
@@ -323,12 +416,20 @@ done
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_bootstrap_with_curl_on_provided_runtime() {
     let h = Harness::new(Duration::from_secs(60));
-    let spec = h.spec("shell", "provided.al2023", "function.handler", &[("bootstrap", SHELL_BOOTSTRAP)]);
+    let spec = h.spec(
+        "shell",
+        "provided.al2023",
+        "function.handler",
+        &[("bootstrap", SHELL_BOOTSTRAP)],
+    );
     for i in 0..3 {
         let r = h.invoke(&spec, json!({"i": i})).await.expect("invoke");
         assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
         let v = json_of(&r);
-        assert_eq!(v, json!({"echo": {"i": i}, "handler": "function.handler", "fn": "shell"}));
+        assert_eq!(
+            v,
+            json!({"echo": {"i": i}, "handler": "function.handler", "fn": "shell"})
+        );
         if i == 0 {
             assert!(r.log.contains("init from shell bootstrap"), "{}", r.log);
         }
@@ -342,18 +443,34 @@ async fn rust_lambda_runtime_bootstrap() {
     let bin = std::env::var_os("HEARTH_RUST_FIXTURE")
         .map(PathBuf::from)
         .unwrap_or_else(|| static_build("rust-echo"));
-    assert!(bin.is_file(), "Rust fixture missing at {}: build it with the README's test command", bin.display());
+    assert!(
+        bin.is_file(),
+        "Rust fixture missing at {}: build it with the README's test command",
+        bin.display()
+    );
     let h = Harness::new(Duration::from_secs(60));
     let mut spec = h.spec("rusty", "provided.al2023", "bootstrap", &[]);
     std::fs::copy(&bin, spec.code_dir.join("bootstrap")).expect("copy fixture");
     spec.memory_mb = 128;
-    let r = h.invoke(&spec, json!({"name": "ferris"})).await.expect("invoke");
+    let r = h
+        .invoke(&spec, json!({"name": "ferris"}))
+        .await
+        .expect("invoke");
     assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
     let v = json_of(&r);
     assert_eq!(v["message"], "hello ferris");
     assert_eq!(v["function_name"], "rusty");
-    assert!(v["request_id"].as_str().map(|s| s.len() == 36).unwrap_or(false), "{v}");
-    let r = h.invoke(&spec, json!({"fail": true})).await.expect("invoke");
+    assert!(
+        v["request_id"]
+            .as_str()
+            .map(|s| s.len() == 36)
+            .unwrap_or(false),
+        "{v}"
+    );
+    let r = h
+        .invoke(&spec, json!({"fail": true}))
+        .await
+        .expect("invoke");
     assert!(r.function_error);
     h.finish().await;
 }
@@ -361,16 +478,31 @@ async fn rust_lambda_runtime_bootstrap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_expiry_destroys_idle_sandboxes() {
     let h = Harness::new(Duration::from_millis(800));
-    let spec = h.spec("pyexpire", "python3.11", "app.handler", &[("app.py", PY_APP)]);
-    assert_eq!(json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"], 1);
+    let spec = h.spec(
+        "pyexpire",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
+    assert_eq!(
+        json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"],
+        1
+    );
     assert_eq!(h.worker.stats().live, 1);
     let mut waited = 0;
     while h.worker.stats().live > 0 && waited < 100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += 1;
     }
-    assert_eq!(h.worker.stats().live, 0, "idle sandbox outlived its keep-alive");
-    assert_eq!(json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"], 1);
+    assert_eq!(
+        h.worker.stats().live,
+        0,
+        "idle sandbox outlived its keep-alive"
+    );
+    assert_eq!(
+        json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"],
+        1
+    );
     assert_eq!(h.worker.stats().cold_starts, 2);
     h.finish().await;
 }
@@ -379,9 +511,16 @@ async fn keep_alive_expiry_destroys_idle_sandboxes() {
 async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
     let h = Arc::new(Harness::new(Duration::from_secs(60)));
     let spec = h.spec("pypar", "python3.11", "app.handler", &[("app.py", PY_APP)]);
-    let (a, b) = tokio::join!(h.invoke(&spec, json!({"sleep": 1})), h.invoke(&spec, json!({"sleep": 1})));
+    let (a, b) = tokio::join!(
+        h.invoke(&spec, json!({"sleep": 1})),
+        h.invoke(&spec, json!({"sleep": 1}))
+    );
     let (a, b) = (json_of(&a.expect("a")), json_of(&b.expect("b")));
-    assert_eq!((a["count"].clone(), b["count"].clone()), (json!(1), json!(1)), "two sandboxes, each ran once");
+    assert_eq!(
+        (a["count"].clone(), b["count"].clone()),
+        (json!(1), json!(1)),
+        "two sandboxes, each ran once"
+    );
     assert_eq!(h.worker.stats().live, 2);
     // Reserved concurrency 1: a second concurrent call is throttled.
     let req = |p: Value| InvokeRequest {
@@ -419,7 +558,11 @@ async fn a_restarted_worker_removes_what_a_killed_one_left() {
     // Simulate a crash: a new engine on the same state root, without shutting the old one down.
     let cfg = engine.config().clone();
     let engine2 = Arc::new(RunscEngine::new(cfg).expect("engine"));
-    let worker2 = Worker::new(engine2.clone(), ImageStore::new(image_cache()), WorkerConfig::default());
+    let worker2 = Worker::new(
+        engine2.clone(),
+        ImageStore::new(image_cache()),
+        WorkerConfig::default(),
+    );
     assert_eq!(engine2.list(), Vec::<String>::new());
     assert_eq!(engine2.cgroups().sandbox_dirs(), Vec::<PathBuf>::new());
     worker2.shutdown().await;

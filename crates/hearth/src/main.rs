@@ -25,6 +25,9 @@ enum Command {
     Invoke(cmd::client::InvokeArgs),
     /// Print a function's recent log.
     Logs(cmd::client::LogsArgs),
+    /// Benchmarks (results go to docs/perf.md).
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Function(c) => cmd::client::run_fn(c),
         Command::Invoke(a) => cmd::client::run_invoke(a),
         Command::Logs(a) => cmd::client::run_logs(a),
+        Command::Bench(c) => cmd::bench::run(c),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -396,4 +397,101 @@ pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let reply = c.call("GET", &path, b"", &[])?.check()?;
     std::io::stdout().write_all(&reply.body)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct ApiBenchArgs {
+    /// Function to invoke (created as a trivial python3.11 echo function if missing).
+    #[arg(long, default_value = "hearth-bench-echo")]
+    function: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Invocations in all.
+    #[arg(long, default_value_t = 400)]
+    requests: usize,
+    /// Stop after this many seconds even if not all requests were sent.
+    #[arg(long, default_value_t = 120)]
+    max_seconds: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `hearth bench api`: concurrent clients invoking one function; prints throughput and latency
+/// percentiles, and fails if any request failed unexpectedly.
+pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let c = args.conn.client()?;
+    let path = format!("/2015-03-31/functions/{}", encode_path_segment(&args.function));
+    if c.call("GET", &path, b"", &[])?.status == 404 {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            z.start_file("app.py", zip::write::SimpleFileOptions::default())?;
+            z.write_all(b"def handler(event, context):\n    return event\n")?;
+            z.finish()?;
+        }
+        let body = json!({
+            "FunctionName": args.function, "Runtime": "python3.11", "Handler": "app.handler",
+            "Role": "arn:aws:iam::000000000000:role/hearth",
+            "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(buf.into_inner()) },
+        });
+        c.call("POST", "/2015-03-31/functions", &serde_json::to_vec(&body)?, &[])?.check()?;
+    }
+    let invoke_path = format!("{path}/invocations");
+    // One warm-up call so the first sandbox exists.
+    c.call("POST", &invoke_path, b"{}", &[])?.check()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.max_seconds);
+    let started = std::time::Instant::now();
+    let mut threads = Vec::new();
+    for _ in 0..args.clients {
+        let c = args.conn.client()?;
+        let next = next.clone();
+        let p = invoke_path.clone();
+        let total = args.requests;
+        threads.push(std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let (mut failed, mut throttled) = (0usize, 0usize);
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= total || std::time::Instant::now() > deadline {
+                    break;
+                }
+                let body = format!("{{\"i\":{i}}}");
+                let t = std::time::Instant::now();
+                match c.call("POST", &p, body.as_bytes(), &[]) {
+                    Ok(r) if r.status == 200 && !r.headers.contains_key("x-amz-function-error") && r.body == body.as_bytes() => {
+                        lat.push(t.elapsed())
+                    }
+                    Ok(r) if r.status == 429 => throttled += 1,
+                    _ => failed += 1,
+                }
+            }
+            (lat, failed, throttled)
+        }));
+    }
+    let (mut lat, mut failed, mut throttled) = (Vec::new(), 0, 0);
+    for t in threads {
+        let (l, f, th) = t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        lat.extend(l);
+        failed += f;
+        throttled += th;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort();
+    println!(
+        "hearth bench api: {} clients, {} ok, {failed} failed, {throttled} throttled in {secs:.1} s -> {:.1} invokes/s",
+        args.clients,
+        lat.len(),
+        lat.len() as f64 / secs
+    );
+    println!(
+        "latency p50={:.2} ms p90={:.2} ms p99={:.2} ms max={:.2} ms",
+        super::bench::pct(&lat, 0.5),
+        super::bench::pct(&lat, 0.9),
+        super::bench::pct(&lat, 0.99),
+        lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
+    );
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -1,0 +1,281 @@
+//! `hearth bench`: measurements for `docs/perf.md`, each beside a baseline taken in the same run.
+//!
+//! - `hearth bench sandbox`: warm invoke latency through worker + agent against the same
+//!   Python handler called in a plain host process; cold start (boot + init + first response)
+//!   against a plain `runsc run` of python3 on the same image; density (idle sandboxes per GiB).
+//! - `hearth bench api`: concurrent signed `Invoke` calls against a running `hearth up`:
+//!   throughput and latency percentiles, failures counted.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use hearth_api::invoker::{FunctionSpec, InvokeRequest, Invoker};
+use hearth_worker::engine::default_runsc;
+use hearth_worker::{EngineConfig, ImageStore, RunscEngine, Worker, WorkerConfig};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Warm invoke, cold start and density of sandboxes (needs root, runsc, images, agent).
+    Sandbox(SandboxArgs),
+    /// Concurrent invokes through the Lambda API of a running `hearth up`.
+    Api(super::client::ApiBenchArgs),
+}
+
+#[derive(Args)]
+pub struct SandboxArgs {
+    /// Warm invocations to time.
+    #[arg(long, default_value_t = 300)]
+    warm: usize,
+    /// Cold starts to time.
+    #[arg(long, default_value_t = 10)]
+    cold: usize,
+    /// Idle sandboxes to start for the density figure.
+    #[arg(long, default_value_t = 10)]
+    density: usize,
+    /// Image cache directory.
+    #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = ".hearth/images")]
+    image_cache: PathBuf,
+    /// The static agent binary.
+    #[arg(long, env = "HEARTH_AGENT")]
+    agent: Option<PathBuf>,
+    /// Do not pin sandboxes to a core (to measure what pinning gives).
+    #[arg(long)]
+    no_pin: bool,
+}
+
+const HANDLER: &str = "def handler(event, context):\n    return {\"ok\": True, \"n\": event.get(\"n\")}\n";
+
+/// Host-side harness: the same handler, called in a plain process over a pipe.
+const NATIVE_HARNESS: &str = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import app
+class Ctx: aws_request_id = "native"
+for line in sys.stdin:
+    out = app.handler(json.loads(line), Ctx())
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+"#;
+
+/// Percentile of sorted durations, in milliseconds.
+pub fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+fn summary(name: &str, mut d: Vec<Duration>) {
+    d.sort();
+    println!(
+        "{name:<44} n={:<4} p50={:>9.2} ms  p90={:>9.2} ms  p99={:>9.2} ms",
+        d.len(),
+        pct(&d, 0.5),
+        pct(&d, 0.9),
+        pct(&d, 0.99)
+    );
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Sandbox(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(sandbox(a))
+        }
+        BenchCmd::Api(a) => super::client::api_bench(a),
+    }
+}
+
+async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::tempdir()?;
+    let code = dir.path().join("code");
+    std::fs::create_dir_all(&code)?;
+    std::fs::write(code.join("app.py"), HANDLER)?;
+    let images = ImageStore::new(&a.image_cache);
+    let rootfs = images.rootfs("python3.11").context("python3.11 image (hearth image build)")?;
+    let engine = Arc::new(RunscEngine::new(EngineConfig {
+        runsc: default_runsc(),
+        state_root: dir.path().join("runsc"),
+        bundles: dir.path().join("bundles"),
+        agent: super::find_agent(a.agent.clone()),
+        pin_cores: !a.no_pin,
+        extra_flags: vec![],
+    })?);
+    let worker = Worker::new(
+        engine.clone(),
+        images,
+        WorkerConfig {
+            keep_alive: Duration::from_secs(600),
+            memory_budget_mb: 16 * 1024,
+            ..WorkerConfig::default()
+        },
+    );
+    let spec = |rev: String| FunctionSpec {
+        name: "bench".into(),
+        version: "$LATEST".into(),
+        arn: "arn:aws:lambda:us-east-1:000000000000:function:bench".into(),
+        runtime: "python3.11".into(),
+        handler: "app.handler".into(),
+        memory_mb: 128,
+        timeout_s: 30,
+        env: BTreeMap::new(),
+        code_dir: code.clone(),
+        code_sha256: String::new(),
+        revision_id: rev,
+    };
+    let req = |spec: FunctionSpec, n: usize| InvokeRequest {
+        invoked_arn: spec.arn.clone(),
+        spec,
+        payload: format!("{{\"n\":{n}}}").into_bytes().into(),
+        client_context: None,
+        reserved_concurrency: None,
+        unreserved_limit: 1000,
+    };
+    println!("hearth bench sandbox (runsc {}, pinned: {})", runsc_version(), !a.no_pin);
+
+    // Native baseline: the same handler in a plain host process, request/response over a pipe.
+    let mut child = Command::new("python3")
+        .args(["-c", NATIVE_HARNESS])
+        .arg(&code)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("python3 for the native baseline")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut native = Vec::new();
+    let mut line = String::new();
+    for n in 0..a.warm + 20 {
+        let t = Instant::now();
+        writeln!(stdin, "{{\"n\":{n}}}")?;
+        line.clear();
+        stdout.read_line(&mut line)?;
+        if n >= 20 {
+            native.push(t.elapsed());
+        }
+    }
+    drop(stdin);
+    let _ = child.wait();
+    summary("warm invoke, native process (baseline)", native);
+
+    // Warm invokes through worker + agent + awslambdaric.
+    let warm_spec = spec("warm".into());
+    let r = worker.invoke(req(warm_spec.clone(), 0)).await?;
+    if r.function_error {
+        bail!("bench function failed: {}", String::from_utf8_lossy(&r.payload));
+    }
+    let mut warm = Vec::new();
+    for n in 0..a.warm + 20 {
+        let t = Instant::now();
+        let r = worker.invoke(req(warm_spec.clone(), n)).await?;
+        if r.function_error {
+            bail!("bench function failed: {}", String::from_utf8_lossy(&r.payload));
+        }
+        if n >= 20 {
+            warm.push(t.elapsed());
+        }
+    }
+    summary("warm invoke, hearth worker + agent (runsc)", warm);
+
+    // Cold start baseline: plain `runsc run` of python3 printing one line, same image.
+    let mut plain = Vec::new();
+    for i in 0..a.cold {
+        plain.push(plain_runsc(&rootfs, dir.path(), i)?);
+    }
+    summary("cold: plain `runsc run python3 -c print` (baseline)", plain);
+
+    // Cold starts: a new revision each time forces a new sandbox (boot + init + invoke).
+    let mut cold = Vec::new();
+    for i in 0..a.cold {
+        let t = Instant::now();
+        let r = worker.invoke(req(spec(format!("cold{i}")), i)).await?;
+        if r.function_error {
+            bail!("bench function failed: {}", String::from_utf8_lossy(&r.payload));
+        }
+        cold.push(t.elapsed());
+        worker.retire("bench");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    summary("cold start by boot, request in -> response out", cold);
+
+    // Density: idle sandboxes of a 128 MB function, memory charged to their cgroups.
+    worker.retire("bench");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut handles = Vec::new();
+    for i in 0..a.density {
+        let w = worker.clone();
+        let s = spec(format!("dense{i}"));
+        handles.push(tokio::spawn(async move { w.invoke(req(s, i)).await }));
+        if handles.len() == 2 {
+            for h in handles.drain(..) {
+                h.await??;
+            }
+        }
+    }
+    for h in handles {
+        h.await??;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut total = 0u64;
+    let dirs = engine.cgroups().sandbox_dirs();
+    for d in &dirs {
+        for f in ["memory.usage_in_bytes", "memory.current"] {
+            if let Ok(t) = std::fs::read_to_string(d.join(f)) {
+                total += t.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    let n = worker.stats().idle.max(1);
+    let per = total as f64 / n as f64 / (1024.0 * 1024.0);
+    println!(
+        "density: {n} idle python sandboxes, {per:.1} MiB each (cgroup memory) -> {:.1} idle sandboxes per GiB",
+        1024.0 / per
+    );
+    worker.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runsc_version() -> String {
+    Command::new(default_runsc())
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(|l| l.replace("runsc version ", "")))
+        .unwrap_or_default()
+}
+
+/// One `runsc run` (foreground) of python3 printing a line, on a bundle like hearth's.
+fn plain_runsc(rootfs: &std::path::Path, dir: &std::path::Path, i: usize) -> anyhow::Result<Duration> {
+    let bundle = dir.join(format!("plain{i}"));
+    std::fs::create_dir_all(&bundle)?;
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": { "user": {"uid": 0, "gid": 0}, "args": ["/usr/bin/python3", "-c", "print('ready')"],
+                     "env": ["PATH=/usr/bin:/bin"], "cwd": "/" },
+        "root": { "path": rootfs, "readonly": true },
+        "mounts": [ { "destination": "/proc", "type": "proc", "source": "proc" } ],
+        "linux": { "namespaces": [ {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"} ] }
+    });
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
+    let id = format!("pl{:014x}", rand::random::<u64>() >> 8);
+    let t = Instant::now();
+    let out = Command::new(default_runsc())
+        .arg(format!("--root={}", dir.join("plain-root").display()))
+        .args(["--network=none", "run", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .output()?;
+    let elapsed = t.elapsed();
+    if !String::from_utf8_lossy(&out.stdout).contains("ready") {
+        bail!("plain runsc run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(elapsed)
+}
