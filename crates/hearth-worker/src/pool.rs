@@ -204,6 +204,7 @@ impl Worker {
                 tokio::time::timeout(Duration::from_millis(100), self.inner.destroyed.notified())
                     .await;
         }
+        self.inner.engine.cgroups().remove_parent();
     }
 }
 
