@@ -478,6 +478,20 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         assert!(store.import("../x", src.path(), &mut |_| {}).is_err());
+        // A tarball imports the same way and replaces the earlier image.
+        let tar = cache.path().join("root.tar");
+        let status = Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(src.path())
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        fs::write(src.path().join("bin/hello"), b"changed").unwrap();
+        let root = store.import("mine", &tar, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(root.join("bin/hello")).unwrap(), b"hi");
         assert!(matches!(
             store.import("y", &src.path().join("missing"), &mut |_| {}),
             Err(ImageError::BadImport(_))
