@@ -130,7 +130,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError { kind, message: message.into(), reason: None, retry_after_s: None }
+        ApiError {
+            kind,
+            message: message.into(),
+            reason: None,
+            retry_after_s: None,
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -202,7 +207,10 @@ impl IntoResponse for ApiError {
         let body = self.body().to_string();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert("x-amzn-errortype", HeaderValue::from_static(self.kind.name()));
+        headers.insert(
+            "x-amzn-errortype",
+            HeaderValue::from_static(self.kind.name()),
+        );
         headers.insert(
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -211,6 +219,58 @@ impl IntoResponse for ApiError {
             headers.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<crate::code::CodeError> for ApiError {
+    fn from(e: crate::code::CodeError) -> Self {
+        use crate::code::CodeError;
+        match e {
+            CodeError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            CodeError::UnzippedTooLarge { .. } => ApiError::invalid(e.to_string()),
+            CodeError::TooManyEntries { .. }
+            | CodeError::Invalid(_)
+            | CodeError::UnsafePath(_)
+            | CodeError::Symlink(_) => ApiError::new(ErrorKind::InvalidZipFile, e.to_string()),
+            CodeError::Io(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<crate::sigv4::SigError> for ApiError {
+    fn from(e: crate::sigv4::SigError) -> Self {
+        use crate::sigv4::SigError;
+        match e {
+            SigError::Missing => ApiError::new(
+                ErrorKind::MissingAuthenticationToken,
+                "Missing Authentication Token",
+            ),
+            SigError::Incomplete(msg) => ApiError::new(ErrorKind::IncompleteSignature, msg),
+            SigError::UnknownAccessKey => ApiError::new(
+                ErrorKind::UnrecognizedClient,
+                "The security token included in the request is invalid.",
+            ),
+            SigError::Invalid(msg) => ApiError::new(ErrorKind::InvalidSignature, msg),
+            SigError::Mismatch => ApiError::new(
+                ErrorKind::InvalidSignature,
+                "The request signature we calculated does not match the signature you provided. \
+                 Check your AWS Secret Access Key and signing method. Consult the service \
+                 documentation for details.",
+            ),
+            SigError::Unsignable(msg) => ApiError::internal(msg),
+        }
     }
 }
 
@@ -231,8 +291,7 @@ mod tests {
 
     #[tokio::test]
     async fn not_found_has_lambda_shape() {
-        let (status, headers, body) =
-            parts(ApiError::not_found("Function not found: arn:x")).await;
+        let (status, headers, body) = parts(ApiError::not_found("Function not found: arn:x")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(headers["x-amzn-errortype"], "ResourceNotFoundException");
         assert_eq!(body["Type"], "User");
@@ -254,8 +313,10 @@ mod tests {
 
     #[tokio::test]
     async fn internal_errors_do_not_leak() {
-        let (status, headers, body) =
-            parts(ApiError::internal("redb: /secret/path/meta.redb is corrupt")).await;
+        let (status, headers, body) = parts(ApiError::internal(
+            "redb: /secret/path/meta.redb is corrupt",
+        ))
+        .await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(headers["x-amzn-errortype"], "ServiceException");
         assert_eq!(body["Type"], "Service");
@@ -267,10 +328,19 @@ mod tests {
     #[test]
     fn statuses_follow_the_table() {
         assert_eq!(ErrorKind::InvalidZipFile.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(ErrorKind::ResourceNotReady.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(ErrorKind::RequestTooLarge.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            ErrorKind::ResourceNotReady.status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            ErrorKind::RequestTooLarge.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
         assert_eq!(ErrorKind::ResourceConflict.status(), StatusCode::CONFLICT);
-        assert_eq!(ErrorKind::PreconditionFailed.status(), StatusCode::PRECONDITION_FAILED);
+        assert_eq!(
+            ErrorKind::PreconditionFailed.status(),
+            StatusCode::PRECONDITION_FAILED
+        );
         assert_eq!(ErrorKind::InvalidSignature.status(), StatusCode::FORBIDDEN);
     }
 }

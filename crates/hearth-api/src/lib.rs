@@ -1,4 +1,35 @@
 //! hearth's front end: the Lambda REST API.
+//!
+//! boto3, the AWS CLI and hearth's own CLI talk to this crate exactly as they talk to AWS
+//! Lambda: REST + JSON at the paths of botocore's `lambda/2015-03-31` model, signed with SigV4,
+//! errors in Lambda's shapes. The layers, from the edge inwards:
+//!
+//! - [`router`]: routes, the SigV4 gate every request passes, the server loop ([`app`],
+//!   [`serve`]). Handlers turn HTTP into plain values and back; nothing below sees HTTP.
+//! - [`functions`] (control plane) and [`invoke`] (data plane): the operations, with
+//!   [`validate`] (Lambda's parameter rules) and [`model`] (the JSON wire types).
+//! - [`store`] (metadata in redb), [`code`] (deployment packages, content-addressed and
+//!   unpacked), [`logs`] (per-function invocation logs for `hearth logs`).
+//! - [`invoker`]: the boundary to the worker side; the front end resolves what to run and
+//!   calls an [`Invoker`](invoker::Invoker), it never runs code itself.
+//! - [`error`]: the one error type ([`ApiError`]) that speaks Lambda's error shapes;
+//!   [`sigv4`]: signing and verification (shared with hearth's CLI client).
+//!
+//! Everything lives under one data directory: `meta.redb`, `code/<sha256>/`,
+//! `logs/<function>.log`.
+pub mod code;
 pub mod error;
+pub mod functions;
+pub mod invoke;
 pub mod invoker;
+pub mod logs;
+pub mod model;
+pub mod router;
 pub mod sigv4;
+pub mod state;
+pub mod store;
+pub mod validate;
+
+pub use error::{ApiError, ErrorKind};
+pub use router::{app, serve};
+pub use state::{ApiConfig, AppState, InitError};

@@ -41,7 +41,11 @@ pub const MAX_CLOCK_SKEW: TimeDelta = TimeDelta::minutes(15);
 const AMZ_DATE_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 /// RFC 3986 unreserved characters stay as they are; everything else is percent-encoded.
-const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 /// Like [`UNRESERVED`], keeping `/` (for paths).
 const UNRESERVED_PATH: &AsciiSet = &UNRESERVED.remove(b'/');
 
@@ -121,8 +125,9 @@ pub fn sign(
     body: &[u8],
     params: &SigningParams<'_>,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, SigError> {
-    let uri: http::Uri =
-        url.parse().map_err(|e| SigError::Unsignable(format!("bad url {url:?}: {e}")))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| SigError::Unsignable(format!("bad url {url:?}: {e}")))?;
     let amz_date = params.time.format(AMZ_DATE_FORMAT).to_string();
     let date = params.time.format("%Y%m%d").to_string();
     let payload_hash = hex::encode(Sha256::digest(body));
@@ -169,7 +174,11 @@ pub fn sign(
             _ => merged.push((name, value)),
         }
     }
-    let signed_headers = merged.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(";");
+    let signed_headers = merged
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
 
     let canonical_request = canonical_request(
         method.as_str(),
@@ -199,7 +208,10 @@ pub fn sign(
         (HeaderName::from_static("x-amz-date"), header(amz_date)?),
     ];
     if params.content_sha256_header {
-        out.push((HeaderName::from_static("x-amz-content-sha256"), header(payload_hash)?));
+        out.push((
+            HeaderName::from_static("x-amz-content-sha256"),
+            header(payload_hash)?,
+        ));
     }
     Ok(out)
 }
@@ -276,10 +288,11 @@ pub fn verify(
             .iter()
             .map(|v| trim_all(&String::from_utf8_lossy(v.as_bytes())))
             .collect();
-        if values.is_empty() && *name == "host" {
-            if let Some(authority) = parts.uri.authority() {
-                values.push(authority.as_str().to_string());
-            }
+        if values.is_empty()
+            && *name == "host"
+            && let Some(authority) = parts.uri.authority()
+        {
+            values.push(authority.as_str().to_string());
         }
         canonical.push((name.to_string(), values.join(",")));
     }
@@ -307,7 +320,10 @@ pub fn verify(
         auth.signed_headers,
         &payload_hash,
     );
-    let scope = format!("{}/{}/{}/aws4_request", auth.date, auth.region, auth.service);
+    let scope = format!(
+        "{}/{}/{}/aws4_request",
+        auth.date, auth.region, auth.service
+    );
     let expected = signature(
         secret,
         auth.date,
@@ -315,7 +331,10 @@ pub fn verify(
         auth.service,
         &string_to_sign(amz_date, &scope, &canonical_request),
     );
-    if !constant_time_eq(expected.as_bytes(), auth.signature.to_ascii_lowercase().as_bytes()) {
+    if !constant_time_eq(
+        expected.as_bytes(),
+        auth.signature.to_ascii_lowercase().as_bytes(),
+    ) {
         return Err(SigError::Mismatch);
     }
     Ok(Verified {
@@ -374,7 +393,14 @@ fn parse_authorization(value: &str) -> Result<Authorization<'_>, SigError> {
              '{credential}'."
         )));
     }
-    Ok(Authorization { access_key_id, date, region, service, signed_headers, signature })
+    Ok(Authorization {
+        access_key_id,
+        date,
+        region,
+        service,
+        signed_headers,
+        signature,
+    })
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -417,7 +443,11 @@ fn canonical_request(
 /// The path as received, normalized (dot and empty segments removed) and encoded again.
 fn canonical_uri(raw_path: &str) -> String {
     let normalized = remove_dot_segments(raw_path);
-    let normalized = if normalized.is_empty() { "/".to_string() } else { normalized };
+    let normalized = if normalized.is_empty() {
+        "/".to_string()
+    } else {
+        normalized
+    };
     percent_encode(normalized.as_bytes(), UNRESERVED_PATH).to_string()
 }
 
@@ -434,7 +464,11 @@ fn remove_dot_segments(path: &str) -> String {
         }
     }
     let first = if path.starts_with('/') { "/" } else { "" };
-    let last = if path.ends_with('/') && !out.is_empty() { "/" } else { "" };
+    let last = if path.ends_with('/') && !out.is_empty() {
+        "/"
+    } else {
+        ""
+    };
     format!("{first}{}{last}", out.join("/"))
 }
 
@@ -453,7 +487,11 @@ fn canonical_query(raw_query: &str) -> String {
         })
         .collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn string_to_sign(amz_date: &str, scope: &str, canonical_request: &str) -> String {
@@ -471,7 +509,13 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 /// Hex signature of `string_to_sign` with the key derived from `secret` and the scope.
-fn signature(secret: &str, date: &str, region: &str, service: &str, string_to_sign: &str) -> String {
+fn signature(
+    secret: &str,
+    date: &str,
+    region: &str,
+    service: &str,
+    string_to_sign: &str,
+) -> String {
     let k_date = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
     let k_region = hmac(&k_date, region.as_bytes());
     let k_service = hmac(&k_region, service.as_bytes());
@@ -492,7 +536,9 @@ mod tests {
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 
     fn vector_time() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2015, 8, 30, 12, 36, 0).single().expect("valid time")
+        Utc.with_ymd_and_hms(2015, 8, 30, 12, 36, 0)
+            .single()
+            .expect("valid time")
     }
 
     fn params(service: &'static str) -> SigningParams<'static> {
@@ -568,8 +614,13 @@ mod tests {
 
     #[test]
     fn vector_verifies_as_received() {
-        let parts =
-            signed_request(Method::GET, "https://example.amazonaws.com/", &[], b"", &params("service"));
+        let parts = signed_request(
+            Method::GET,
+            "https://example.amazonaws.com/",
+            &[],
+            b"",
+            &params("service"),
+        );
         let v = verify(&parts, b"", &creds(), vector_time()).expect("verify");
         assert_eq!(v.access_key_id, AKID);
         assert_eq!(v.service, "service");
@@ -583,11 +634,17 @@ mod tests {
             encode_query_component("$LATEST")
         );
         let body = br#"{"hello": "world"}"#;
-        let p = SigningParams { content_sha256_header: true, ..params("lambda") };
+        let p = SigningParams {
+            content_sha256_header: true,
+            ..params("lambda")
+        };
         let parts = signed_request(
             Method::POST,
             &url,
-            &[("x-amz-log-type", "Tail"), ("content-type", "application/json")],
+            &[
+                ("x-amz-log-type", "Tail"),
+                ("content-type", "application/json"),
+            ],
             body,
             &p,
         );
@@ -603,26 +660,47 @@ mod tests {
         let parts = signed_request(Method::POST, url, &[("x-amz-log-type", "Tail")], body, &p);
 
         // body
-        assert_eq!(verify(&parts, b"{\"a\":2}", &creds(), vector_time()), Err(SigError::Mismatch));
+        assert_eq!(
+            verify(&parts, b"{\"a\":2}", &creds(), vector_time()),
+            Err(SigError::Mismatch)
+        );
         // signed header
         let mut h = parts.clone();
-        h.headers.insert("x-amz-log-type", HeaderValue::from_static("None"));
-        assert_eq!(verify(&h, body, &creds(), vector_time()), Err(SigError::Mismatch));
+        h.headers
+            .insert("x-amz-log-type", HeaderValue::from_static("None"));
+        assert_eq!(
+            verify(&h, body, &creds(), vector_time()),
+            Err(SigError::Mismatch)
+        );
         // path
         let mut u = parts.clone();
         u.uri = "/2015-03-31/functions/g/invocations".parse().expect("uri");
-        assert_eq!(verify(&u, body, &creds(), vector_time()), Err(SigError::Mismatch));
+        assert_eq!(
+            verify(&u, body, &creds(), vector_time()),
+            Err(SigError::Mismatch)
+        );
         // method
         let mut m = parts.clone();
         m.method = Method::PUT;
-        assert_eq!(verify(&m, body, &creds(), vector_time()), Err(SigError::Mismatch));
+        assert_eq!(
+            verify(&m, body, &creds(), vector_time()),
+            Err(SigError::Mismatch)
+        );
         // query added
         let mut q = parts.clone();
-        q.uri = "/2015-03-31/functions/f/invocations?Qualifier=1".parse().expect("uri");
-        assert_eq!(verify(&q, body, &creds(), vector_time()), Err(SigError::Mismatch));
+        q.uri = "/2015-03-31/functions/f/invocations?Qualifier=1"
+            .parse()
+            .expect("uri");
+        assert_eq!(
+            verify(&q, body, &creds(), vector_time()),
+            Err(SigError::Mismatch)
+        );
         // wrong secret
         let wrong = vec![(AKID.to_string(), "other".to_string())];
-        assert_eq!(verify(&parts, body, &wrong, vector_time()), Err(SigError::Mismatch));
+        assert_eq!(
+            verify(&parts, body, &wrong, vector_time()),
+            Err(SigError::Mismatch)
+        );
         // untouched passes
         verify(&parts, body, &creds(), vector_time()).expect("verify");
     }
@@ -632,23 +710,44 @@ mod tests {
         let p = params("lambda");
         let parts = signed_request(Method::GET, "http://h/x", &[], b"", &p);
         let other = vec![("AKIDOTHER".to_string(), SECRET.to_string())];
-        assert_eq!(verify(&parts, b"", &other, vector_time()), Err(SigError::UnknownAccessKey));
+        assert_eq!(
+            verify(&parts, b"", &other, vector_time()),
+            Err(SigError::UnknownAccessKey)
+        );
 
         let mut none = parts.clone();
         none.headers.remove(http::header::AUTHORIZATION);
-        assert_eq!(verify(&none, b"", &creds(), vector_time()), Err(SigError::Missing));
+        assert_eq!(
+            verify(&none, b"", &creds(), vector_time()),
+            Err(SigError::Missing)
+        );
 
         let mut bad = parts.clone();
-        bad.headers.insert(http::header::AUTHORIZATION, HeaderValue::from_static("AWS4-HMAC-SHA256 Credential=x"));
-        assert!(matches!(verify(&bad, b"", &creds(), vector_time()), Err(SigError::Incomplete(_))));
+        bad.headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("AWS4-HMAC-SHA256 Credential=x"),
+        );
+        assert!(matches!(
+            verify(&bad, b"", &creds(), vector_time()),
+            Err(SigError::Incomplete(_))
+        ));
 
         let mut basic = parts.clone();
-        basic.headers.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9vOmJhcg=="));
-        assert!(matches!(verify(&basic, b"", &creds(), vector_time()), Err(SigError::Incomplete(_))));
+        basic.headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9vOmJhcg=="),
+        );
+        assert!(matches!(
+            verify(&basic, b"", &creds(), vector_time()),
+            Err(SigError::Incomplete(_))
+        ));
 
         let mut nodate = parts;
         nodate.headers.remove("x-amz-date");
-        assert!(matches!(verify(&nodate, b"", &creds(), vector_time()), Err(SigError::Incomplete(_))));
+        assert!(matches!(
+            verify(&nodate, b"", &creds(), vector_time()),
+            Err(SigError::Incomplete(_))
+        ));
     }
 
     #[test]
@@ -670,10 +769,16 @@ mod tests {
 
     #[test]
     fn content_sha256_header_must_match_body() {
-        let p = SigningParams { content_sha256_header: true, ..params("lambda") };
+        let p = SigningParams {
+            content_sha256_header: true,
+            ..params("lambda")
+        };
         let parts = signed_request(Method::PUT, "http://h/x", &[], b"body", &p);
         verify(&parts, b"body", &creds(), vector_time()).expect("verify");
-        assert!(matches!(verify(&parts, b"other", &creds(), vector_time()), Err(SigError::Invalid(_))));
+        assert!(matches!(
+            verify(&parts, b"other", &creds(), vector_time()),
+            Err(SigError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -681,19 +786,36 @@ mod tests {
         // Signed without host: craft by removing host from the signed list.
         let p = params("lambda");
         let mut parts = signed_request(Method::GET, "http://h/x", &[], b"", &p);
-        let auth = parts.headers[http::header::AUTHORIZATION].to_str().expect("ascii");
+        let auth = parts.headers[http::header::AUTHORIZATION]
+            .to_str()
+            .expect("ascii");
         let auth = auth.replace("SignedHeaders=host;x-amz-date", "SignedHeaders=x-amz-date");
-        parts.headers.insert(http::header::AUTHORIZATION, HeaderValue::from_str(&auth).expect("value"));
-        assert!(matches!(verify(&parts, b"", &creds(), vector_time()), Err(SigError::Invalid(_))));
+        parts.headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&auth).expect("value"),
+        );
+        assert!(matches!(
+            verify(&parts, b"", &creds(), vector_time()),
+            Err(SigError::Invalid(_))
+        ));
     }
 
     #[test]
     fn canonical_pieces() {
-        assert_eq!(canonical_uri("/2015-03-31/functions/a%3Ab"), "/2015-03-31/functions/a%253Ab");
+        assert_eq!(
+            canonical_uri("/2015-03-31/functions/a%3Ab"),
+            "/2015-03-31/functions/a%253Ab"
+        );
         assert_eq!(canonical_uri(""), "/");
         assert_eq!(canonical_uri("/a/./b/../c//d/"), "/a/c/d/");
-        assert_eq!(canonical_query("b=2&a=%24LATEST&a=1"), "a=%24LATEST&a=1&b=2");
-        assert_eq!(canonical_query("Marker=abc%2B%2F%3D%20d"), "Marker=abc%2B%2F%3D%20d");
+        assert_eq!(
+            canonical_query("b=2&a=%24LATEST&a=1"),
+            "a=%24LATEST&a=1&b=2"
+        );
+        assert_eq!(
+            canonical_query("Marker=abc%2B%2F%3D%20d"),
+            "Marker=abc%2B%2F%3D%20d"
+        );
         assert_eq!(canonical_query("x=a b"), "x=a%20b");
         assert_eq!(trim_all("  a   b \t c "), "a b c");
         assert_eq!(encode_path_segment("name:$LATEST"), "name%3A%24LATEST");

@@ -36,12 +36,15 @@ pub enum StoreError {
     #[error("metadata database: {0}")]
     Db(#[from] redb::Error),
     #[error("corrupt function record {name:?}: {source}")]
-    Corrupt { name: String, source: serde_json::Error },
+    Corrupt {
+        name: String,
+        source: serde_json::Error,
+    },
     #[error("encoding function record: {0}")]
     Encode(serde_json::Error),
 }
 
-fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into())
 }
 
@@ -130,8 +133,10 @@ impl std::fmt::Debug for Store {
 }
 
 fn decode(name: &str, bytes: &[u8]) -> Result<FunctionRecord, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|source| StoreError::Corrupt { name: name.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        name: name.to_string(),
+        source,
+    })
 }
 
 fn encode(record: &FunctionRecord) -> Result<Vec<u8>, StoreError> {
@@ -141,40 +146,42 @@ fn encode(record: &FunctionRecord) -> Result<Vec<u8>, StoreError> {
 impl Store {
     /// Open (or create) the database file.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(db)?;
-        let txn = db.begin_write().map_err(db)?;
+        let db = Database::create(path).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
         {
-            txn.open_table(FUNCTIONS).map_err(db)?;
-            txn.open_table(RESERVED).map_err(db)?;
+            txn.open_table(FUNCTIONS).map_err(db_err)?;
+            txn.open_table(RESERVED).map_err(db_err)?;
         }
-        txn.commit().map_err(db)?;
+        txn.commit().map_err(db_err)?;
         Ok(Store { db })
     }
 
     /// One function's record.
     pub fn get(&self, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(FUNCTIONS).map_err(db)?;
-        let value = table.get(name).map_err(db)?;
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(FUNCTIONS).map_err(db_err)?;
+        let value = table.get(name).map_err(db_err)?;
         value.map(|v| decode(name, v.value())).transpose()
     }
 
     /// Insert a new function. Returns `false` (and changes nothing) if the name is taken.
     pub fn create(&self, record: &FunctionRecord) -> Result<bool, StoreError> {
         let bytes = encode(record)?;
-        let txn = self.db.begin_write().map_err(db)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
         {
-            let mut table = txn.open_table(FUNCTIONS).map_err(db)?;
-            if table.get(record.name.as_str()).map_err(db)?.is_some() {
+            let mut table = txn.open_table(FUNCTIONS).map_err(db_err)?;
+            if table.get(record.name.as_str()).map_err(db_err)?.is_some() {
                 return Ok(false);
             }
-            table.insert(record.name.as_str(), bytes.as_slice()).map_err(db)?;
-            let mut reserved = txn.open_table(RESERVED).map_err(db)?;
+            table
+                .insert(record.name.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            let mut reserved = txn.open_table(RESERVED).map_err(db_err)?;
             if let Some(n) = record.reserved_concurrency {
-                reserved.insert(record.name.as_str(), n).map_err(db)?;
+                reserved.insert(record.name.as_str(), n).map_err(db_err)?;
             }
         }
-        txn.commit().map_err(db)?;
+        txn.commit().map_err(db_err)?;
         Ok(true)
     }
 
@@ -189,17 +196,17 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let txn = self.db.begin_write().map_err(db)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
         let out = {
-            let mut table = txn.open_table(FUNCTIONS).map_err(db)?;
-            let mut reserved = txn.open_table(RESERVED).map_err(db)?;
-            let current = match table.get(name).map_err(db)? {
+            let mut table = txn.open_table(FUNCTIONS).map_err(db_err)?;
+            let mut reserved = txn.open_table(RESERVED).map_err(db_err)?;
+            let current = match table.get(name).map_err(db_err)? {
                 Some(v) => decode(name, v.value())?,
                 None => return Ok(None),
             };
             let mut others = 0u64;
-            for entry in reserved.iter().map_err(db)? {
-                let (k, v) = entry.map_err(db)?;
+            for entry in reserved.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
                 if k.value() != name {
                     others += u64::from(v.value());
                 }
@@ -208,48 +215,57 @@ impl Store {
             let out = f(&mut record, others)?;
             // The name is the key: a closure cannot rename a function.
             record.name = name.to_string();
-            table.insert(name, encode(&record)?.as_slice()).map_err(db)?;
+            table
+                .insert(name, encode(&record)?.as_slice())
+                .map_err(db_err)?;
             match record.reserved_concurrency {
                 Some(n) => {
-                    reserved.insert(name, n).map_err(db)?;
+                    reserved.insert(name, n).map_err(db_err)?;
                 }
                 None => {
-                    reserved.remove(name).map_err(db)?;
+                    reserved.remove(name).map_err(db_err)?;
                 }
             }
             out
         };
-        txn.commit().map_err(db)?;
+        txn.commit().map_err(db_err)?;
         Ok(Some(out))
     }
 
     /// Delete a function; returns its last record.
     pub fn remove(&self, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
-        let txn = self.db.begin_write().map_err(db)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
         let old = {
-            let mut table = txn.open_table(FUNCTIONS).map_err(db)?;
-            let old = match table.remove(name).map_err(db)? {
+            let mut table = txn.open_table(FUNCTIONS).map_err(db_err)?;
+            let old = match table.remove(name).map_err(db_err)? {
                 Some(v) => Some(decode(name, v.value())?),
                 None => None,
             };
-            txn.open_table(RESERVED).map_err(db)?.remove(name).map_err(db)?;
+            txn.open_table(RESERVED)
+                .map_err(db_err)?
+                .remove(name)
+                .map_err(db_err)?;
             old
         };
-        txn.commit().map_err(db)?;
+        txn.commit().map_err(db_err)?;
         Ok(old)
     }
 
     /// Up to `limit` functions in name order, starting at `from` (inclusive) if given.
-    pub fn list(&self, from: Option<&str>, limit: usize) -> Result<Vec<FunctionRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(FUNCTIONS).map_err(db)?;
+    pub fn list(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FunctionRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(FUNCTIONS).map_err(db_err)?;
         let iter = match from {
-            Some(start) => table.range(start..).map_err(db)?,
-            None => table.iter().map_err(db)?,
+            Some(start) => table.range(start..).map_err(db_err)?,
+            None => table.iter().map_err(db_err)?,
         };
         let mut out = Vec::new();
         for entry in iter.take(limit) {
-            let (k, v) = entry.map_err(db)?;
+            let (k, v) = entry.map_err(db_err)?;
             out.push(decode(k.value(), v.value())?);
         }
         Ok(out)
@@ -262,11 +278,11 @@ impl Store {
 
     /// Sum of all reserved concurrency.
     pub fn reserved_total(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(RESERVED).map_err(db)?;
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(RESERVED).map_err(db_err)?;
         let mut total = 0u64;
-        for entry in table.iter().map_err(db)? {
-            let (_, v) = entry.map_err(db)?;
+        for entry in table.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
             total += u64::from(v.value());
         }
         Ok(total)
@@ -288,7 +304,11 @@ mod tests {
             environment: BTreeMap::from([("A".to_string(), "1".to_string())]),
             ephemeral_storage_mb: 512,
             snap_start_apply_on: "None".into(),
-            code: CodeRef { sha256_b64: code.into(), sha256_hex: code.into(), size: 10 },
+            code: CodeRef {
+                sha256_b64: code.into(),
+                sha256_hex: code.into(),
+                size: 10,
+            },
             last_modified: "2024-01-01T00:00:00.000+0000".into(),
             revision_id: "r1".into(),
         }
@@ -324,7 +344,10 @@ mod tests {
         {
             let store = Store::open(&path).expect("open");
             assert!(store.create(&function("a")).expect("create"));
-            assert!(!store.create(&function("a")).expect("create dup"), "duplicate accepted");
+            assert!(
+                !store.create(&function("a")).expect("create dup"),
+                "duplicate accepted"
+            );
             assert!(store.create(&function("b")).expect("create"));
             let published = store
                 .update("a", |rec, _| -> Result<u64, TestError> {
@@ -347,10 +370,17 @@ mod tests {
         assert_eq!(a.next_version, 2);
         assert_eq!(a.reserved_concurrency, Some(7));
         assert_eq!(store.reserved_total().expect("sum"), 7);
-        let names: Vec<String> =
-            store.all().expect("all").into_iter().map(|r| r.name).collect();
+        let names: Vec<String> = store
+            .all()
+            .expect("all")
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(store.remove("a").expect("remove").map(|r| r.name), Some("a".to_string()));
+        assert_eq!(
+            store.remove("a").expect("remove").map(|r| r.name),
+            Some("a".to_string())
+        );
         assert_eq!(store.reserved_total().expect("sum"), 0);
         assert!(store.get("a").expect("get").is_none());
     }
@@ -390,8 +420,12 @@ mod tests {
             .update("a", |_, others| -> Result<u64, TestError> { Ok(others) })
             .expect("update");
         assert_eq!(seen, Some(10));
-        let page: Vec<String> =
-            store.list(Some("b"), 2).expect("list").into_iter().map(|r| r.name).collect();
+        let page: Vec<String> = store
+            .list(Some("b"), 2)
+            .expect("list")
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
         assert_eq!(page, ["b", "c"]);
     }
 }

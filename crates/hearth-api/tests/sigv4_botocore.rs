@@ -17,7 +17,10 @@ fn load() -> (Vec<(String, String)>, Vec<Captured>) {
     let doc: serde_json::Value = serde_json::from_str(text).expect("fixture json");
     let creds = vec![(
         doc["access_key_id"].as_str().expect("akid").to_string(),
-        doc["secret_access_key"].as_str().expect("secret").to_string(),
+        doc["secret_access_key"]
+            .as_str()
+            .expect("secret")
+            .to_string(),
     )];
     let mut out = Vec::new();
     for req in doc["requests"].as_array().expect("requests") {
@@ -38,7 +41,11 @@ fn load() -> (Vec<(String, String)>, Vec<Captured>) {
         let time = NaiveDateTime::parse_from_str(&date.expect("x-amz-date"), "%Y%m%dT%H%M%SZ")
             .expect("date")
             .and_utc();
-        out.push(Captured { parts: b.body(()).expect("req").into_parts().0, body, time });
+        out.push(Captured {
+            parts: b.body(()).expect("req").into_parts().0,
+            body,
+            time,
+        });
     }
     (creds, out)
 }
@@ -60,9 +67,15 @@ fn botocore_requests_fail_when_tampered_or_wrong_secret() {
     let (creds, reqs) = load();
     let wrong = vec![(creds[0].0.clone(), "not-the-secret".to_string())];
     for r in &reqs {
-        assert_eq!(verify(&r.parts, &r.body, &wrong, r.time), Err(SigError::Mismatch));
+        assert_eq!(
+            verify(&r.parts, &r.body, &wrong, r.time),
+            Err(SigError::Mismatch)
+        );
         let mut body = r.body.clone();
         body.push(b' ');
-        assert_eq!(verify(&r.parts, &body, &creds, r.time), Err(SigError::Mismatch));
+        assert_eq!(
+            verify(&r.parts, &body, &creds, r.time),
+            Err(SigError::Mismatch)
+        );
     }
 }

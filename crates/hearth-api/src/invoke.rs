@@ -1,0 +1,304 @@
+//! The Invoke operation: resolve what to run, hand it to the [`Invoker`](crate::invoker::Invoker),
+//! shape what comes back the way Lambda does.
+//!
+//! Resolution: the function name may be a name, `name:qualifier`, or a full or partial ARN;
+//! the qualifier (from the name or `?Qualifier=`) is `$LATEST`, a version number, or an alias.
+//! An alias with `RoutingConfig` sends each invocation to its additional version with the
+//! configured probability ([`pick_version`]). The chosen version's configuration becomes an
+//! immutable [`FunctionSpec`] (its code directory is content-addressed).
+//!
+//! Lambda's rule that a *function* failure is not an HTTP error holds: exceptions, timeouts,
+//! crashes and responses over 6 MB answer HTTP 200 with `X-Amz-Function-Error: Unhandled`. Only
+//! failures to run at all are errors: throttling (429), not ready (502), internal (500).
+//! Asynchronous (`Event`) invocation needs the durable queue, which does not exist yet: it is
+//! refused with a clear `InvalidParameterValueException` rather than silently run
+//! synchronously.
+
+use base64::Engine;
+use bytes::Bytes;
+use hearth_proto::MAX_SYNC_PAYLOAD;
+use rand::Rng;
+
+use crate::error::ApiError;
+use crate::invoker::{FunctionSpec, InvokeError, InvokeRequest};
+use crate::state::AppState;
+use crate::store::AliasRecord;
+use crate::validate::{self, Qualifier};
+
+/// The most of the log returned in `X-Amz-Log-Result`.
+pub const LOG_TAIL_BYTES: usize = 4096;
+/// Lambda's limit on the base64 `X-Amz-Client-Context` header.
+pub const MAX_CLIENT_CONTEXT: usize = 3583;
+/// `Retry-After` sent with a throttle.
+pub const RETRY_AFTER_S: u32 = 1;
+
+/// One Invoke request, parsed from HTTP.
+#[derive(Debug, Clone)]
+pub struct InvokeCommand {
+    /// `FunctionName` as in the path (decoded).
+    pub function_name: String,
+    /// `?Qualifier=`.
+    pub qualifier: Option<String>,
+    /// `X-Amz-Invocation-Type`.
+    pub invocation_type: Option<String>,
+    /// `X-Amz-Log-Type`.
+    pub log_type: Option<String>,
+    /// `X-Amz-Client-Context` (base64).
+    pub client_context: Option<String>,
+    pub payload: Bytes,
+}
+
+/// What an Invoke answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvokeOutcome {
+    /// `DryRun`: everything checked, nothing run (HTTP 204).
+    DryRun,
+    /// The function ran (HTTP 200), successfully or not.
+    Completed {
+        executed_version: String,
+        payload: Vec<u8>,
+        /// `X-Amz-Function-Error`.
+        function_error: Option<String>,
+        /// `X-Amz-Log-Result`: base64 of the log's last 4 KB, when `Tail` was asked for.
+        log_result: Option<String>,
+    },
+}
+
+/// Which version an alias sends this invocation to.
+pub fn pick_version<R: Rng + ?Sized>(alias: &AliasRecord, rng: &mut R) -> String {
+    if let Some((version, weight)) = alias.additional_version_weights.iter().next()
+        && rng.random::<f64>() < *weight
+    {
+        return version.clone();
+    }
+    alias.function_version.clone()
+}
+
+enum InvocationType {
+    RequestResponse,
+    Event,
+    DryRun,
+}
+
+pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcome, ApiError> {
+    let invocation_type = match cmd.invocation_type.as_deref() {
+        None | Some("RequestResponse") => InvocationType::RequestResponse,
+        Some("Event") => InvocationType::Event,
+        Some("DryRun") => InvocationType::DryRun,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "1 validation error detected: Value '{other}' at 'invocationType' failed to \
+                 satisfy constraint: Member must satisfy enum value set: [Event, \
+                 RequestResponse, DryRun]"
+            )));
+        }
+    };
+    let tail = match cmd.log_type.as_deref() {
+        None | Some("None") => false,
+        Some("Tail") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "1 validation error detected: Value '{other}' at 'logType' failed to satisfy \
+                 constraint: Member must satisfy enum value set: [None, Tail]"
+            )));
+        }
+    };
+    if cmd.payload.len() > MAX_SYNC_PAYLOAD {
+        return Err(ApiError::too_large(format!(
+            "Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction \
+             operation"
+        )));
+    }
+
+    let fref = state.parse_ref(&cmd.function_name)?;
+    let qualifier = validate::merge_qualifier(fref.qualifier, cmd.qualifier)?;
+    let parsed = qualifier.as_deref().map(Qualifier::parse).transpose()?;
+    let rec = state.load(&fref.name).await?;
+    let name = rec.name.clone();
+
+    // Resolve the version to run (an alias may route between two).
+    let executed_version = match &parsed {
+        None | Some(Qualifier::Latest) => "$LATEST".to_string(),
+        Some(Qualifier::Version(n)) => n.to_string(),
+        Some(Qualifier::Alias(alias)) => match rec.aliases.get(alias) {
+            Some(a) => pick_version(a, &mut rand::rng()),
+            None => return Err(state.function_not_found(&name, qualifier.as_deref())),
+        },
+    };
+    let version = if executed_version == "$LATEST" {
+        rec.latest.clone()
+    } else {
+        executed_version
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| rec.versions.get(&n).cloned())
+            .ok_or_else(|| state.function_not_found(&name, qualifier.as_deref()))?
+    };
+    tracing::Span::current().record("version", executed_version.as_str());
+
+    if matches!(invocation_type, InvocationType::Event) {
+        return Err(ApiError::invalid(
+            "asynchronous invocation (Event) is not supported yet: use RequestResponse",
+        ));
+    }
+    if !cmd.payload.is_empty()
+        && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&cmd.payload)
+    {
+        return Err(ApiError::bad_content(format!(
+            "Could not parse request body into json: Could not parse payload into json: {e}"
+        )));
+    }
+    let client_context = cmd
+        .client_context
+        .as_deref()
+        .map(decode_client_context)
+        .transpose()?;
+    if matches!(invocation_type, InvocationType::DryRun) {
+        return Ok(InvokeOutcome::DryRun);
+    }
+
+    let config = state.config();
+    let reserved_total = state.blocking(|s| Ok(s.store().reserved_total()?)).await?;
+    let unreserved_limit = u64::from(config.account_concurrency)
+        .saturating_sub(reserved_total)
+        .try_into()
+        .unwrap_or(0);
+    let spec = FunctionSpec {
+        name: name.clone(),
+        version: executed_version.clone(),
+        arn: config.function_arn(&name),
+        runtime: version.runtime.clone(),
+        handler: version.handler.clone().unwrap_or_default(),
+        memory_mb: version.memory_mb,
+        timeout_s: version.timeout_s,
+        env: version.environment.clone(),
+        code_dir: state.code().dir_for(&version.code.sha256_hex),
+        code_sha256: version.code.sha256_b64.clone(),
+        revision_id: version.revision_id.clone(),
+    };
+    let invoked_arn = match &qualifier {
+        Some(q) => config.qualified_arn(&name, q),
+        None => config.function_arn(&name),
+    };
+    let request = InvokeRequest {
+        spec,
+        invoked_arn,
+        payload: cmd.payload,
+        client_context,
+        reserved_concurrency: rec.reserved_concurrency,
+        unreserved_limit,
+    };
+    let result = state.invoker().invoke(request).await.map_err(|e| match e {
+        InvokeError::TooManyRequests { reason } => ApiError::throttled(reason, RETRY_AFTER_S),
+        InvokeError::NotReady(message) => {
+            ApiError::new(crate::error::ErrorKind::ResourceNotReady, message)
+        }
+        InvokeError::Service(detail) => ApiError::internal(format!("invoker: {detail}")),
+    })?;
+
+    let log = result.log;
+    let log_result = tail.then(|| {
+        let bytes = log.as_bytes();
+        let tail = &bytes[bytes.len().saturating_sub(LOG_TAIL_BYTES)..];
+        base64::engine::general_purpose::STANDARD.encode(tail)
+    });
+    let log_name = name.clone();
+    if let Err(e) = state
+        .blocking(move |s| Ok(s.logs().append(&log_name, &log)?))
+        .await
+    {
+        tracing::warn!(function = %name, error = %e, "could not append the invocation log");
+    }
+
+    let (payload, function_error) = if result.payload.len() > MAX_SYNC_PAYLOAD {
+        let doc = serde_json::json!({
+            "errorMessage": format!(
+                "Response payload size ({} bytes) exceeded maximum allowed payload size \
+                 ({MAX_SYNC_PAYLOAD} bytes).",
+                result.payload.len()
+            ),
+            "errorType": "Function.ResponseSizeTooLarge",
+        });
+        (doc.to_string().into_bytes(), Some("Unhandled".to_string()))
+    } else {
+        (
+            result.payload,
+            result.function_error.then(|| "Unhandled".to_string()),
+        )
+    };
+    tracing::info!(
+        function = %name,
+        version = %executed_version,
+        function_error = function_error.is_some(),
+        response_bytes = payload.len(),
+        "invoked"
+    );
+    Ok(InvokeOutcome::Completed {
+        executed_version,
+        payload,
+        function_error,
+        log_result,
+    })
+}
+
+fn decode_client_context(b64: &str) -> Result<String, ApiError> {
+    let invalid =
+        || ApiError::bad_content("Client context must be a valid Base64-encoded JSON object.");
+    if b64.len() > MAX_CLIENT_CONTEXT {
+        return Err(ApiError::bad_content(format!(
+            "Client context must be at most {MAX_CLIENT_CONTEXT} bytes (base64-encoded)"
+        )));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(_)) => Ok(text),
+        _ => Err(invalid()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn weighted_pick_follows_the_weight() {
+        let alias = AliasRecord {
+            name: "live".into(),
+            function_version: "1".into(),
+            description: String::new(),
+            additional_version_weights: BTreeMap::from([("2".to_string(), 0.3)]),
+            revision_id: "r".into(),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 10_000;
+        let twos = (0..n)
+            .filter(|_| pick_version(&alias, &mut rng) == "2")
+            .count();
+        // 0.3 ± 5 standard deviations (σ ≈ 0.0046).
+        assert!((2770..=3230).contains(&twos), "{twos}");
+        let plain = AliasRecord {
+            additional_version_weights: BTreeMap::new(),
+            ..alias
+        };
+        assert!((0..100).all(|_| pick_version(&plain, &mut rng) == "1"));
+    }
+
+    #[test]
+    fn client_context_rules() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(
+            decode_client_context(&b64(r#"{"custom":{"a":1}}"#)).expect("ok"),
+            r#"{"custom":{"a":1}}"#
+        );
+        assert!(decode_client_context("%%%").is_err());
+        assert!(decode_client_context(&b64("not json")).is_err());
+        assert!(decode_client_context(&b64("[1]")).is_err());
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(3000));
+        assert!(decode_client_context(&b64(&big)).is_err());
+    }
+}

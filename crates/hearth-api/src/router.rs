@@ -1,0 +1,508 @@
+//! HTTP: the routes of the Lambda REST API (plus hearth's own log endpoint), the SigV4 gate
+//! every request passes, and the server loop.
+//!
+//! Handlers only translate: path, query, headers and body in; a call into
+//! [`crate::functions`] or [`crate::invoke`] with plain values; status, headers and JSON out.
+//! The gate (`authenticate`) runs first on every route, the unknown ones included: it gives
+//! the request an id (`x-amzn-RequestId` on every response, and the request's tracing span),
+//! reads the body under a size limit (6 MB for invocations, enough for a 50 MB zip in base64
+//! otherwise; more is `RequestTooLargeException` before anything is parsed; a moderately
+//! oversized body is drained first so the client reads the error rather than a reset), and
+//! verifies the SigV4 signature over it. Why a middleware rather than an extractor per
+//! handler: the signature covers the body, so the gate must own the body before any handler
+//! runs, and a route that forgets an extractor would be an unsigned route.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use hearth_proto::MAX_SYNC_PAYLOAD;
+use http_body_util::BodyExt;
+use tracing::Instrument;
+
+use crate::error::{ApiError, ErrorKind};
+use crate::functions;
+use crate::invoke::{self, InvokeCommand, InvokeOutcome};
+use crate::model::{ListParams, parse_json};
+use crate::sigv4;
+use crate::state::AppState;
+use crate::validate;
+
+/// The front end's router, every route behind SigV4.
+pub fn app(state: AppState) -> Router {
+    const F: &str = "/2015-03-31/functions";
+    Router::new()
+        .route(F, post(create_function).get(list_functions))
+        .route(
+            "/2015-03-31/functions/",
+            post(create_function).get(list_functions),
+        )
+        .route(
+            &format!("{F}/{{function}}"),
+            get(get_function).delete(delete_function),
+        )
+        .route(
+            &format!("{F}/{{function}}/configuration"),
+            get(get_configuration).put(update_configuration),
+        )
+        .route(&format!("{F}/{{function}}/code"), put(update_code))
+        .route(
+            &format!("{F}/{{function}}/versions"),
+            post(publish_version).get(list_versions),
+        )
+        .route(
+            &format!("{F}/{{function}}/aliases"),
+            post(create_alias).get(list_aliases),
+        )
+        .route(
+            &format!("{F}/{{function}}/aliases/{{alias}}"),
+            get(get_alias).put(update_alias).delete(delete_alias),
+        )
+        .route(
+            &format!("{F}/{{function}}/invocations"),
+            post(invoke_function),
+        )
+        .route(
+            "/2017-10-31/functions/{function}/concurrency",
+            put(put_concurrency).delete(delete_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{function}/concurrency",
+            get(get_concurrency),
+        )
+        .route("/2016-08-19/account-settings", get(account_settings))
+        .route("/2016-08-19/account-settings/", get(account_settings))
+        .route("/hearth/v1/functions/{function}/logs", get(function_logs))
+        .fallback(unknown_operation)
+        .method_not_allowed_fallback(unknown_operation)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Serve the API on `listener` until `shutdown` resolves (then finish in-flight requests).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "lambda api listening");
+    }
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+// ---- the gate -------------------------------------------------------------------------------
+
+/// The request id, available to handlers as an extension.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn body_limit(state: &AppState, path: &str) -> u64 {
+    if path.ends_with("/invocations") {
+        MAX_SYNC_PAYLOAD as u64
+    } else {
+        // A zip at the limit, base64-encoded, plus room for the rest of the JSON.
+        state.code().limits().max_zipped_bytes.div_ceil(3) * 4 + 1024 * 1024
+    }
+}
+
+fn too_large(path: &str, limit: u64) -> ApiError {
+    let operation = if path.ends_with("/invocations") {
+        " for the InvokeFunction operation"
+    } else {
+        ""
+    };
+    ApiError::too_large(format!(
+        "Request must be smaller than {limit} bytes{operation}"
+    ))
+}
+
+async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        function = tracing::field::Empty,
+        version = tracing::field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        let mut response = match admit(&state, req, &request_id).await {
+            Ok(req) => next.run(req).await,
+            Err(e) => {
+                tracing::info!(error = %e.kind, "request refused");
+                e.into_response()
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-amzn-requestid", v);
+        }
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request done"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+/// Read the body (bounded) and verify the signature over it.
+async fn admit(state: &AppState, req: Request, request_id: &str) -> Result<Request, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let limit = body_limit(state, &path);
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let drain_cap = limit.saturating_add(DRAIN_EXTRA);
+    if declared.is_some_and(|n| n > drain_cap) {
+        return Err(too_large(&path, limit));
+    }
+    let bytes = read_body(body, limit, drain_cap)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => too_large(&path, limit),
+            BodyError::Read(e) => {
+                ApiError::bad_content(format!("could not read the request body: {e}"))
+            }
+        })?;
+    let verified = sigv4::verify(
+        &parts,
+        &bytes,
+        &state.config().credentials,
+        chrono::Utc::now(),
+    )?;
+    tracing::debug!(access_key_id = %verified.access_key_id, "signature verified");
+    parts.extensions.insert(RequestId(request_id.to_string()));
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// How far past its limit a request body is still read (and discarded) before answering 413:
+/// a client that is still sending when the server answers and closes sees a broken connection
+/// instead of the error, so moderately oversized bodies are drained first.
+const DRAIN_EXTRA: u64 = 16 * 1024 * 1024;
+
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
+/// Read a body of at most `limit` bytes; past that, keep reading (discarding) up to `drain_cap`
+/// so the 413 reaches the client, then fail.
+async fn read_body(mut body: Body, limit: u64, drain_cap: u64) -> Result<Bytes, BodyError> {
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        if total > drain_cap {
+            return Err(BodyError::TooLarge);
+        }
+        if total <= limit {
+            buf.extend_from_slice(&data);
+        } else if !buf.is_empty() {
+            buf = Vec::new();
+        }
+    }
+    if total > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(Bytes::from(buf))
+}
+
+async fn unknown_operation() -> ApiError {
+    ApiError::new(ErrorKind::UnknownOperation, "Unknown operation")
+}
+
+// ---- extraction ------------------------------------------------------------------------------
+
+/// Path parameters and the query string, with extraction failures as Lambda errors.
+struct Params {
+    function: String,
+    alias: Option<String>,
+    query: HashMap<String, String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(mut path): Path<HashMap<String, String>> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(format!("invalid path: {}", e.body_text())))?;
+        let Query(query): Query<HashMap<String, String>> = Query::try_from_uri(&parts.uri)
+            .map_err(|e| ApiError::invalid(format!("invalid query string: {}", e.body_text())))?;
+        Ok(Params {
+            function: path.remove("function").unwrap_or_default(),
+            alias: path.remove("alias"),
+            query,
+        })
+    }
+}
+
+impl Params {
+    fn q(&self, key: &str) -> Option<String> {
+        self.query.get(key).cloned()
+    }
+
+    fn list(&self) -> ListParams {
+        ListParams {
+            marker: self.q("Marker"),
+            max_items: self.q("MaxItems"),
+            function_version: self.q("FunctionVersion"),
+        }
+    }
+
+    fn alias(&self) -> &str {
+        self.alias.as_deref().unwrap_or_default()
+    }
+}
+
+/// A query for the routes without path parameters.
+struct QueryOnly(HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryOnly {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Query(query) = Query::try_from_uri(&parts.uri)
+            .map_err(|e| ApiError::invalid(format!("invalid query string: {}", e.body_text())))?;
+        Ok(QueryOnly(query))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---- handlers --------------------------------------------------------------------------------
+
+async fn create_function(State(s): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let config = functions::create_function(&s, parse_json(&body)?).await?;
+    Ok((StatusCode::CREATED, Json(config)))
+}
+
+async fn list_functions(
+    State(s): State<AppState>,
+    QueryOnly(q): QueryOnly,
+) -> ApiResult<impl IntoResponse> {
+    let params = ListParams {
+        marker: q.get("Marker").cloned(),
+        max_items: q.get("MaxItems").cloned(),
+        function_version: q.get("FunctionVersion").cloned(),
+    };
+    Ok(Json(functions::list_functions(&s, params).await?))
+}
+
+async fn get_function(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::get_function(&s, &p.function, p.q("Qualifier")).await?,
+    ))
+}
+
+async fn delete_function(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    functions::delete_function(&s, &p.function, p.q("Qualifier")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_configuration(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::get_function_configuration(&s, &p.function, p.q("Qualifier")).await?,
+    ))
+}
+
+async fn update_configuration(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::update_function_configuration(&s, &p.function, parse_json(&body)?).await?,
+    ))
+}
+
+async fn update_code(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::update_function_code(&s, &p.function, parse_json(&body)?).await?,
+    ))
+}
+
+async fn publish_version(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let config = functions::publish_version(&s, &p.function, parse_json(&body)?).await?;
+    Ok((StatusCode::CREATED, Json(config)))
+}
+
+async fn list_versions(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::list_versions(&s, &p.function, p.list()).await?,
+    ))
+}
+
+async fn create_alias(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let alias = functions::create_alias(&s, &p.function, parse_json(&body)?).await?;
+    Ok((StatusCode::CREATED, Json(alias)))
+}
+
+async fn list_aliases(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::list_aliases(&s, &p.function, p.list()).await?,
+    ))
+}
+
+async fn get_alias(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::get_alias(&s, &p.function, p.alias()).await?,
+    ))
+}
+
+async fn update_alias(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::update_alias(&s, &p.function, p.alias(), parse_json(&body)?).await?,
+    ))
+}
+
+async fn delete_alias(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    functions::delete_alias(&s, &p.function, p.alias()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn put_concurrency(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::put_function_concurrency(&s, &p.function, parse_json(&body)?).await?,
+    ))
+}
+
+async fn get_concurrency(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        functions::get_function_concurrency(&s, &p.function).await?,
+    ))
+}
+
+async fn delete_concurrency(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    functions::delete_function_concurrency(&s, &p.function).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn account_settings(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(functions::get_account_settings(&s).await?))
+}
+
+fn header_string(headers: &HeaderMap, name: &str) -> ApiResult<Option<String>> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::invalid(format!("header {name} is not valid text")))
+        })
+        .transpose()
+}
+
+async fn invoke_function(
+    State(s): State<AppState>,
+    p: Params,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let cmd = InvokeCommand {
+        function_name: p.function.clone(),
+        qualifier: p.q("Qualifier"),
+        invocation_type: header_string(&headers, "x-amz-invocation-type")?,
+        log_type: header_string(&headers, "x-amz-log-type")?,
+        client_context: header_string(&headers, "x-amz-client-context")?,
+        payload: body,
+    };
+    match invoke::invoke(&s, cmd).await? {
+        InvokeOutcome::DryRun => Ok(StatusCode::NO_CONTENT.into_response()),
+        InvokeOutcome::Completed {
+            executed_version,
+            payload,
+            function_error,
+            log_result,
+        } => {
+            let mut response = (StatusCode::OK, payload).into_response();
+            let h = response.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let mut set = |name: &'static str, value: &str| {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    h.insert(name, v);
+                }
+            };
+            set("x-amz-executed-version", &executed_version);
+            if let Some(e) = &function_error {
+                set("x-amz-function-error", e);
+            }
+            if let Some(l) = &log_result {
+                set("x-amz-log-result", l);
+            }
+            Ok(response)
+        }
+    }
+}
+
+/// `GET /hearth/v1/functions/{name}/logs?tail_bytes=N`: the function's recent log as text.
+async fn function_logs(State(s): State<AppState>, p: Params) -> ApiResult<Response> {
+    let name = p.function.clone();
+    validate::function_name(&name)?;
+    let tail_bytes = p
+        .q("tail_bytes")
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| ApiError::invalid(format!("invalid tail_bytes {v:?}")))
+        })
+        .transpose()?;
+    s.load(&name).await?;
+    let text = s
+        .blocking(move |st| Ok(st.logs().tail(&name, tail_bytes)?))
+        .await?;
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response())
+}

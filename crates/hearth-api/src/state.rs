@@ -1,0 +1,195 @@
+//! The front end's configuration and shared state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::code::{CodeLimits, CodeStore};
+use crate::error::ApiError;
+use crate::invoker::Invoker;
+use crate::logs::LogStore;
+use crate::store::{Store, StoreError};
+
+/// How the front end is set up.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Holds `meta.redb`, `code/` and `logs/`.
+    pub data_dir: PathBuf,
+    /// The region in ARNs (`us-east-1` by default).
+    pub region: String,
+    /// The 12-digit account id in ARNs (`000000000000` by default).
+    pub account_id: String,
+    /// Accepted SigV4 credentials: (access key id, secret access key).
+    pub credentials: Vec<(String, String)>,
+    /// Account-wide concurrency limit (1000 by default, as Lambda).
+    pub account_concurrency: u32,
+}
+
+impl ApiConfig {
+    /// Defaults for everything but the data directory; no credentials.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ApiConfig {
+            data_dir: data_dir.into(),
+            region: "us-east-1".to_string(),
+            account_id: "000000000000".to_string(),
+            credentials: Vec::new(),
+            account_concurrency: 1000,
+        }
+    }
+
+    /// Unreserved concurrency that reservations must leave: Lambda keeps 100; with a small
+    /// account limit (tests, small machines) a tenth of it.
+    pub fn min_unreserved(&self) -> u32 {
+        100.min(self.account_concurrency / 10)
+    }
+
+    /// `arn:aws:lambda:<region>:<account>:function:<name>`.
+    pub fn function_arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.region, self.account_id
+        )
+    }
+
+    /// The function ARN with `:<qualifier>`.
+    pub fn qualified_arn(&self, name: &str, qualifier: &str) -> String {
+        format!("{}:{qualifier}", self.function_arn(name))
+    }
+}
+
+/// Why the front end could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("preparing {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// Shared by every request: configuration, metadata, code and logs, and the invoker.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ApiConfig,
+    store: Arc<Store>,
+    code: CodeStore,
+    logs: LogStore,
+    invoker: Arc<dyn Invoker>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Validate the configuration, create the data directory and open `meta.redb` in it, with
+    /// Lambda's deployment package limits.
+    pub async fn new(config: ApiConfig, invoker: Arc<dyn Invoker>) -> Result<AppState, InitError> {
+        Self::with_code_limits(config, CodeLimits::default(), invoker).await
+    }
+
+    /// [`AppState::new`] with other package limits (tests use small ones).
+    pub async fn with_code_limits(
+        config: ApiConfig,
+        limits: CodeLimits,
+        invoker: Arc<dyn Invoker>,
+    ) -> Result<AppState, InitError> {
+        tokio::task::spawn_blocking(move || Self::open(config, limits, invoker))
+            .await
+            .map_err(|e| InitError::Task(e.to_string()))?
+    }
+
+    /// The blocking part of start-up: file system and database.
+    fn open(
+        config: ApiConfig,
+        limits: CodeLimits,
+        invoker: Arc<dyn Invoker>,
+    ) -> Result<AppState, InitError> {
+        if config.account_id.len() != 12 || !config.account_id.chars().all(|c| c.is_ascii_digit()) {
+            return Err(InitError::Config(format!(
+                "account id {:?} must be 12 digits",
+                config.account_id
+            )));
+        }
+        let region_ok = !config.region.is_empty()
+            && config
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !region_ok {
+            return Err(InitError::Config(format!(
+                "invalid region {:?}",
+                config.region
+            )));
+        }
+        if config.account_concurrency == 0 {
+            return Err(InitError::Config(
+                "account concurrency must be at least 1".into(),
+            ));
+        }
+        let io = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| InitError::Io { path, source }
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
+        let store = Store::open(&config.data_dir.join("meta.redb"))?;
+        let code_dir = config.data_dir.join("code");
+        let code = CodeStore::new(code_dir.clone(), limits);
+        code.clean_temp().map_err(io(&code_dir))?;
+        let logs = LogStore::new(config.data_dir.join("logs"));
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                config,
+                store: Arc::new(store),
+                code,
+                logs,
+                invoker,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    pub fn invoker(&self) -> &Arc<dyn Invoker> {
+        &self.inner.invoker
+    }
+
+    pub fn code(&self) -> &CodeStore {
+        &self.inner.code
+    }
+
+    pub fn logs(&self) -> &LogStore {
+        &self.inner.logs
+    }
+
+    /// Run blocking work (database, file system) off the async threads.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+    {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| ApiError::internal(format!("blocking task failed: {e}")))?
+    }
+}

@@ -1,0 +1,112 @@
+"""The worker's life cycle seen from outside: warm reuse through the API, clean shutdown,
+and recovery after `hearth up` is killed with sandboxes running."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import Hearth, make_zip, _bin
+
+COUNTER = """
+import os
+COUNT = 0
+def handler(event, context):
+    global COUNT
+    COUNT += 1
+    return {"count": COUNT, "pid": os.getpid()}
+"""
+
+ROLE = "arn:aws:iam::000000000000:role/lambda"
+
+
+def _create(lam, name, code=COUNTER):
+    lam.create_function(FunctionName=name, Runtime="python3.11", Handler="app.handler", Role=ROLE,
+                        Code={"ZipFile": make_zip({"app.py": code})})
+    lam.get_waiter("function_active_v2").wait(FunctionName=name)
+
+
+def _invoke(lam, name, payload=None):
+    r = lam.invoke(FunctionName=name, Payload=json.dumps(payload or {}))
+    assert "FunctionError" not in r, r["Payload"].read()
+    return json.load(r["Payload"])
+
+
+def _cgroup_dirs():
+    out = []
+    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
+        if "/hearth/" in root + "/":
+            out.extend(d for d in dirs if d.startswith("hs"))
+        if root.count("/") > 8:
+            dirs[:] = []
+    return out
+
+
+def test_warm_reuse_and_clean_shutdown(fresh_hearth):
+    lam = fresh_hearth.client()
+    _create(lam, "counter")
+    assert _invoke(lam, "counter")["count"] == 1
+    assert _invoke(lam, "counter")["count"] == 2, "second call reuses the warm sandbox"
+    assert len(fresh_hearth.runsc_containers()) == 1
+    fresh_hearth.stop()
+    assert fresh_hearth.runsc_containers() == []
+
+
+def test_restart_after_sigkill_removes_leftover_sandboxes(fresh_hearth):
+    lam = fresh_hearth.client()
+    _create(lam, "leftover")
+    _invoke(lam, "leftover")
+    before = fresh_hearth.runsc_containers()
+    assert len(before) == 1
+    fresh_hearth.proc.send_signal(signal.SIGKILL)
+    fresh_hearth.proc.wait()
+    fresh_hearth.proc = None
+    assert fresh_hearth.runsc_containers() == before, "a killed server leaves its sandbox behind"
+    fresh_hearth.start()
+    assert fresh_hearth.runsc_containers() == [], "restart removes what the killed run left"
+    lam = fresh_hearth.client()
+    assert _invoke(lam, "leftover")["count"] == 1, "the function survives and starts fresh"
+    bundles = Path(fresh_hearth.data_dir, "sandboxes")
+    assert len(list(bundles.iterdir())) == 1
+
+
+def test_hearth_cli_deploy_invoke_ls_logs(fresh_hearth, tmp_path):
+    src = tmp_path / "greeter"
+    src.mkdir()
+    (src / "app.py").write_text("def handler(event, context):\n    print('greeting', event.get('name'))\n"
+                                "    return {'hello': event.get('name', 'world')}\n")
+    env = dict(os.environ)
+    env.update(fresh_hearth.env)
+    run = lambda *a, **kw: subprocess.run([_bin(), *a], env=env, capture_output=True, text=True, timeout=120, **kw)
+    cp = run("fn", "deploy", str(src), "--runtime", "python3.11", "--handler", "app.handler", "--memory", "256")
+    assert cp.returncode == 0, cp.stderr
+    assert "created greeter" in cp.stdout
+    cp = run("invoke", "greeter", '{"name": "cli"}')
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout) == {"hello": "cli"}
+    cp = run("fn", "ls")
+    assert cp.returncode == 0 and "greeter" in cp.stdout and "python3.11" in cp.stdout and "256" in cp.stdout
+    cp = run("logs", "greeter")
+    assert cp.returncode == 0, cp.stderr
+    assert "greeting cli" in cp.stdout and "REPORT RequestId" in cp.stdout
+    # Redeploy updates the code.
+    (src / "app.py").write_text("def handler(event, context):\n    return 'v2'\n")
+    cp = run("fn", "deploy", str(src))
+    assert cp.returncode == 0 and "updated greeter" in cp.stdout, cp.stderr
+    cp = run("invoke", "greeter")
+    assert json.loads(cp.stdout) == "v2"
+    # A failing function: exit code 1, the error document on stdout.
+    (src / "app.py").write_text("def handler(event, context):\n    raise KeyError('k')\n")
+    run("fn", "deploy", str(src))
+    cp = run("invoke", "greeter", "--log")
+    assert cp.returncode == 1 and "KeyError" in cp.stdout
+    assert "START RequestId" in cp.stderr
+    cp = run("invoke", "nosuchfn")
+    assert cp.returncode != 0 and "ResourceNotFoundException" in cp.stderr
+    cp = run("fn", "rm", "greeter")
+    assert cp.returncode == 0
+    for args in (["--help"], ["up", "--help"], ["fn", "deploy", "--help"], ["invoke", "--help"], ["logs", "--help"],
+                 ["image", "--help"], ["bench", "sandbox", "--help"]):
+        cp = run(*args)
+        assert cp.returncode == 0 and "Usage" in cp.stdout, args
