@@ -46,6 +46,8 @@ pub struct InvokeCommand {
     /// `X-Amz-Client-Context` (base64).
     pub client_context: Option<String>,
     pub payload: Bytes,
+    /// The request's id (also the invocation's id).
+    pub request_id: String,
 }
 
 /// What an Invoke answers.
@@ -181,6 +183,7 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         None => config.function_arn(&name),
     };
     let request = InvokeRequest {
+        request_id: cmd.request_id,
         spec,
         invoked_arn,
         payload: cmd.payload,

@@ -35,6 +35,9 @@ pub struct FunctionSpec {
 /// One synchronous invocation.
 #[derive(Debug, Clone)]
 pub struct InvokeRequest {
+    /// The invocation's id: `x-amzn-RequestId` to the caller, `Lambda-Runtime-Aws-Request-Id`
+    /// to the runtime, and the id in the `START`/`END`/`REPORT` log lines.
+    pub request_id: String,
     pub spec: FunctionSpec,
     /// The ARN the caller invoked (qualified with the version or alias used).
     pub invoked_arn: String,

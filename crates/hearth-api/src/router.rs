@@ -439,6 +439,7 @@ fn header_string(headers: &HeaderMap, name: &str) -> ApiResult<Option<String>> {
 async fn invoke_function(
     State(s): State<AppState>,
     p: Params,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -449,6 +450,7 @@ async fn invoke_function(
         log_type: header_string(&headers, "x-amz-log-type")?,
         client_context: header_string(&headers, "x-amz-client-context")?,
         payload: body,
+        request_id,
     };
     match invoke::invoke(&s, cmd).await? {
         InvokeOutcome::DryRun => Ok(StatusCode::NO_CONTENT.into_response()),

@@ -642,7 +642,7 @@ impl Invoker for Worker {
         }
         let _admission = admit(inner, &req)?;
         let key = pool_key(&req.spec);
-        let request_id = uuid::Uuid::new_v4().to_string();
+        let request_id = req.request_id.clone();
         let warm = {
             let mut st = inner.lock();
             let env = st.idle.get_mut(&key).and_then(Vec::pop);

@@ -131,6 +131,7 @@ impl Harness {
     ) -> Result<InvokeResult, InvokeError> {
         self.worker
             .invoke(InvokeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
                 spec: spec.clone(),
                 invoked_arn: spec.arn.clone(),
                 payload: serde_json::to_vec(&payload).expect("json").into(),
@@ -550,6 +551,7 @@ async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
     assert_eq!(h.worker.stats().live, 2);
     // Reserved concurrency 1: a second concurrent call is throttled.
     let req = |p: Value| InvokeRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
         spec: spec.clone(),
         invoked_arn: spec.arn.clone(),
         payload: serde_json::to_vec(&p).unwrap_or_default().into(),

@@ -48,7 +48,8 @@ pub struct SandboxArgs {
     no_pin: bool,
 }
 
-const HANDLER: &str = "def handler(event, context):\n    return {\"ok\": True, \"n\": event.get(\"n\")}\n";
+const HANDLER: &str =
+    "def handler(event, context):\n    return {\"ok\": True, \"n\": event.get(\"n\")}\n";
 
 /// Host-side harness: the same handler, called in a plain process over a pipe.
 const NATIVE_HARNESS: &str = r#"
@@ -85,7 +86,9 @@ fn summary(name: &str, mut d: Vec<Duration>) {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Sandbox(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(sandbox(a))
         }
         BenchCmd::Api(a) => super::client::api_bench(a),
@@ -98,7 +101,9 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&code)?;
     std::fs::write(code.join("app.py"), HANDLER)?;
     let images = ImageStore::new(&a.image_cache);
-    let rootfs = images.rootfs("python3.11").context("python3.11 image (hearth image build)")?;
+    let rootfs = images
+        .rootfs("python3.11")
+        .context("python3.11 image (hearth image build)")?;
     let engine = Arc::new(RunscEngine::new(EngineConfig {
         runsc: default_runsc(),
         state_root: dir.path().join("runsc"),
@@ -130,6 +135,7 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         revision_id: rev,
     };
     let req = |spec: FunctionSpec, n: usize| InvokeRequest {
+        request_id: format!("bench-{n}-{:016x}", rand::random::<u64>()),
         invoked_arn: spec.arn.clone(),
         spec,
         payload: format!("{{\"n\":{n}}}").into_bytes().into(),
@@ -137,7 +143,11 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         reserved_concurrency: None,
         unreserved_limit: 1000,
     };
-    println!("hearth bench sandbox (runsc {}, pinned: {})", runsc_version(), !a.no_pin);
+    println!(
+        "hearth bench sandbox (runsc {}, pinned: {})",
+        runsc_version(),
+        !a.no_pin
+    );
 
     // Native baseline: the same handler in a plain host process, request/response over a pipe.
     let mut child = Command::new("python3")
@@ -168,14 +178,20 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
     let warm_spec = spec("warm".into());
     let r = worker.invoke(req(warm_spec.clone(), 0)).await?;
     if r.function_error {
-        bail!("bench function failed: {}", String::from_utf8_lossy(&r.payload));
+        bail!(
+            "bench function failed: {}",
+            String::from_utf8_lossy(&r.payload)
+        );
     }
     let mut warm = Vec::new();
     for n in 0..a.warm + 20 {
         let t = Instant::now();
         let r = worker.invoke(req(warm_spec.clone(), n)).await?;
         if r.function_error {
-            bail!("bench function failed: {}", String::from_utf8_lossy(&r.payload));
+            bail!(
+                "bench function failed: {}",
+                String::from_utf8_lossy(&r.payload)
+            );
         }
         if n >= 20 {
             warm.push(t.elapsed());
@@ -196,7 +212,10 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         let t = Instant::now();
         let r = worker.invoke(req(spec(format!("cold{i}")), i)).await?;
         if r.function_error {
-            bail!("bench function failed: {}", String::from_utf8_lossy(&r.payload));
+            bail!(
+                "bench function failed: {}",
+                String::from_utf8_lossy(&r.payload)
+            );
         }
         cold.push(t.elapsed());
         worker.retire("bench");
@@ -252,7 +271,11 @@ fn runsc_version() -> String {
 }
 
 /// One `runsc run` (foreground) of python3 printing a line, on a bundle like hearth's.
-fn plain_runsc(rootfs: &std::path::Path, dir: &std::path::Path, i: usize) -> anyhow::Result<Duration> {
+fn plain_runsc(
+    rootfs: &std::path::Path,
+    dir: &std::path::Path,
+    i: usize,
+) -> anyhow::Result<Duration> {
     let bundle = dir.join(format!("plain{i}"));
     std::fs::create_dir_all(&bundle)?;
     let config = serde_json::json!({
@@ -275,7 +298,10 @@ fn plain_runsc(rootfs: &std::path::Path, dir: &std::path::Path, i: usize) -> any
         .output()?;
     let elapsed = t.elapsed();
     if !String::from_utf8_lossy(&out.stdout).contains("ready") {
-        bail!("plain runsc run failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "plain runsc run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(elapsed)
 }

@@ -6,8 +6,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use base64::Engine;
@@ -129,7 +129,10 @@ impl Reply {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("Error")
             .to_string();
-        let msg = self.json()["message"].as_str().map(String::from).unwrap_or_default();
+        let msg = self.json()["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_default();
         bail!("{kind} (HTTP {}): {msg}", self.status)
     }
 }
@@ -138,18 +141,21 @@ impl Conn {
     fn client(&self) -> anyhow::Result<Client> {
         let mut vars: std::collections::HashMap<String, String> = std::env::vars().collect();
         let env_file = self.data_dir.join("client.env");
-        if !vars.contains_key("AWS_ACCESS_KEY_ID") || self.endpoint_url.is_none() {
-            if let Ok(text) = std::fs::read_to_string(&env_file) {
-                for line in text.lines() {
-                    if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
-                        vars.entry(k.to_string()).or_insert_with(|| v.to_string());
-                    }
+        if (!vars.contains_key("AWS_ACCESS_KEY_ID") || self.endpoint_url.is_none())
+            && let Ok(text) = std::fs::read_to_string(&env_file)
+        {
+            for line in text.lines() {
+                if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                    vars.entry(k.to_string()).or_insert_with(|| v.to_string());
                 }
             }
         }
         let get = |k: &str| {
             vars.get(k).cloned().with_context(|| {
-                format!("{k} is not set and {} has none: start `hearth up` or source its client.env", env_file.display())
+                format!(
+                    "{k} is not set and {} has none: start `hearth up` or source its client.env",
+                    env_file.display()
+                )
             })
         };
         let endpoint = match &self.endpoint_url {
@@ -175,13 +181,25 @@ impl Conn {
 }
 
 impl Client {
-    fn call(&self, method: &str, path_and_query: &str, body: &[u8], extra: &[(&str, String)]) -> anyhow::Result<Reply> {
+    fn call(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Reply> {
         let url = format!("{}{}", self.endpoint, path_and_query);
         let method = http::Method::from_bytes(method.as_bytes())?;
         let mut headers = http::HeaderMap::new();
-        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         for (k, v) in extra {
-            headers.insert(http::HeaderName::from_bytes(k.as_bytes())?, http::HeaderValue::from_str(v)?);
+            headers.insert(
+                http::HeaderName::from_bytes(k.as_bytes())?,
+                http::HeaderValue::from_str(v)?,
+            );
         }
         let params = SigningParams {
             access_key_id: &self.key,
@@ -191,7 +209,8 @@ impl Client {
             time: chrono::Utc::now(),
             content_sha256_header: false,
         };
-        let signed = sign(&method, &url, &headers, body, &params).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        let signed = sign(&method, &url, &headers, body, &params)
+            .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
         let mut req = http::Request::builder().method(method).uri(&url);
         for (k, v) in headers.iter().chain(signed.iter().map(|(k, v)| (k, v))) {
             req = req.header(k, v);
@@ -204,7 +223,11 @@ impl Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.body_mut().read_to_vec()?;
-        Ok(Reply { status, headers, body })
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
@@ -214,7 +237,10 @@ pub fn run_fn(cmd: FnCmd) -> anyhow::Result<ExitCode> {
         FnCmd::Ls { conn } => {
             let c = conn.client()?;
             let mut marker: Option<String> = None;
-            println!("{:<32} {:<16} {:>7} {:>8}  LAST MODIFIED", "NAME", "RUNTIME", "MEMORY", "TIMEOUT");
+            println!(
+                "{:<32} {:<16} {:>7} {:>8}  LAST MODIFIED",
+                "NAME", "RUNTIME", "MEMORY", "TIMEOUT"
+            );
             loop {
                 let q = match &marker {
                     Some(m) => format!("/2015-03-31/functions/?Marker={}", encode_path_segment(m)),
@@ -240,8 +266,13 @@ pub fn run_fn(cmd: FnCmd) -> anyhow::Result<ExitCode> {
         }
         FnCmd::Rm { name, conn } => {
             let c = conn.client()?;
-            c.call("DELETE", &format!("/2015-03-31/functions/{}", encode_path_segment(&name)), b"", &[])?
-                .check()?;
+            c.call(
+                "DELETE",
+                &format!("/2015-03-31/functions/{}", encode_path_segment(&name)),
+                b"",
+                &[],
+            )?
+            .check()?;
             eprintln!("deleted {name}");
             Ok(ExitCode::SUCCESS)
         }
@@ -262,12 +293,19 @@ fn zip_dir(dir: &Path) -> anyhow::Result<(Vec<u8>, usize)> {
             } else if ft.is_file() {
                 files.push(e.path());
             } else if ft.is_symlink() {
-                bail!("{} is a symbolic link: Lambda packages cannot hold links", e.path().display());
+                bail!(
+                    "{} is a symbolic link: Lambda packages cannot hold links",
+                    e.path().display()
+                );
             }
         }
     }
     files.sort();
-    let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("zipping {bar:30} {bytes}/{total_bytes} {msg}")
@@ -317,7 +355,9 @@ fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
     let b64 = base64::engine::general_purpose::STANDARD.encode(&zip);
     let mut vars = serde_json::Map::new();
     for kv in &args.env {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
         vars.insert(k.to_string(), Value::String(v.to_string()));
     }
     let path = format!("/2015-03-31/functions/{}", encode_path_segment(&name));
@@ -334,15 +374,20 @@ fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
     }
     let result = if exists {
         let body = serde_json::to_vec(&json!({ "ZipFile": b64 }))?;
-        c.call("PUT", &format!("{path}/code"), &body, &[])?.check()?;
+        c.call("PUT", &format!("{path}/code"), &body, &[])?
+            .check()?;
         let body = serde_json::to_vec(&config)?;
-        c.call("PUT", &format!("{path}/configuration"), &body, &[])?.check()?.json()
+        c.call("PUT", &format!("{path}/configuration"), &body, &[])?
+            .check()?
+            .json()
     } else {
         config["FunctionName"] = json!(name);
         config["Role"] = json!(args.role);
         config["Code"] = json!({ "ZipFile": b64 });
         let body = serde_json::to_vec(&config)?;
-        c.call("POST", "/2015-03-31/functions", &body, &[])?.check()?.json()
+        c.call("POST", "/2015-03-31/functions", &body, &[])?
+            .check()?
+            .json()
     };
     println!(
         "{} {}\n  arn:    {}\n  sha256: {}\n  state:  {}",
@@ -366,7 +411,10 @@ pub fn run_invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
         }
         Some(p) => p.as_bytes().to_vec(),
     };
-    let mut path = format!("/2015-03-31/functions/{}/invocations", encode_path_segment(&args.name));
+    let mut path = format!(
+        "/2015-03-31/functions/{}/invocations",
+        encode_path_segment(&args.name)
+    );
     if let Some(q) = &args.qualifier {
         path.push_str(&format!("?Qualifier={}", encode_path_segment(q)));
     }
@@ -375,8 +423,14 @@ pub fn run_invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
         extra.push(("x-amz-log-type", "Tail".to_string()));
     }
     let reply = c.call("POST", &path, &payload, &extra)?.check()?;
-    if let Some(log) = reply.headers.get("x-amz-log-result").and_then(|v| v.to_str().ok()) {
-        let text = base64::engine::general_purpose::STANDARD.decode(log).unwrap_or_default();
+    if let Some(log) = reply
+        .headers
+        .get("x-amz-log-result")
+        .and_then(|v| v.to_str().ok())
+    {
+        let text = base64::engine::general_purpose::STANDARD
+            .decode(log)
+            .unwrap_or_default();
         eprint!("{}", String::from_utf8_lossy(&text));
     }
     std::io::stdout().write_all(&reply.body)?;
@@ -422,7 +476,10 @@ pub struct ApiBenchArgs {
 pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let c = args.conn.client()?;
-    let path = format!("/2015-03-31/functions/{}", encode_path_segment(&args.function));
+    let path = format!(
+        "/2015-03-31/functions/{}",
+        encode_path_segment(&args.function)
+    );
     if c.call("GET", &path, b"", &[])?.status == 404 {
         let mut buf = std::io::Cursor::new(Vec::new());
         {
@@ -436,7 +493,13 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
             "Role": "arn:aws:iam::000000000000:role/hearth",
             "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(buf.into_inner()) },
         });
-        c.call("POST", "/2015-03-31/functions", &serde_json::to_vec(&body)?, &[])?.check()?;
+        c.call(
+            "POST",
+            "/2015-03-31/functions",
+            &serde_json::to_vec(&body)?,
+            &[],
+        )?
+        .check()?;
     }
     let invoke_path = format!("{path}/invocations");
     // One warm-up call so the first sandbox exists.
@@ -461,7 +524,11 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
                 let body = format!("{{\"i\":{i}}}");
                 let t = std::time::Instant::now();
                 match c.call("POST", &p, body.as_bytes(), &[]) {
-                    Ok(r) if r.status == 200 && !r.headers.contains_key("x-amz-function-error") && r.body == body.as_bytes() => {
+                    Ok(r)
+                        if r.status == 200
+                            && !r.headers.contains_key("x-amz-function-error")
+                            && r.body == body.as_bytes() =>
+                    {
                         lat.push(t.elapsed())
                     }
                     Ok(r) if r.status == 429 => throttled += 1,
@@ -473,7 +540,9 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
     }
     let (mut lat, mut failed, mut throttled) = (Vec::new(), 0, 0);
     for t in threads {
-        let (l, f, th) = t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        let (l, f, th) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
         lat.extend(l);
         failed += f;
         throttled += th;
@@ -493,5 +562,9 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
         super::bench::pct(&lat, 0.99),
         lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
     );
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -46,7 +46,11 @@ pub struct ImageDir {
 
 impl ImageDir {
     pub fn store(&self) -> ImageStore {
-        ImageStore::new(self.image_cache.clone().unwrap_or_else(|| self.data_dir.join("images")))
+        ImageStore::new(
+            self.image_cache
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("images")),
+        )
     }
 }
 
@@ -65,7 +69,9 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 Some(n) => {
                     let recipe = recipe_for(&n)?;
                     if force || store.rootfs(recipe.name).is_err() {
-                        store.build(recipe, &mut progress).with_context(|| format!("building {n}"))?;
+                        store
+                            .build(recipe, &mut progress)
+                            .with_context(|| format!("building {n}"))?;
                     } else {
                         progress(&format!("{}: cached (use --force to rebuild)", recipe.name));
                     }
@@ -79,7 +85,9 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             }
         }
         ImageCmd::Import { name, source, dir } => {
-            let root = dir.store().import(&name, &source, &mut progress_printer())?;
+            let root = dir
+                .store()
+                .import(&name, &source, &mut progress_printer())?;
             println!("{}", root.display());
         }
         ImageCmd::Ls { dir } => {

@@ -17,7 +17,12 @@ pub fn find_agent(explicit: Option<PathBuf>) -> PathBuf {
     let mut candidates = Vec::new();
     if let Some(target) = dir.parent() {
         for profile in ["release", "debug"] {
-            candidates.push(target.join("x86_64-unknown-linux-gnu").join(profile).join("hearth-agent"));
+            candidates.push(
+                target
+                    .join("x86_64-unknown-linux-gnu")
+                    .join(profile)
+                    .join("hearth-agent"),
+            );
         }
     }
     candidates.push(dir.join("hearth-agent-static"));

@@ -76,10 +76,14 @@ fn load_or_create_credentials(data_dir: &Path, args: &UpArgs) -> anyhow::Result<
     }
     let path = data_dir.join("credentials.json");
     if let Ok(bytes) = std::fs::read(&path) {
-        return serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()));
+        return serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", path.display()));
     }
     let creds = Credentials {
-        access_key_id: format!("HEARTH{}", random_string(14, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")),
+        access_key_id: format!(
+            "HEARTH{}",
+            random_string(14, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+        ),
         secret_access_key: random_string(
             40,
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
@@ -107,22 +111,31 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(up(args))
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let creds = load_or_create_credentials(&data_dir, &args)?;
 
-    let images = hearth_worker::ImageStore::new(args.image_cache.clone().unwrap_or_else(|| data_dir.join("images")));
+    let images = hearth_worker::ImageStore::new(
+        args.image_cache
+            .clone()
+            .unwrap_or_else(|| data_dir.join("images")),
+    );
     if !args.no_build_images {
         let store = images.clone();
-        tokio::task::spawn_blocking(move || store.ensure_all(&mut super::image::progress_printer()))
-            .await?
-            .context("building runtime images (or start with --no-build-images)")?;
+        tokio::task::spawn_blocking(move || {
+            store.ensure_all(&mut super::image::progress_printer())
+        })
+        .await?
+        .context("building runtime images (or start with --no-build-images)")?;
     }
 
     let engine = RunscEngine::new(EngineConfig {
@@ -173,10 +186,14 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     println!("  secret access key: {}", creds.secret_access_key);
     println!("  region:            {}", args.region);
     println!("  data directory:    {}", data_dir.display());
-    println!("point boto3 and the AWS CLI at it with:  source {}", env_file.display());
+    println!(
+        "point boto3 and the AWS CLI at it with:  source {}",
+        env_file.display()
+    );
 
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
