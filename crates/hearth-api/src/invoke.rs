@@ -177,6 +177,7 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         code_dir: state.code().dir_for(&version.code.sha256_hex),
         code_sha256: version.code.sha256_b64.clone(),
         revision_id: version.revision_id.clone(),
+        snap_start: false,
     };
     let invoked_arn = match &qualifier {
         Some(q) => config.qualified_arn(&name, q),
@@ -276,6 +277,7 @@ mod tests {
             description: String::new(),
             additional_version_weights: BTreeMap::from([("2".to_string(), 0.3)]),
             revision_id: "r".into(),
+            snap_start: false,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let n = 10_000;

@@ -30,6 +30,9 @@ pub struct FunctionSpec {
     pub code_sha256: String,
     /// Changes whenever code or configuration changes; sandboxes are pooled per revision.
     pub revision_id: String,
+    /// Cold starts restore from this version's snapshot when one exists (SnapStart).
+    #[serde(default)]
+    pub snap_start: bool,
 }
 
 /// One synchronous invocation.
@@ -86,4 +89,16 @@ pub trait Invoker: Send + Sync + 'static {
     async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError>;
     /// The function was deleted or changed: drop its idle sandboxes (in-flight ones finish).
     fn retire(&self, function_name: &str);
+
+    /// Prepare a version for fast cold starts (SnapStart: boot, init, checkpoint). Called when
+    /// a version with SnapStart is published; the version is `Pending` until this returns.
+    /// The error is the reason shown in the version's `StateReason`.
+    async fn prepare(&self, _spec: FunctionSpec) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The function was deleted: release everything kept for it (snapshots).
+    fn forget(&self, function_name: &str) {
+        self.retire(function_name);
+    }
 }

@@ -97,6 +97,9 @@ pub struct Sandbox {
 /// The runsc engine.
 pub struct RunscEngine {
     cfg: EngineConfig,
+    /// SHA-256 of the agent binary and runsc's version: what snapshots depend on.
+    agent_digest: String,
+    runsc_version: String,
     cgroups: Cgroups,
     next_core: AtomicUsize,
     cores: usize,
@@ -134,6 +137,8 @@ impl RunscEngine {
             .map(|n| n.get())
             .unwrap_or(1);
         Ok(RunscEngine {
+            agent_digest: file_digest(&cfg.agent),
+            runsc_version: runsc_version(&cfg.runsc),
             cfg,
             cgroups,
             next_core: AtomicUsize::new(0),
@@ -147,6 +152,14 @@ impl RunscEngine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    pub fn agent_digest(&self) -> &str {
+        &self.agent_digest
+    }
+
+    pub fn runsc_version(&self) -> &str {
+        &self.runsc_version
     }
 
     fn runsc(&self) -> std::process::Command {
@@ -237,6 +250,62 @@ impl RunscEngine {
 
     /// Write the bundle and start the sandbox. Returns once the agent process runs.
     pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, EngineError> {
+        self.launch(spec, None).await
+    }
+
+    /// Restore a sandbox from a checkpoint image directory (`checkpoint.img` inside), with a
+    /// bundle of its own (own id, cgroup and pipes). The restored agent resumes where the
+    /// checkpoint stopped it; it does not say `Hello` again.
+    pub async fn restore(
+        &self,
+        spec: &SandboxSpec,
+        image_dir: &Path,
+    ) -> Result<Sandbox, EngineError> {
+        self.launch(spec, Some(image_dir)).await
+    }
+
+    /// Checkpoint a running sandbox into `image_dir`. The sandbox is stopped afterwards (runsc
+    /// always stops it); destroy it to reap and clean up.
+    pub async fn checkpoint(&self, sandbox: &Sandbox, image_dir: &Path) -> Result<(), EngineError> {
+        std::fs::create_dir_all(image_dir).map_err(|source| EngineError::Io {
+            path: image_dir.to_path_buf(),
+            source,
+        })?;
+        let out = Command::new(&self.cfg.runsc)
+            .arg(format!("--root={}", self.cfg.state_root.display()))
+            .arg("--network=none")
+            .args(&self.cfg.extra_flags)
+            .arg("checkpoint")
+            .arg(format!("--image-path={}", image_dir.display()))
+            .arg(&sandbox.id)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| EngineError::Runsc {
+                op: "checkpoint",
+                id: sandbox.id.clone(),
+                detail: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(EngineError::Runsc {
+                op: "checkpoint",
+                id: sandbox.id.clone(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn launch(
+        &self,
+        spec: &SandboxSpec,
+        image_dir: Option<&Path>,
+    ) -> Result<Sandbox, EngineError> {
+        let op = if image_dir.is_some() {
+            "restore"
+        } else {
+            "run"
+        };
         let id = Self::new_id();
         let bundle = self.cfg.bundles.join(&id);
         std::fs::create_dir_all(&bundle).map_err(|source| EngineError::Io {
@@ -254,7 +323,11 @@ impl RunscEngine {
         cmd.arg(format!("--root={}", self.cfg.state_root.display()))
             .arg("--network=none")
             .args(&self.cfg.extra_flags)
-            .args(["run", "--detach", "--bundle"])
+            .arg(op);
+        if let Some(dir) = image_dir {
+            cmd.arg(format!("--image-path={}", dir.display()));
+        }
+        cmd.args(["--detach", "--bundle"])
             .arg(&bundle)
             .arg(&id)
             .stdin(Stdio::piped())
@@ -262,7 +335,7 @@ impl RunscEngine {
             .stderr(Stdio::piped())
             .kill_on_drop(false);
         let mut child = cmd.spawn().map_err(|e| EngineError::Runsc {
-            op: "run",
+            op,
             id: id.clone(),
             detail: e.to_string(),
         })?;
@@ -270,7 +343,7 @@ impl RunscEngine {
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(EngineError::Runsc {
-                op: "run",
+                op,
                 id,
                 detail: "no stdio pipes".into(),
             });
@@ -278,7 +351,7 @@ impl RunscEngine {
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         spawn_stderr_reader(id.clone(), stderr, stderr_tail.clone());
         let status = child.wait().await.map_err(|e| EngineError::Runsc {
-            op: "run",
+            op,
             id: id.clone(),
             detail: e.to_string(),
         })?;
@@ -290,7 +363,7 @@ impl RunscEngine {
             let _ = std::fs::remove_dir_all(&bundle);
             self.cgroups.remove_sandbox(&id);
             return Err(EngineError::Runsc {
-                op: "run",
+                op,
                 id,
                 detail: format!("{status}: {detail}"),
             });
@@ -386,6 +459,26 @@ fn tail_text(tail: &Arc<Mutex<VecDeque<String>>>) -> String {
     tail.lock()
         .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
         .unwrap_or_default()
+}
+
+/// `runsc --version`'s first line (what a snapshot image depends on).
+pub fn runsc_version(runsc: &Path) -> String {
+    std::process::Command::new(runsc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// SHA-256 of a file, hex (identifies the agent binary a snapshot was taken with).
+pub fn file_digest(path: &Path) -> String {
+    use sha2::Digest;
+    match std::fs::read(path) {
+        Ok(bytes) => hex::encode(sha2::Sha256::digest(&bytes)),
+        Err(_) => String::new(),
+    }
 }
 
 /// Default runsc path: `$HEARTH_RUNSC`, else the first `runsc` on PATH, else `/usr/bin/runsc`.

@@ -139,6 +139,15 @@ impl ImageStore {
         }
     }
 
+    /// Identity of the built image serving a runtime: a digest of its `image.json` (a rebuild
+    /// changes it, so snapshots taken on the old image are not restored on the new one).
+    pub fn image_id(&self, runtime: &str) -> Option<String> {
+        use sha2::Digest;
+        let name = recipe_for(runtime).ok()?.name;
+        let bytes = fs::read(self.dir.join(name).join("image.json")).ok()?;
+        Some(hex::encode(sha2::Sha256::digest(&bytes)))
+    }
+
     /// The root file system serving a runtime identifier.
     pub fn rootfs_for_runtime(&self, runtime: &str) -> Result<PathBuf, ImageError> {
         self.rootfs(recipe_for(runtime)?.name)

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod frames;
 pub mod images;
 pub mod pool;
+pub mod snapshots;
 
 pub use engine::{EngineConfig, RunscEngine};
 pub use images::ImageStore;

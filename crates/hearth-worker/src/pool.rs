@@ -13,7 +13,8 @@
 //! error. Concurrency limits (reserved per function, and the account's unreserved pool) are
 //! checked before any work and answered with `TooManyRequests`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +26,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::engine::{RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SandboxSpec};
 use crate::frames;
 use crate::images::{ImageStore, recipe_for};
+use crate::snapshots::{RestorePoint, SnapshotError, SnapshotMeta, SnapshotMiss, SnapshotStore};
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub struct WorkerConfig {
     pub tmp_mb: u32,
     /// Longest init (boot + runtime start + handler import) before the start fails.
     pub init_timeout: Duration,
+    /// Where snapshots are kept; `None` disables snapshots.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -48,6 +52,7 @@ impl Default for WorkerConfig {
             memory_budget_mb: default_memory_budget_mb(),
             tmp_mb: 512,
             init_timeout: Duration::from_secs(10),
+            snapshot_dir: None,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct PoolStats {
     pub idle: usize,
     pub cold_starts: usize,
     pub warm_starts: usize,
+    /// Cold starts served by restoring a snapshot.
+    pub restores: usize,
 }
 
 /// One execution environment owned by the pool.
@@ -97,11 +104,13 @@ struct State {
     inflight_unreserved: u32,
     cold_starts: usize,
     warm_starts: usize,
+    restores: usize,
 }
 
 struct Inner {
     engine: Arc<RunscEngine>,
     images: ImageStore,
+    snapshots: Option<SnapshotStore>,
     cfg: WorkerConfig,
     state: Mutex<State>,
     closed: AtomicBool,
@@ -124,10 +133,24 @@ enum Outcome {
     Timeout,
 }
 
-/// How init ended.
+/// Where init stopped.
 enum Init {
-    Ready { init_ms: f64 },
-    Failed { doc: Vec<u8> },
+    /// The runtime waits in `next`.
+    Ready {
+        init_ms: f64,
+    },
+    /// The runtime waits in `restore/next` (snap-start mode).
+    RestoreReady,
+    Failed {
+        doc: Vec<u8>,
+    },
+}
+
+/// How a new sandbox came to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Booted,
+    Restored,
 }
 
 impl Worker {
@@ -140,9 +163,14 @@ impl Worker {
                 "removed sandboxes left by an earlier run"
             );
         }
+        let snapshots = cfg.snapshot_dir.as_ref().map(SnapshotStore::new);
+        if let Some(s) = &snapshots {
+            s.clean_tmp();
+        }
         let inner = Arc::new(Inner {
             engine,
             images,
+            snapshots,
             cfg,
             state: Mutex::new(State::default()),
             closed: AtomicBool::new(false),
@@ -172,6 +200,7 @@ impl Worker {
             idle: st.idle.values().map(Vec::len).sum(),
             cold_starts: st.cold_starts,
             warm_starts: st.warm_starts,
+            restores: st.restores,
         }
     }
 
@@ -433,24 +462,43 @@ fn error_doc(message: &str, error_type: &str) -> Vec<u8> {
 }
 
 impl Worker {
-    /// Boot a sandbox for `spec` and run init.
-    async fn create(&self, spec: &FunctionSpec) -> Result<(Env, Init, Vec<u8>), InvokeError> {
+    /// The bundle contents for one function version.
+    fn sandbox_spec(
+        &self,
+        spec: &FunctionSpec,
+        init_type: &str,
+    ) -> Result<SandboxSpec, InvokeError> {
         let inner = &self.inner;
         let rootfs = inner
             .images
             .rootfs_for_runtime(&spec.runtime)
             .map_err(|e| InvokeError::NotReady(e.to_string()))?;
-        let need = spec.memory_mb as u64 + SENTRY_OVERHEAD_MB;
-        inner.reserve_memory(need)?;
-        let sandbox_spec = SandboxSpec {
+        Ok(SandboxSpec {
             rootfs,
             code_dir: spec.code_dir.clone(),
-            env: lambda_env(spec, &inner.cfg.region, "on-demand"),
+            env: lambda_env(spec, &inner.cfg.region, init_type),
             memory_mb: spec.memory_mb,
             tmp_mb: inner.cfg.tmp_mb,
             pids_limit: 1024,
+        })
+    }
+
+    /// Reserve memory and start (or restore) a sandbox; its frames arrive on `Env::frames`.
+    async fn launch(
+        &self,
+        spec: &FunctionSpec,
+        init_type: &str,
+        image: Option<&Path>,
+    ) -> Result<Env, InvokeError> {
+        let inner = &self.inner;
+        let sandbox_spec = self.sandbox_spec(spec, init_type)?;
+        let need = spec.memory_mb as u64 + SENTRY_OVERHEAD_MB;
+        inner.reserve_memory(need)?;
+        let started = match image {
+            None => inner.engine.start(&sandbox_spec).await,
+            Some(dir) => inner.engine.restore(&sandbox_spec, dir).await,
         };
-        let mut sandbox = match inner.engine.start(&sandbox_spec).await {
+        let mut sandbox = match started {
             Ok(s) => s,
             Err(e) => {
                 inner.release_memory(need);
@@ -477,26 +525,31 @@ impl Worker {
                 }
             });
         }
-        let mut env = Env {
+        Ok(Env {
             sandbox,
             frames: rx,
             function: spec.name.clone(),
             memory_mb: spec.memory_mb,
             last_used: Instant::now(),
-        };
-        let init_limit = inner
+        })
+    }
+
+    fn init_limit(&self, spec: &FunctionSpec) -> Duration {
+        self.inner
             .cfg
             .init_timeout
-            .max(Duration::from_secs(spec.timeout_s as u64));
-        let deadline = tokio::time::Instant::now() + init_limit;
-        let mut log = Vec::new();
-        let mut hello = false;
-        let init = loop {
+            .max(Duration::from_secs(spec.timeout_s as u64))
+    }
+
+    /// Follow init until the runtime waits for the platform (or init fails).
+    async fn wait_init(&self, env: &mut Env, limit: Duration, log: &mut Vec<u8>) -> Init {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
             let frame = tokio::select! {
                 f = env.frames.recv() => f,
                 _ = tokio::time::sleep_until(deadline) => {
-                    break Init::Failed { doc: error_doc(
-                        &format!("Init timed out after {:.2} seconds", init_limit.as_secs_f64()),
+                    return Init::Failed { doc: error_doc(
+                        &format!("Init timed out after {:.2} seconds", limit.as_secs_f64()),
                         "Runtime.InitTimeout") };
                 }
             };
@@ -505,9 +558,8 @@ impl Worker {
                     msg: AgentMsg::Hello { protocol, .. },
                     ..
                 }) => {
-                    hello = true;
                     if protocol != hearth_proto::PROTOCOL_VERSION {
-                        break Init::Failed {
+                        return Init::Failed {
                             doc: error_doc(
                                 "agent speaks another protocol version",
                                 "Runtime.AgentMismatch",
@@ -522,16 +574,24 @@ impl Worker {
                 Some(Frame {
                     msg: AgentMsg::InitDone { init_ms },
                     ..
-                }) => break Init::Ready { init_ms },
+                }) => return Init::Ready { init_ms },
+                Some(Frame {
+                    msg: AgentMsg::RestoreReady,
+                    ..
+                }) => return Init::RestoreReady,
                 Some(Frame {
                     msg: AgentMsg::InitError { .. },
                     body,
-                }) => break Init::Failed { doc: body },
+                }) => return Init::Failed { doc: body },
+                Some(Frame {
+                    msg: AgentMsg::RestoreError { .. },
+                    body,
+                }) => return Init::Failed { doc: body },
                 Some(Frame {
                     msg: AgentMsg::RuntimeExit { status },
                     ..
                 }) => {
-                    break Init::Failed {
+                    return Init::Failed {
                         doc: error_doc(
                             &format!("Runtime exited with error: {status}"),
                             "Runtime.ExitError",
@@ -546,10 +606,8 @@ impl Worker {
                         .lock()
                         .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
                         .unwrap_or_default();
-                    if !hello {
-                        tracing::warn!(sandbox = %env.sandbox.id, "sandbox ended before the agent started: {detail}");
-                    }
-                    let (msg, ty) = if inner.engine.cgroups().oom_killed(&env.sandbox.id) {
+                    tracing::debug!(sandbox = %env.sandbox.id, "sandbox ended during init: {detail}");
+                    let (msg, ty) = if self.inner.engine.cgroups().oom_killed(&env.sandbox.id) {
                         (
                             "Runtime exited with error: signal: killed",
                             "Runtime.OutOfMemory",
@@ -560,17 +618,157 @@ impl Worker {
                             "Runtime.ExitError",
                         )
                     };
-                    break Init::Failed {
+                    return Init::Failed {
                         doc: error_doc(msg, ty),
                     };
                 }
             }
-        };
-        {
-            let mut st = inner.lock();
-            st.cold_starts += 1;
         }
-        Ok((env, init, log))
+    }
+
+    /// What a snapshot of `spec` depends on, as of now.
+    fn snapshot_deps(&self, spec: &FunctionSpec) -> BTreeMap<String, String> {
+        let engine = &self.inner.engine;
+        BTreeMap::from([
+            (
+                "runtime_image".to_string(),
+                self.inner
+                    .images
+                    .image_id(&spec.runtime)
+                    .unwrap_or_default(),
+            ),
+            ("code_sha256".to_string(), spec.code_sha256.clone()),
+            ("agent".to_string(), engine.agent_digest().to_string()),
+            ("engine".to_string(), engine.runsc_version().to_string()),
+            ("memory_mb".to_string(), spec.memory_mb.to_string()),
+        ])
+    }
+
+    /// Boot a sandbox in snap-start mode, run init until the runtime waits, checkpoint it and
+    /// keep the image. Replaces an older snapshot of the same version.
+    pub async fn create_snapshot(
+        &self,
+        spec: &FunctionSpec,
+    ) -> Result<SnapshotMeta, SnapshotError> {
+        let store = self
+            .inner
+            .snapshots
+            .as_ref()
+            .ok_or(SnapshotError::Disabled)?;
+        let mut env = self
+            .launch(spec, "snap-start", None)
+            .await
+            .map_err(|e| SnapshotError::Unavailable(e.to_string()))?;
+        let mut log = Vec::new();
+        let point = match self
+            .wait_init(&mut env, self.init_limit(spec), &mut log)
+            .await
+        {
+            Init::RestoreReady => RestorePoint::RestoreNext,
+            Init::Ready { .. } => RestorePoint::Next,
+            Init::Failed { doc } => {
+                self.inner.destroy(env);
+                return Err(SnapshotError::Init(
+                    String::from_utf8_lossy(&doc).into_owned(),
+                ));
+            }
+        };
+        let init_ms = env.last_used.elapsed().as_secs_f64() * 1000.0;
+        let tmp = store.tmp_dir()?;
+        let t = Instant::now();
+        let checkpointed = self.inner.engine.checkpoint(&env.sandbox, &tmp).await;
+        let checkpoint_ms = t.elapsed().as_secs_f64() * 1000.0;
+        self.inner.destroy(env);
+        if let Err(e) = checkpointed {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.into());
+        }
+        let image_bytes = std::fs::metadata(tmp.join("checkpoint.img"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let meta = SnapshotMeta {
+            function: spec.name.clone(),
+            version: spec.version.clone(),
+            revision_id: spec.revision_id.clone(),
+            point,
+            deps: self.snapshot_deps(spec),
+            init_ms,
+            image_bytes,
+            checkpoint_ms,
+        };
+        store.commit(spec, &tmp, &meta)?;
+        tracing::info!(function = %spec.name, version = %spec.version, image_bytes, "snapshot taken");
+        Ok(meta)
+    }
+
+    /// Try to restore a sandbox from the version's snapshot. `None` means: boot instead (the
+    /// reason, if any, is appended to `log`).
+    async fn try_restore(&self, spec: &FunctionSpec, log: &mut Vec<u8>) -> Option<(Env, f64)> {
+        let store = self.inner.snapshots.as_ref()?;
+        let (dir, meta) = match store.find(spec, &self.snapshot_deps(spec)) {
+            Ok(found) => found,
+            Err(SnapshotMiss::Absent) => return None,
+            Err(miss) => {
+                tracing::info!(function = %spec.name, "not restoring: {miss}");
+                return None;
+            }
+        };
+        let t = Instant::now();
+        let mut env = match self.launch(spec, "snap-start", Some(&dir)).await {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(function = %spec.name, "restore failed, booting instead: {e}");
+                return None;
+            }
+        };
+        if meta.point == RestorePoint::RestoreNext {
+            if frames::write_frame(&mut env.sandbox.stdin, &HostMsg::Restore, b"")
+                .await
+                .is_err()
+            {
+                self.inner.destroy(env);
+                return None;
+            }
+            match self.wait_init(&mut env, self.init_limit(spec), log).await {
+                Init::Ready { .. } => {}
+                Init::RestoreReady => {}
+                Init::Failed { doc } => {
+                    let text = String::from_utf8_lossy(&doc);
+                    log.extend_from_slice(format!("RESTORE_ERROR {text}\n").as_bytes());
+                    tracing::info!(function = %spec.name, "after-restore hook failed, booting instead: {text}");
+                    self.inner.destroy(env);
+                    return None;
+                }
+            }
+        }
+        self.inner.lock().restores += 1;
+        Some((env, t.elapsed().as_secs_f64() * 1000.0))
+    }
+
+    /// A new sandbox for `spec`: restored from its snapshot when it has one, else booted.
+    async fn create(
+        &self,
+        spec: &FunctionSpec,
+    ) -> Result<(Env, Init, Vec<u8>, Start), InvokeError> {
+        let mut log = Vec::new();
+        if spec.snap_start
+            && let Some((env, restore_ms)) = self.try_restore(spec, &mut log).await
+        {
+            return Ok((
+                env,
+                Init::Ready {
+                    init_ms: restore_ms,
+                },
+                log,
+                Start::Restored,
+            ));
+        }
+        let mut env = self.launch(spec, "on-demand", None).await?;
+        let init = self
+            .wait_init(&mut env, self.init_limit(spec), &mut log)
+            .await;
+        self.inner.lock().cold_starts += 1;
+        Ok((env, init, log, Start::Booted))
     }
 
     async fn run(
@@ -655,10 +853,16 @@ impl Invoker for Worker {
         let (mut env, init_ms) = match warm {
             Some(env) => (env, None),
             None => {
-                let (env, init, init_log) = self.create(&req.spec).await?;
+                let (env, init, init_log, start) = self.create(&req.spec).await?;
                 log.extend_from_slice(&init_log);
                 match init {
-                    Init::Ready { init_ms } => (env, Some(init_ms)),
+                    Init::Ready { init_ms } => (env, Some((init_ms, start))),
+                    Init::RestoreReady => {
+                        inner.destroy(env);
+                        return Err(InvokeError::Service(
+                            "runtime stopped in restore/next on a boot".into(),
+                        ));
+                    }
                     Init::Failed { doc } => {
                         let mut out = String::from_utf8_lossy(&log).into_owned();
                         let ty = serde_json::from_slice::<serde_json::Value>(&doc)
@@ -754,8 +958,10 @@ impl Invoker for Worker {
             ms.ceil().max(1.0) as u64,
             req.spec.memory_mb
         ));
-        if let Some(i) = init_ms {
-            out.push_str(&format!("Init Duration: {i:.2} ms\t"));
+        match init_ms {
+            Some((i, Start::Booted)) => out.push_str(&format!("Init Duration: {i:.2} ms\t")),
+            Some((i, Start::Restored)) => out.push_str(&format!("Restore Duration: {i:.2} ms\t")),
+            None => {}
         }
         if !keep {
             out.push_str("Status: error\t");
@@ -772,6 +978,23 @@ impl Invoker for Worker {
             function_error,
             log: out,
         })
+    }
+
+    async fn prepare(&self, spec: FunctionSpec) -> Result<(), String> {
+        if !spec.snap_start || self.inner.snapshots.is_none() {
+            return Ok(());
+        }
+        self.create_snapshot(&spec)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn forget(&self, function_name: &str) {
+        self.retire(function_name);
+        if let Some(s) = &self.inner.snapshots {
+            s.remove_function(function_name);
+        }
     }
 
     fn retire(&self, function_name: &str) {
@@ -833,6 +1056,7 @@ mod tests {
             code_dir: "/x".into(),
             code_sha256: String::new(),
             revision_id: "r".into(),
+            snap_start: false,
         };
         spec.env.insert("GREETING".into(), "hi".into());
         spec.env.insert("AWS_REGION".into(), "evil".into());

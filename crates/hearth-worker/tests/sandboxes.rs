@@ -121,6 +121,7 @@ impl Harness {
             code_dir: self.code(name, files),
             code_sha256: "x".into(),
             revision_id: "r1".into(),
+            snap_start: false,
         }
     }
 
@@ -596,4 +597,200 @@ async fn a_restarted_worker_removes_what_a_killed_one_left() {
     worker2.shutdown().await;
     // The old worker's pool still holds the (now deleted) sandbox; shutting it down is harmless.
     h.worker.shutdown().await;
+}
+
+/// A handler whose init is heavy: imports, CPU work, and `STATE_MB` of random state, with
+/// SnapStart hooks from the official `snapshot_restore_py` package.
+fn heavy_app(state_mb: usize, busy_s: f64, failing_hook: bool) -> String {
+    format!(
+        r#"
+import os, time, hashlib, uuid
+t0 = time.time()
+import json, decimal, email.message, http.client, xml.dom.minidom, argparse, logging, csv
+from snapshot_restore_py import register_before_snapshot, register_after_restore
+STATE = [os.urandom(1024 * 1024) for _ in range({state_mb})]
+DIGEST = hashlib.sha256(b"".join(STATE)).hexdigest()
+while time.time() - t0 < {busy_s}:
+    pass
+BEFORE = []
+RESTORED = []
+
+@register_before_snapshot
+def before():
+    BEFORE.append(1)
+
+@register_after_restore
+def after():
+    if {failing_hook}:
+        raise RuntimeError("after-restore hook refused")
+    RESTORED.append(str(uuid.uuid4()))
+
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {{
+        "init_type": os.environ["AWS_LAMBDA_INITIALIZATION_TYPE"],
+        "before": len(BEFORE),
+        "restored": RESTORED,
+        "state_mb": len(STATE),
+        "digest_ok": hashlib.sha256(b"".join(STATE)).hexdigest() == DIGEST,
+    }}
+"#,
+        failing_hook = if failing_hook { "True" } else { "False" }
+    )
+}
+
+fn snap_harness() -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = RunscEngine::new(EngineConfig {
+        runsc: default_runsc(),
+        state_root: dir.path().join("runsc"),
+        bundles: dir.path().join("bundles"),
+        agent: agent_path(),
+        pin_cores: true,
+        extra_flags: vec![],
+    })
+    .expect("runsc engine");
+    let worker = Worker::new(
+        Arc::new(engine),
+        ImageStore::new(image_cache()),
+        WorkerConfig {
+            keep_alive: Duration::from_secs(60),
+            memory_budget_mb: 8192,
+            snapshot_dir: Some(dir.path().join("snapshots")),
+            ..WorkerConfig::default()
+        },
+    );
+    Harness { worker, dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restores_init_state_runs_hooks_and_serves_two_clones() {
+    let h = snap_harness();
+    let mut spec = h.spec(
+        "snappy",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &heavy_app(20, 0.2, false))],
+    );
+    spec.memory_mb = 512;
+    spec.snap_start = true;
+    let meta = h.worker.create_snapshot(&spec).await.expect("snapshot");
+    assert_eq!(
+        meta.point,
+        hearth_worker::snapshots::RestorePoint::RestoreNext
+    );
+    assert!(
+        meta.image_bytes > 20 * 1024 * 1024,
+        "image holds the state: {}",
+        meta.image_bytes
+    );
+    assert_eq!(h.worker.stats().live, 0, "the checkpointed sandbox is gone");
+
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert_eq!(v["init_type"], "snap-start");
+    assert_eq!(
+        v["before"], 1,
+        "before-snapshot hook ran once, before the checkpoint"
+    );
+    assert_eq!(
+        v["restored"].as_array().map(Vec::len),
+        Some(1),
+        "after-restore hook ran"
+    );
+    assert_eq!(v["state_mb"], 20);
+    assert_eq!(
+        v["digest_ok"], true,
+        "init's state survived the restore intact"
+    );
+    assert!(r.log.contains("Restore Duration:"), "{}", r.log);
+    assert!(!r.log.contains("Init Duration:"), "{}", r.log);
+    let s = h.worker.stats();
+    assert_eq!((s.restores, s.cold_starts), (1, 0));
+
+    // Two more clones at once (one may reuse the warm sandbox; retire it first).
+    h.worker.retire("snappy");
+    let (a, b) = tokio::join!(
+        h.invoke(&spec, json!({"sleep": 1})),
+        h.invoke(&spec, json!({"sleep": 1}))
+    );
+    let (a, b) = (json_of(&a.expect("a")), json_of(&b.expect("b")));
+    assert_eq!(
+        (a["digest_ok"].clone(), b["digest_ok"].clone()),
+        (json!(true), json!(true))
+    );
+    assert_ne!(
+        a["restored"], b["restored"],
+        "each clone ran its own after-restore hook"
+    );
+    assert_eq!(h.worker.stats().restores, 3);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_after_restore_hook_falls_back_to_boot() {
+    let h = snap_harness();
+    let mut spec = h.spec(
+        "snaphook",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &heavy_app(1, 0.0, true))],
+    );
+    spec.snap_start = true;
+    h.worker.create_snapshot(&spec).await.expect("snapshot");
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert_eq!(
+        json_of(&r)["init_type"],
+        "on-demand",
+        "booted after the hook failed"
+    );
+    assert!(r.log.contains("RESTORE_ERROR"), "{}", r.log);
+    assert!(r.log.contains("after-restore hook refused"), "{}", r.log);
+    let s = h.worker.stats();
+    assert_eq!((s.restores, s.cold_starts), (0, 1));
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_or_corrupt_snapshots_mean_a_clean_boot() {
+    let h = snap_harness();
+    let mut spec = h.spec(
+        "snapstale",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &heavy_app(1, 0.0, false))],
+    );
+    spec.snap_start = true;
+    h.worker.create_snapshot(&spec).await.expect("snapshot");
+    // Different code than the snapshot was taken with: boot, never restore.
+    let mut changed = spec.clone();
+    changed.code_sha256 = "other".into();
+    let r = h.invoke(&changed, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&r)["init_type"], "on-demand");
+    h.worker.retire("snapstale");
+    // Corrupt the image: the restore fails and the worker boots instead.
+    let img = h
+        .dir
+        .path()
+        .join("snapshots/snapstale")
+        .read_dir()
+        .expect("dir")
+        .flatten()
+        .next()
+        .expect("snap")
+        .path();
+    let img = img.join("checkpoint.img");
+    let len = std::fs::metadata(&img).expect("img").len() as usize;
+    let mut bytes = std::fs::read(&img).expect("read");
+    for b in bytes.iter_mut().skip(len / 3).take(len / 3) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&img, bytes).expect("write");
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert_eq!(json_of(&r)["init_type"], "on-demand");
+    assert_eq!(h.worker.stats().restores, 0);
+    h.finish().await;
 }

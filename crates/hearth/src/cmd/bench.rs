@@ -133,6 +133,7 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         code_dir: code.clone(),
         code_sha256: String::new(),
         revision_id: rev,
+        snap_start: false,
     };
     let req = |spec: FunctionSpec, n: usize| InvokeRequest {
         request_id: format!("bench-{n}-{:016x}", rand::random::<u64>()),

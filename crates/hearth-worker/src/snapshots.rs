@@ -1,0 +1,192 @@
+//! Snapshots (like Lambda SnapStart): a sandbox checkpointed right after init, restored instead
+//! of booted on later cold starts.
+//!
+//! A snapshot is taken when the runtime, started with `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`,
+//! reaches the point where it waits for the platform: `restore/next` (runtimes with restore
+//! hooks, such as Python's `awslambdaric`, after their before-snapshot hooks) or its first
+//! `next` (runtimes without hooks). `runsc checkpoint` writes one image file; its metadata
+//! records where the runtime waits and what the image depends on (runtime image, code, agent
+//! binary, runsc version, memory size). A lookup whose dependencies differ from the current ones
+//! is a miss: the worker boots instead of attempting a restore that could break.
+//!
+//! Layout: `<dir>/<function>/<version>-<revision>/{checkpoint.img, snapshot.json}`, written to a
+//! temporary directory and renamed into place, so a crash never leaves a half snapshot.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use hearth_api::invoker::FunctionSpec;
+use serde::{Deserialize, Serialize};
+
+/// Where the checkpointed runtime waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestorePoint {
+    /// In `GET /runtime/restore/next`: send `Restore` after restoring, hooks run, then `next`.
+    RestoreNext,
+    /// In its first `GET /runtime/invocation/next`: ready for an invocation right away.
+    Next,
+}
+
+/// What `snapshot.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub function: String,
+    pub version: String,
+    pub revision_id: String,
+    pub point: RestorePoint,
+    /// What the image depends on; must equal the current values for a restore.
+    pub deps: BTreeMap<String, String>,
+    /// Init duration when the snapshot was taken.
+    pub init_ms: f64,
+    /// Size of `checkpoint.img`.
+    pub image_bytes: u64,
+    /// How long `runsc checkpoint` took.
+    pub checkpoint_ms: f64,
+}
+
+/// Why no snapshot could be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotMiss {
+    #[error("no snapshot")]
+    Absent,
+    #[error("snapshot is stale: {0} changed")]
+    Stale(String),
+    #[error("snapshot unreadable: {0}")]
+    Unreadable(String),
+}
+
+/// Errors creating a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshots are not enabled on this worker")]
+    Disabled,
+    #[error("init failed: {0}")]
+    Init(String),
+    #[error("{0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("snapshot i/o at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The worker's snapshot directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+}
+
+fn safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl SnapshotStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SnapshotStore { dir: dir.into() }
+    }
+
+    /// The directory of one function version's snapshot.
+    pub fn dir_for(&self, spec: &FunctionSpec) -> PathBuf {
+        self.dir.join(safe(&spec.name)).join(format!(
+            "{}-{}",
+            safe(&spec.version),
+            safe(&spec.revision_id)
+        ))
+    }
+
+    /// Find a usable snapshot: present, readable, and taken with the same dependencies.
+    pub fn find(
+        &self,
+        spec: &FunctionSpec,
+        deps: &BTreeMap<String, String>,
+    ) -> Result<(PathBuf, SnapshotMeta), SnapshotMiss> {
+        let dir = self.dir_for(spec);
+        let meta_path = dir.join("snapshot.json");
+        let bytes = match fs::read(&meta_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SnapshotMiss::Absent),
+            Err(e) => return Err(SnapshotMiss::Unreadable(e.to_string())),
+        };
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&bytes).map_err(|e| SnapshotMiss::Unreadable(e.to_string()))?;
+        for (k, v) in deps {
+            if meta.deps.get(k) != Some(v) {
+                return Err(SnapshotMiss::Stale(k.clone()));
+            }
+        }
+        if !dir.join("checkpoint.img").is_file() {
+            return Err(SnapshotMiss::Unreadable("checkpoint.img missing".into()));
+        }
+        Ok((dir, meta))
+    }
+
+    /// A fresh temporary directory for a checkpoint in progress.
+    pub fn tmp_dir(&self) -> Result<PathBuf, SnapshotError> {
+        let tmp = self
+            .dir
+            .join(".tmp")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        fs::create_dir_all(&tmp).map_err(|source| SnapshotError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        Ok(tmp)
+    }
+
+    /// Move a finished checkpoint into place with its metadata (replacing an older one).
+    pub fn commit(
+        &self,
+        spec: &FunctionSpec,
+        tmp: &Path,
+        meta: &SnapshotMeta,
+    ) -> Result<PathBuf, SnapshotError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        let meta_path = tmp.join("snapshot.json");
+        fs::write(
+            &meta_path,
+            serde_json::to_vec_pretty(meta).unwrap_or_default(),
+        )
+        .map_err(io(&meta_path))?;
+        let dest = self.dir_for(spec);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        if dest.exists() {
+            let old = self
+                .dir
+                .join(".tmp")
+                .join(format!("old-{}", uuid::Uuid::new_v4().simple()));
+            fs::rename(&dest, &old).map_err(io(&dest))?;
+            let _ = fs::remove_dir_all(&old);
+        }
+        fs::rename(tmp, &dest).map_err(io(&dest))?;
+        Ok(dest)
+    }
+
+    /// Forget every snapshot of a function (it was deleted).
+    pub fn remove_function(&self, name: &str) {
+        let _ = fs::remove_dir_all(self.dir.join(safe(name)));
+    }
+
+    /// Remove temporary directories a crash left behind.
+    pub fn clean_tmp(&self) {
+        let _ = fs::remove_dir_all(self.dir.join(".tmp"));
+    }
+}
