@@ -22,7 +22,7 @@ use crate::validate::{self, FunctionRef, Qualifier};
 pub const TOTAL_CODE_SIZE_LIMIT: u64 = 80_530_636_800;
 /// Lambda returns at most 50 items per list page.
 pub const MAX_PAGE: usize = 50;
-const LATEST: &str = "$LATEST";
+pub(crate) const LATEST: &str = "$LATEST";
 
 /// `LastModified` format: `2024-01-01T00:00:00.000+0000`.
 pub fn timestamp() -> String {
@@ -42,6 +42,17 @@ fn check_revision(given: Option<&str>, current: &str) -> Result<(), ApiError> {
     }
 }
 
+/// `SnapStart.ApplyOn` value that turns snapshots on.
+pub(crate) const SNAP_START_PUBLISHED: &str = "PublishedVersions";
+
+/// After `$LATEST` changed: with the server's `$LATEST` snapshot option it is Pending until its
+/// new snapshot exists; otherwise Active.
+pub(crate) fn mark_latest(rec: &mut FunctionRecord, snap_start_latest: bool) {
+    let pending = snap_start_latest && rec.latest.snap_start_apply_on == SNAP_START_PUBLISHED;
+    rec.latest.state = pending.then(|| "Pending".into());
+    rec.latest.state_reason = None;
+}
+
 /// Publish `$LATEST` as a new version, unless it is unchanged since the last published
 /// version: then that version is returned (as Lambda does).
 pub(crate) fn publish(rec: &mut FunctionRecord, description: Option<String>) -> u64 {
@@ -55,6 +66,9 @@ pub(crate) fn publish(rec: &mut FunctionRecord, description: Option<String>) -> 
     let mut version = rec.latest.clone();
     version.revision_id = new_revision();
     version.last_modified = timestamp();
+    // A published version with SnapStart is Pending until its snapshot exists.
+    version.state = (version.snap_start_apply_on == SNAP_START_PUBLISHED).then(|| "Pending".into());
+    version.state_reason = None;
     if let Some(d) = description {
         version.description = d;
     }
@@ -135,14 +149,25 @@ impl AppState {
             revision_id: v.revision_id.clone(),
             package_type: "Zip".into(),
             architectures: vec!["x86_64".into()],
-            state: "Active".into(),
+            state: v.state.clone().unwrap_or_else(|| "Active".into()),
+            state_reason: v.state_reason.clone(),
+            state_reason_code: match v.state.as_deref() {
+                Some("Pending") => Some("Creating".into()),
+                Some("Failed") => Some("FunctionError".into()),
+                _ => None,
+            },
             last_update_status: "Successful".into(),
             ephemeral_storage: EphemeralStorage {
                 size: i64::from(v.ephemeral_storage_mb),
             },
             snap_start: SnapStartOut {
                 apply_on: v.snap_start_apply_on.clone(),
-                optimization_status: "Off".into(),
+                optimization_status: if self.uses_snapshot(label, v) {
+                    "On"
+                } else {
+                    "Off"
+                }
+                .into(),
             },
             logging_config: LoggingConfig {
                 log_format: "Text".into(),
@@ -388,6 +413,8 @@ pub async fn create_function(
         snap_start_apply_on,
         code: code_ref(&stored),
         last_modified: timestamp(),
+        state: None,
+        state_reason: None,
         revision_id: new_revision(),
     };
     let mut record = FunctionRecord {
@@ -399,6 +426,7 @@ pub async fn create_function(
         reserved_concurrency: None,
         tags,
     };
+    mark_latest(&mut record, state.config().snap_start_latest);
     let published = publish_now.then(|| publish(&mut record, None));
     let created = {
         let record = record.clone();
@@ -412,6 +440,7 @@ pub async fn create_function(
         )));
     }
     tracing::info!(function = %name, code_sha256 = %stored.sha256_b64, "function created");
+    state.schedule_snapshots(&name).await;
     Ok(
         match published.and_then(|n| record.versions.get(&n).map(|v| (n, v))) {
             Some((n, v)) => state.configuration(&name, &n.to_string(), v, false),
@@ -528,7 +557,7 @@ pub async fn delete_function(
             if removed.is_none() {
                 return Err(state.function_not_found(&name, None));
             }
-            state.invoker().retire(&name);
+            state.invoker().forget(&name);
             let key = name.clone();
             if let Err(e) = state.blocking(move |s| Ok(s.logs().remove(&key)?)).await {
                 tracing::warn!(function = %name, error = %e, "could not remove the function's log");
@@ -609,6 +638,7 @@ pub async fn update_function_code(
     let code = code_ref(&stored);
     let revision = req.revision_id;
     let key = name.clone();
+    let snap_latest = state.config().snap_start_latest;
     let updated = state
         .blocking(move |s| {
             s.store().update(&key, |rec, _| {
@@ -616,6 +646,7 @@ pub async fn update_function_code(
                 rec.latest.code = code;
                 rec.latest.last_modified = timestamp();
                 rec.latest.revision_id = new_revision();
+                mark_latest(rec, snap_latest);
                 Ok(match publish_now.then(|| publish(rec, None)) {
                     Some(n) => (n.to_string(), rec.versions.get(&n).cloned()),
                     None => (LATEST.to_string(), Some(rec.latest.clone())),
@@ -627,6 +658,7 @@ pub async fn update_function_code(
         return Err(state.function_not_found(&name, None));
     };
     state.invoker().retire(&name);
+    state.schedule_snapshots(&name).await;
     tracing::info!(function = %name, code_sha256 = %stored.sha256_b64, "function code updated");
     Ok(state.configuration(&name, &label, &version, false))
 }
@@ -669,6 +701,7 @@ pub async fn update_function_configuration(
         validate::snap_start(s)?;
     }
     let key = name.clone();
+    let snap_latest = state.config().snap_start_latest;
     let updated = state
         .blocking(move |s| {
             s.store().update(&key, |rec, _| {
@@ -708,12 +741,14 @@ pub async fn update_function_configuration(
                 }
                 v.last_modified = timestamp();
                 v.revision_id = new_revision();
-                Ok(v.clone())
+                mark_latest(rec, snap_latest);
+                Ok(rec.latest.clone())
             })
         })
         .await?;
     let version = updated.ok_or_else(|| state.function_not_found(&name, None))?;
     state.invoker().retire(&name);
+    state.schedule_snapshots(&name).await;
     tracing::info!(function = %name, "function configuration updated");
     Ok(state.configuration(&name, LATEST, &version, false))
 }
@@ -752,6 +787,7 @@ pub async fn publish_version(
         return Err(state.function_not_found(&name, None));
     };
     tracing::info!(function = %name, version = n, "version published");
+    state.schedule_snapshots(&name).await;
     Ok(state.configuration(&name, &n.to_string(), &version, false))
 }
 

@@ -20,7 +20,7 @@ use hearth_proto::MAX_SYNC_PAYLOAD;
 use rand::Rng;
 
 use crate::error::ApiError;
-use crate::invoker::{FunctionSpec, InvokeError, InvokeRequest};
+use crate::invoker::{InvokeError, InvokeRequest};
 use crate::state::AppState;
 use crate::store::AliasRecord;
 use crate::validate::{self, Qualifier};
@@ -165,20 +165,21 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         .saturating_sub(reserved_total)
         .try_into()
         .unwrap_or(0);
-    let spec = FunctionSpec {
-        name: name.clone(),
-        version: executed_version.clone(),
-        arn: config.function_arn(&name),
-        runtime: version.runtime.clone(),
-        handler: version.handler.clone().unwrap_or_default(),
-        memory_mb: version.memory_mb,
-        timeout_s: version.timeout_s,
-        env: version.environment.clone(),
-        code_dir: state.code().dir_for(&version.code.sha256_hex),
-        code_sha256: version.code.sha256_b64.clone(),
-        revision_id: version.revision_id.clone(),
-        snap_start: false,
-    };
+    if let Some(st) = version.state.as_deref() {
+        return Err(ApiError::new(
+            crate::error::ErrorKind::ResourceConflict,
+            format!(
+                "The operation cannot be performed at this time. The function is currently in the \
+                 following state: {st}{}",
+                version
+                    .state_reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let spec = state.function_spec(&name, &executed_version, &version);
     let invoked_arn = match &qualifier {
         Some(q) => config.qualified_arn(&name, q),
         None => config.function_arn(&name),
@@ -277,7 +278,6 @@ mod tests {
             description: String::new(),
             additional_version_weights: BTreeMap::from([("2".to_string(), 0.3)]),
             revision_id: "r".into(),
-            snap_start: false,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let n = 10_000;

@@ -26,6 +26,7 @@ pub mod logs;
 pub mod model;
 pub mod router;
 pub mod sigv4;
+pub mod snapstart;
 pub mod state;
 pub mod store;
 pub mod validate;

@@ -178,6 +178,10 @@ pub struct FunctionConfiguration {
     pub package_type: String,
     pub architectures: Vec<String>,
     pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason_code: Option<String>,
     pub last_update_status: String,
     pub ephemeral_storage: EphemeralStorage,
     pub snap_start: SnapStartOut,

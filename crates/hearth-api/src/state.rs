@@ -22,6 +22,9 @@ pub struct ApiConfig {
     pub credentials: Vec<(String, String)>,
     /// Account-wide concurrency limit (1000 by default, as Lambda).
     pub account_concurrency: u32,
+    /// Also snapshot `$LATEST` of functions with `SnapStart.ApplyOn = PublishedVersions`
+    /// (Lambda snapshots published versions only).
+    pub snap_start_latest: bool,
 }
 
 impl ApiConfig {
@@ -33,6 +36,7 @@ impl ApiConfig {
             account_id: "000000000000".to_string(),
             credentials: Vec::new(),
             account_concurrency: 1000,
+            snap_start_latest: false,
         }
     }
 
@@ -84,6 +88,8 @@ struct Inner {
     code: CodeStore,
     logs: LogStore,
     invoker: Arc<dyn Invoker>,
+    /// Snapshots being prepared: `name\0version\0revision`.
+    pub(crate) preparing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -107,9 +113,15 @@ impl AppState {
         limits: CodeLimits,
         invoker: Arc<dyn Invoker>,
     ) -> Result<AppState, InitError> {
-        tokio::task::spawn_blocking(move || Self::open(config, limits, invoker))
+        let state = tokio::task::spawn_blocking(move || Self::open(config, limits, invoker))
             .await
-            .map_err(|e| InitError::Task(e.to_string()))?
+            .map_err(|e| InitError::Task(e.to_string()))??;
+        // Versions left Pending by a crash get their snapshot made now.
+        let names: Vec<String> = state.store().all()?.into_iter().map(|r| r.name).collect();
+        for name in names {
+            state.schedule_snapshots(&name).await;
+        }
+        Ok(state)
     }
 
     /// The blocking part of start-up: file system and database.
@@ -157,8 +169,13 @@ impl AppState {
                 code,
                 logs,
                 invoker,
+                preparing: Default::default(),
             }),
         })
+    }
+
+    pub(crate) fn inner_preparing(&self) -> &std::sync::Mutex<std::collections::HashSet<String>> {
+        &self.inner.preparing
     }
 
     pub fn config(&self) -> &ApiConfig {

@@ -77,6 +77,12 @@ pub struct VersionRecord {
     /// `2024-01-01T00:00:00.000+0000`.
     pub last_modified: String,
     pub revision_id: String,
+    /// `State`: `None` means `Active`; `Pending` while a snapshot is being made, `Failed` if
+    /// that failed (with the reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
 }
 
 impl VersionRecord {
@@ -311,6 +317,8 @@ mod tests {
             },
             last_modified: "2024-01-01T00:00:00.000+0000".into(),
             revision_id: "r1".into(),
+            state: None,
+            state_reason: None,
         }
     }
 

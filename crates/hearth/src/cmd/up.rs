@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// The runsc binary.
     #[arg(long, env = "HEARTH_RUNSC")]
     pub runsc: Option<PathBuf>,
+    /// Also snapshot `$LATEST` of functions with SnapStart (Lambda snapshots only published
+    /// versions).
+    #[arg(long, env = "HEARTH_SNAPSTART_LATEST")]
+    pub snap_start_latest: bool,
     /// Do not pin each sandbox to one core.
     #[arg(long, env = "HEARTH_NO_PIN")]
     pub no_pin: bool,
@@ -155,6 +159,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             memory_budget_mb: args
                 .memory_budget_mb
                 .unwrap_or_else(hearth_worker::pool::default_memory_budget_mb),
+            snapshot_dir: Some(data_dir.join("snapshots")),
             ..WorkerConfig::default()
         },
     );
@@ -165,6 +170,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         account_id: "000000000000".into(),
         credentials: vec![(creds.access_key_id.clone(), creds.secret_access_key.clone())],
         account_concurrency: args.account_concurrency,
+        snap_start_latest: args.snap_start_latest,
     };
     let state = hearth_api::AppState::new(config, Arc::new(worker.clone()))
         .await
