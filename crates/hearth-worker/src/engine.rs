@@ -107,7 +107,7 @@ pub struct RunscEngine {
 
 impl RunscEngine {
     /// Check the configuration, become a child subreaper, prepare cgroups.
-    pub fn new(cfg: EngineConfig) -> Result<Self, EngineError> {
+    pub fn new(mut cfg: EngineConfig) -> Result<Self, EngineError> {
         if !cfg.runsc.is_file() {
             return Err(EngineError::NoRunsc(cfg.runsc.clone()));
         }
@@ -117,6 +117,13 @@ impl RunscEngine {
         for d in [&cfg.state_root, &cfg.bundles] {
             std::fs::create_dir_all(d).map_err(|source| EngineError::Io {
                 path: d.clone(),
+                source,
+            })?;
+        }
+        // Bundles resolve relative paths against the bundle directory: make every path absolute.
+        for p in [&mut cfg.state_root, &mut cfg.bundles, &mut cfg.agent] {
+            *p = std::path::absolute(&*p).map_err(|source| EngineError::Io {
+                path: p.clone(),
                 source,
             })?;
         }

@@ -119,8 +119,11 @@ pub struct ImageStore {
 }
 
 impl ImageStore {
+    /// An image cache at `dir` (made absolute: bundles refer to image roots by path).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ImageStore { dir: dir.into() }
+        let dir = dir.into();
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        ImageStore { dir }
     }
 
     pub fn dir(&self) -> &Path {
