@@ -24,6 +24,41 @@ pub enum BenchCmd {
     Sandbox(SandboxArgs),
     /// Concurrent invokes through the Lambda API of a running `hearth up`.
     Api(super::client::ApiBenchArgs),
+    /// Cold starts by boot versus by snapshot restore, and restore time by snapshot size.
+    Snapstart(SnapArgs),
+}
+
+#[derive(Args)]
+pub struct SnapArgs {
+    /// Cold starts to time per function and mode.
+    #[arg(long, default_value_t = 10)]
+    starts: usize,
+    /// Snapshot state sizes (MB) for the size sweep.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
+    sizes: Vec<usize>,
+    /// Image cache directory.
+    #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = ".hearth/images")]
+    image_cache: PathBuf,
+    /// The static agent binary.
+    #[arg(long, env = "HEARTH_AGENT")]
+    agent: Option<PathBuf>,
+}
+
+/// A Python handler whose init imports modules, works `busy_s` seconds and builds `state_mb`
+/// MB of state; the response proves the state is there.
+fn heavy_handler(state_mb: usize, busy_s: f64) -> String {
+    [
+        "import os, time, hashlib".to_string(),
+        "t0 = time.time()".to_string(),
+        "import json, decimal, email.message, http.client, xml.dom.minidom, argparse, logging, csv, sqlite3, asyncio, unittest".to_string(),
+        format!("STATE = [os.urandom(1024 * 1024) for _ in range({state_mb})]"),
+        format!("while time.time() - t0 < {busy_s}:"),
+        "    pass".to_string(),
+        "def handler(event, context):".to_string(),
+        "    return {'init_type': os.environ['AWS_LAMBDA_INITIALIZATION_TYPE'], 'state_mb': len(STATE)}".to_string(),
+    ]
+    .join("\n")
+        + "\n"
 }
 
 #[derive(Args)]
@@ -92,6 +127,12 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             rt.block_on(sandbox(a))
         }
         BenchCmd::Api(a) => super::client::api_bench(a),
+        BenchCmd::Snapstart(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(snapstart(a))
+        }
     }
 }
 
@@ -305,4 +346,147 @@ fn plain_runsc(
         );
     }
     Ok(elapsed)
+}
+
+/// Wait until the worker has destroyed every sandbox (so cold starts do not overlap teardown).
+async fn drained(worker: &Worker, name: &str) {
+    worker.retire(name);
+    for _ in 0..200 {
+        if worker.stats().live == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::tempdir()?;
+    let engine = Arc::new(RunscEngine::new(EngineConfig {
+        runsc: default_runsc(),
+        state_root: dir.path().join("runsc"),
+        bundles: dir.path().join("bundles"),
+        agent: super::find_agent(a.agent.clone()),
+        pin_cores: true,
+        extra_flags: vec![],
+    })?);
+    let worker = Worker::new(
+        engine,
+        ImageStore::new(&a.image_cache),
+        WorkerConfig {
+            keep_alive: Duration::from_secs(600),
+            memory_budget_mb: 16 * 1024,
+            snapshot_dir: Some(dir.path().join("snapshots")),
+            ..WorkerConfig::default()
+        },
+    );
+    let make = |name: &str, code: &str, memory_mb: u32| -> anyhow::Result<FunctionSpec> {
+        let code_dir = dir.path().join("code").join(name);
+        std::fs::create_dir_all(&code_dir)?;
+        std::fs::write(code_dir.join("app.py"), code)?;
+        Ok(FunctionSpec {
+            name: name.into(),
+            version: "1".into(),
+            arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{name}"),
+            runtime: "python3.11".into(),
+            handler: "app.handler".into(),
+            memory_mb,
+            timeout_s: 60,
+            env: BTreeMap::new(),
+            code_dir,
+            code_sha256: name.into(),
+            revision_id: "r1".into(),
+            snap_start: true,
+        })
+    };
+    let invoke = |spec: FunctionSpec| {
+        let w = worker.clone();
+        async move {
+            let t = Instant::now();
+            let r = w
+                .invoke(InvokeRequest {
+                    request_id: format!("bench-{:016x}", rand::random::<u64>()),
+                    invoked_arn: spec.arn.clone(),
+                    payload: b"{}".to_vec().into(),
+                    client_context: None,
+                    reserved_concurrency: None,
+                    unreserved_limit: 1000,
+                    spec,
+                })
+                .await?;
+            let elapsed = t.elapsed();
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+            if r.function_error {
+                bail!(
+                    "bench function failed: {}",
+                    String::from_utf8_lossy(&r.payload)
+                );
+            }
+            Ok::<_, anyhow::Error>((elapsed, v["init_type"].as_str().unwrap_or("").to_string()))
+        }
+    };
+    println!(
+        "hearth bench snapstart (runsc {}), {} cold starts each",
+        runsc_version(),
+        a.starts
+    );
+    for (name, code, mem) in [
+        ("trivial", heavy_handler(0, 0.0), 256u32),
+        ("heavy", heavy_handler(100, 1.0), 1024),
+    ] {
+        let spec = make(name, &code, mem)?;
+        let meta = worker.create_snapshot(&spec).await?;
+        println!(
+            "{name}: snapshot {:.1} MB, init {:.0} ms, checkpoint {:.0} ms",
+            meta.image_bytes as f64 / 1e6,
+            meta.init_ms,
+            meta.checkpoint_ms
+        );
+        let (mut boot, mut restore) = (Vec::new(), Vec::new());
+        for _ in 0..a.starts {
+            let mut b = spec.clone();
+            b.snap_start = false;
+            let (d, kind) = invoke(b).await?;
+            if kind != "on-demand" {
+                bail!("expected a boot, got {kind}");
+            }
+            boot.push(d);
+            drained(&worker, name).await;
+            let (d, kind) = invoke(spec.clone()).await?;
+            if kind != "snap-start" {
+                bail!("expected a restore, got {kind}");
+            }
+            restore.push(d);
+            drained(&worker, name).await;
+        }
+        boot.sort();
+        restore.sort();
+        let ratio = pct(&boot, 0.5) / pct(&restore, 0.5);
+        summary(&format!("{name}: cold start by boot"), boot);
+        summary(&format!("{name}: cold start by restore"), restore);
+        println!("{name}: restore is {ratio:.1}x faster than boot (p50)");
+    }
+    for mb in &a.sizes {
+        let name = format!("state{mb}");
+        let spec = make(&name, &heavy_handler(*mb, 0.0), (*mb as u32 + 256).max(512))?;
+        let meta = worker.create_snapshot(&spec).await?;
+        let mut restore = Vec::new();
+        for _ in 0..a.starts.min(5) {
+            let (d, kind) = invoke(spec.clone()).await?;
+            if kind != "snap-start" {
+                bail!("expected a restore, got {kind}");
+            }
+            restore.push(d);
+            drained(&worker, &name).await;
+        }
+        summary(
+            &format!(
+                "restore, {mb} MB state ({:.0} MB image)",
+                meta.image_bytes as f64 / 1e6
+            ),
+            restore,
+        );
+    }
+    worker.shutdown().await;
+    Ok(ExitCode::SUCCESS)
 }
