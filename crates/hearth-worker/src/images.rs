@@ -452,6 +452,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn relative_cache_paths_become_absolute() {
+        // Regression: a relative image cache put a relative root path into bundles, which runsc
+        // resolved against the bundle directory and failed to mount.
+        let store = ImageStore::new("target/hearth-images");
+        assert!(store.dir().is_absolute());
+        assert!(store.dir().ends_with("target/hearth-images"));
+    }
+
+    #[test]
     fn runtimes_map_to_recipes() {
         assert_eq!(
             recipe_for("python3.11").map(|r| r.name).ok(),
