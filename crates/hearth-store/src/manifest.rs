@@ -269,7 +269,10 @@ pub(crate) fn split_tagged(dir: &str, location: &ObjectPath) -> Option<(String, 
 
 /// The chunk id of a `chunks/xx/<id>` location, if it is one.
 pub(crate) fn chunk_id_of(location: &ObjectPath) -> Option<ChunkId> {
-    let rest = location.as_ref().strip_prefix(CHUNKS_DIR)?.strip_prefix('/')?;
+    let rest = location
+        .as_ref()
+        .strip_prefix(CHUNKS_DIR)?
+        .strip_prefix('/')?;
     let (fan, id) = rest.split_once('/')?;
     let id: ChunkId = id.parse().ok()?;
     (id.to_hex()[..2] == *fan).then_some(id)
