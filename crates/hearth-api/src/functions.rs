@@ -557,7 +557,7 @@ pub async fn delete_function(
             if removed.is_none() {
                 return Err(state.function_not_found(&name, None));
             }
-            state.invoker().forget(&name);
+            state.invoker().forget(&state.config().function_arn(&name));
             let key = name.clone();
             if let Err(e) = state.blocking(move |s| Ok(s.logs().remove(&key)?)).await {
                 tracing::warn!(function = %name, error = %e, "could not remove the function's log");

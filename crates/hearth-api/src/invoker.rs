@@ -97,8 +97,13 @@ pub trait Invoker: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The function was deleted: release everything kept for it (snapshots).
-    fn forget(&self, function_name: &str) {
-        self.retire(function_name);
+    /// The function (its unqualified ARN) was deleted: release everything kept for it.
+    fn forget(&self, function_arn: &str) {
+        self.retire(function_name_of(function_arn));
     }
+}
+
+/// The function name in an unqualified function ARN (`...:function:<name>`).
+pub fn function_name_of(function_arn: &str) -> &str {
+    function_arn.rsplit(':').next().unwrap_or(function_arn)
 }

@@ -42,6 +42,8 @@ pub struct WorkerConfig {
     pub init_timeout: Duration,
     /// Where snapshots are kept; `None` disables snapshots.
     pub snapshot_dir: Option<PathBuf>,
+    /// The chunk store artifacts (snapshots) are kept in; `None` keeps them local only.
+    pub chunk_store: Option<hearth_store::ChunkStore>,
 }
 
 impl Default for WorkerConfig {
@@ -53,6 +55,7 @@ impl Default for WorkerConfig {
             tmp_mb: 512,
             init_timeout: Duration::from_secs(10),
             snapshot_dir: None,
+            chunk_store: None,
         }
     }
 }
@@ -163,7 +166,10 @@ impl Worker {
                 "removed sandboxes left by an earlier run"
             );
         }
-        let snapshots = cfg.snapshot_dir.as_ref().map(SnapshotStore::new);
+        let snapshots = cfg
+            .snapshot_dir
+            .as_ref()
+            .map(|d| SnapshotStore::new(d, cfg.chunk_store.clone()));
         if let Some(s) = &snapshots {
             s.clean_tmp();
         }
@@ -696,7 +702,7 @@ impl Worker {
             image_bytes,
             checkpoint_ms,
         };
-        store.commit(spec, &tmp, &meta)?;
+        store.commit(spec, &tmp, &meta).await?;
         tracing::info!(function = %spec.name, version = %spec.version, image_bytes, "snapshot taken");
         Ok(meta)
     }
@@ -705,7 +711,7 @@ impl Worker {
     /// reason, if any, is appended to `log`).
     async fn try_restore(&self, spec: &FunctionSpec, log: &mut Vec<u8>) -> Option<(Env, f64)> {
         let store = self.inner.snapshots.as_ref()?;
-        let (dir, meta) = match store.find(spec, &self.snapshot_deps(spec)) {
+        let (dir, meta) = match store.find(spec, &self.snapshot_deps(spec)).await {
             Ok(found) => found,
             Err(SnapshotMiss::Absent) => return None,
             Err(miss) => {
@@ -990,10 +996,13 @@ impl Invoker for Worker {
             .map_err(|e| e.to_string())
     }
 
-    fn forget(&self, function_name: &str) {
-        self.retire(function_name);
-        if let Some(s) = &self.inner.snapshots {
-            s.remove_function(function_name);
+    fn forget(&self, function_arn: &str) {
+        let name = hearth_api::invoker::function_name_of(function_arn).to_string();
+        self.retire(&name);
+        if let Some(s) = self.inner.snapshots.clone() {
+            s.evict_local(&name);
+            let arn = function_arn.to_string();
+            tokio::spawn(async move { s.remove_function(&arn, &name).await });
         }
     }
 

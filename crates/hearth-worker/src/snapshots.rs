@@ -9,14 +9,21 @@
 //! binary, runsc version, memory size). A lookup whose dependencies differ from the current ones
 //! is a miss: the worker boots instead of attempting a restore that could break.
 //!
-//! Layout: `<dir>/<function>/<version>-<revision>/{checkpoint.img, snapshot.json}`, written to a
-//! temporary directory and renamed into place, so a crash never leaves a half snapshot.
+//! Storage: the image is an artifact of the chunk store (`hearth-store`: 512 KiB convergently
+//! encrypted chunks, in the function owner's key scope), named
+//! `snapshot/<function>/<version>-<revision>`, with the metadata in its manifest; any worker can
+//! restore it. The worker's directory
+//! `<dir>/<function>/<version>-<revision>/{checkpoint.img, snapshot.json}` is its local copy (runsc
+//! restores from a file): written to a temporary directory and renamed into place, so a crash
+//! never leaves a half snapshot; fetched from the chunk store (every chunk verified) when missing.
+//! A chunk that fails verification makes the lookup a miss: the worker boots.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use hearth_api::invoker::FunctionSpec;
+use hearth_store::{ChunkStore, Scope, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// Where the checkpointed runtime waits.
@@ -76,10 +83,31 @@ pub enum SnapshotError {
     Unavailable(String),
 }
 
-/// The worker's snapshot directory.
+/// Snapshots: the chunk store as origin, a local directory as the worker's copy.
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     dir: PathBuf,
+    chunks: Option<ChunkStore>,
+}
+
+/// The owner (account) of a function, from its ARN: snapshots are in the owner's key scope.
+fn owner_scope(spec: &FunctionSpec) -> Scope {
+    owner_of(&spec.arn)
+}
+
+fn owner_of(arn: &str) -> Scope {
+    let account = arn.split(':').nth(4).unwrap_or("000000000000");
+    Scope::Owner(account.to_string())
+}
+
+/// The artifact name of one version's snapshot.
+fn artifact_name(spec: &FunctionSpec) -> String {
+    format!(
+        "snapshot/{}/{}-{}",
+        safe(&spec.name),
+        safe(&spec.version),
+        safe(&spec.revision_id)
+    )
 }
 
 fn safe(s: &str) -> String {
@@ -95,8 +123,12 @@ fn safe(s: &str) -> String {
 }
 
 impl SnapshotStore {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        SnapshotStore { dir: dir.into() }
+    /// Snapshots kept in `dir` only, or also in a chunk store (the origin every worker shares).
+    pub fn new(dir: impl Into<PathBuf>, chunks: Option<ChunkStore>) -> Self {
+        SnapshotStore {
+            dir: dir.into(),
+            chunks,
+        }
     }
 
     /// The directory of one function version's snapshot.
@@ -109,7 +141,48 @@ impl SnapshotStore {
     }
 
     /// Find a usable snapshot: present, readable, and taken with the same dependencies.
-    pub fn find(
+    pub async fn find(
+        &self,
+        spec: &FunctionSpec,
+        deps: &BTreeMap<String, String>,
+    ) -> Result<(PathBuf, SnapshotMeta), SnapshotMiss> {
+        match self.find_local(spec, deps) {
+            Err(SnapshotMiss::Absent) => {}
+            other => return other,
+        }
+        let Some(chunks) = &self.chunks else {
+            return Err(SnapshotMiss::Absent);
+        };
+        let scope = owner_scope(spec);
+        let name = artifact_name(spec);
+        let manifest = match chunks.manifest(&scope, &name).await {
+            Ok(m) => m,
+            Err(StoreError::NotFound { .. }) => return Err(SnapshotMiss::Absent),
+            Err(e) => return Err(SnapshotMiss::Unreadable(e.to_string())),
+        };
+        let meta: SnapshotMeta = manifest
+            .meta
+            .get("snapshot")
+            .and_then(|m| serde_json::from_str(m).ok())
+            .ok_or_else(|| SnapshotMiss::Unreadable("manifest has no snapshot metadata".into()))?;
+        check_deps(&meta, deps)?;
+        let tmp = self
+            .tmp_dir()
+            .map_err(|e| SnapshotMiss::Unreadable(e.to_string()))?;
+        if let Err(e) = chunks
+            .get_to_file(&scope, &name, &tmp.join("checkpoint.img"))
+            .await
+        {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(SnapshotMiss::Unreadable(e.to_string()));
+        }
+        let dest = self
+            .place(spec, &tmp, &meta)
+            .map_err(|e| SnapshotMiss::Unreadable(e.to_string()))?;
+        Ok((dest, meta))
+    }
+
+    fn find_local(
         &self,
         spec: &FunctionSpec,
         deps: &BTreeMap<String, String>,
@@ -123,11 +196,7 @@ impl SnapshotStore {
         };
         let meta: SnapshotMeta =
             serde_json::from_slice(&bytes).map_err(|e| SnapshotMiss::Unreadable(e.to_string()))?;
-        for (k, v) in deps {
-            if meta.deps.get(k) != Some(v) {
-                return Err(SnapshotMiss::Stale(k.clone()));
-            }
-        }
+        check_deps(&meta, deps)?;
         if !dir.join("checkpoint.img").is_file() {
             return Err(SnapshotMiss::Unreadable("checkpoint.img missing".into()));
         }
@@ -147,8 +216,37 @@ impl SnapshotStore {
         Ok(tmp)
     }
 
-    /// Move a finished checkpoint into place with its metadata (replacing an older one).
-    pub fn commit(
+    /// Store a finished checkpoint: into the chunk store (if any), then into place locally.
+    pub async fn commit(
+        &self,
+        spec: &FunctionSpec,
+        tmp: &Path,
+        meta: &SnapshotMeta,
+    ) -> Result<PathBuf, SnapshotError> {
+        if let Some(chunks) = &self.chunks {
+            let text = serde_json::to_string(meta).unwrap_or_default();
+            let info = chunks
+                .put_file(
+                    &owner_scope(spec),
+                    &artifact_name(spec),
+                    &tmp.join("checkpoint.img"),
+                    BTreeMap::from([("snapshot".to_string(), text)]),
+                )
+                .await
+                .map_err(|e| SnapshotError::Unavailable(format!("storing the snapshot: {e}")))?;
+            tracing::info!(
+                function = %spec.name,
+                chunks = info.chunks,
+                new_chunks = info.new_chunks,
+                new_bytes = info.new_bytes,
+                "snapshot stored in the chunk store"
+            );
+        }
+        self.place(spec, tmp, meta)
+    }
+
+    /// Move a checkpoint directory into place with its metadata (replacing an older one).
+    fn place(
         &self,
         spec: &FunctionSpec,
         tmp: &Path,
@@ -180,13 +278,39 @@ impl SnapshotStore {
         Ok(dest)
     }
 
-    /// Forget every snapshot of a function (it was deleted).
-    pub fn remove_function(&self, name: &str) {
+    /// Drop the worker's local copies of a function's snapshots (the chunk store keeps them).
+    pub fn evict_local(&self, name: &str) {
         let _ = fs::remove_dir_all(self.dir.join(safe(name)));
+    }
+
+    /// Forget every snapshot of a function (it was deleted): local copies and the chunk store's
+    /// manifests, whose chunks the collector then frees.
+    pub async fn remove_function(&self, function_arn: &str, name: &str) {
+        self.evict_local(name);
+        if let Some(chunks) = &self.chunks {
+            let scope = owner_of(function_arn);
+            let prefix = format!("snapshot/{}/", safe(name));
+            if let Ok(names) = chunks.list(&scope, &prefix).await {
+                for n in names {
+                    if let Err(e) = chunks.delete(&scope, &n).await {
+                        tracing::warn!("releasing snapshot {n}: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Remove temporary directories a crash left behind.
     pub fn clean_tmp(&self) {
         let _ = fs::remove_dir_all(self.dir.join(".tmp"));
     }
+}
+
+fn check_deps(meta: &SnapshotMeta, deps: &BTreeMap<String, String>) -> Result<(), SnapshotMiss> {
+    for (k, v) in deps {
+        if meta.deps.get(k) != Some(v) {
+            return Err(SnapshotMiss::Stale(k.clone()));
+        }
+    }
+    Ok(())
 }

@@ -639,8 +639,23 @@ def handler(event, context):
     )
 }
 
+fn chunk_store(origin: &Path) -> hearth_store::ChunkStore {
+    let secrets =
+        hearth_store::Secrets::load_or_create(&origin.join("store.key")).expect("secrets");
+    hearth_store::ChunkStore::local(&origin.join("origin"), None, secrets).expect("chunk store")
+}
+
 fn snap_harness() -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
+    snap_worker(dir, None)
+}
+
+/// A worker with snapshots in a chunk store; `shared` is the directory holding the chunk
+/// store's origin and key (default: inside the worker's own directory).
+fn snap_worker(dir: tempfile::TempDir, shared: Option<&Path>) -> Harness {
+    let origin = shared
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.path().join("store"));
     let engine = RunscEngine::new(EngineConfig {
         runsc: default_runsc(),
         state_root: dir.path().join("runsc"),
@@ -657,10 +672,85 @@ fn snap_harness() -> Harness {
             keep_alive: Duration::from_secs(60),
             memory_budget_mb: 8192,
             snapshot_dir: Some(dir.path().join("snapshots")),
+            chunk_store: Some(chunk_store(&origin)),
             ..WorkerConfig::default()
         },
     );
     Harness { worker, dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_worker_restores_from_the_chunk_store_and_corrupt_chunks_mean_boot() {
+    let shared = tempfile::tempdir().expect("tempdir");
+    let a = snap_worker(tempfile::tempdir().expect("tempdir"), Some(shared.path()));
+    let app = heavy_app(4, 0.0, false);
+    let mut spec = a.spec(
+        "snapshare",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &app)],
+    );
+    spec.snap_start = true;
+    let meta = a.worker.create_snapshot(&spec).await.expect("snapshot");
+    a.finish().await;
+
+    // A second worker with nothing local but the same chunk store restores the snapshot.
+    let b = snap_worker(tempfile::tempdir().expect("tempdir"), Some(shared.path()));
+    let mut spec_b = b.spec(
+        "snapshare",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &app)],
+    );
+    spec_b.snap_start = true;
+    let r = b.invoke(&spec_b, json!({})).await.expect("invoke");
+    assert_eq!(
+        json_of(&r)["init_type"],
+        "snap-start",
+        "{}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert_eq!(b.worker.stats().restores, 1);
+    b.finish().await;
+
+    // Corrupt one stored chunk; a third worker (no local copy) detects it and boots cleanly.
+    let mut chunks = Vec::new();
+    let mut stack = vec![shared.path().join("origin/chunks")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("chunks").flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                chunks.push(e.path());
+            }
+        }
+    }
+    assert!(
+        chunks.len() as u64 >= meta.image_bytes / (512 * 1024),
+        "image stored as 512 KiB chunks"
+    );
+    chunks.sort();
+    let victim = &chunks[chunks.len() / 2];
+    let mut bytes = std::fs::read(victim).expect("chunk");
+    bytes[100] ^= 0xff;
+    std::fs::write(victim, bytes).expect("corrupt");
+    let c = snap_worker(tempfile::tempdir().expect("tempdir"), Some(shared.path()));
+    let mut spec_c = c.spec(
+        "snapshare",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &app)],
+    );
+    spec_c.snap_start = true;
+    let r = c.invoke(&spec_c, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert_eq!(
+        json_of(&r)["init_type"],
+        "on-demand",
+        "a corrupt snapshot is never restored"
+    );
+    assert_eq!(c.worker.stats().restores, 0);
+    c.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,9 @@ pub struct UpArgs {
     /// versions).
     #[arg(long, env = "HEARTH_SNAPSTART_LATEST")]
     pub snap_start_latest: bool,
+    /// Size bound (MiB) of the worker's disk cache of chunks.
+    #[arg(long, env = "HEARTH_CHUNK_CACHE_MB", default_value_t = 4096)]
+    pub chunk_cache_mb: u64,
     /// Do not pin each sandbox to one core.
     #[arg(long, env = "HEARTH_NO_PIN")]
     pub no_pin: bool,
@@ -142,6 +145,18 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .context("building runtime images (or start with --no-build-images)")?;
     }
 
+    // The chunk store: every artifact's origin, with the worker's verified chunk cache.
+    let secrets = hearth_store::Secrets::load_or_create(&data_dir.join("store.key"))
+        .context("loading the chunk store's key")?;
+    let chunks = hearth_store::ChunkStore::local(
+        &data_dir.join("store"),
+        Some((
+            &data_dir.join("cache").join("chunks"),
+            args.chunk_cache_mb * 1024 * 1024,
+        )),
+        secrets,
+    )
+    .context("opening the chunk store")?;
     let engine = RunscEngine::new(EngineConfig {
         runsc: args.runsc.clone().unwrap_or_else(default_runsc),
         state_root: data_dir.join("runsc"),
@@ -160,6 +175,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .memory_budget_mb
                 .unwrap_or_else(hearth_worker::pool::default_memory_budget_mb),
             snapshot_dir: Some(data_dir.join("snapshots")),
+            chunk_store: Some(chunks.clone()),
             ..WorkerConfig::default()
         },
     );
