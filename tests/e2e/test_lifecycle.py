@@ -110,3 +110,23 @@ def test_hearth_cli_deploy_invoke_ls_logs(fresh_hearth, tmp_path):
                  ["image", "--help"], ["bench", "sandbox", "--help"]):
         cp = run(*args)
         assert cp.returncode == 0 and "Usage" in cp.stdout, args
+
+
+def test_code_is_served_from_the_chunk_store(fresh_hearth):
+    """Workers materialise code from the chunk store: with every unpacked copy gone, a cold
+    start still runs the function; deleting the function releases its code artifact."""
+    import shutil
+    lam = fresh_hearth.client()
+    _create(lam, "fromstore")
+    assert _invoke(lam, "fromstore")["count"] == 1
+    fresh_hearth.stop()
+    for d in ("code", "cache/code"):
+        shutil.rmtree(Path(fresh_hearth.data_dir, d), ignore_errors=True)
+    fresh_hearth.start()
+    lam = fresh_hearth.client()
+    assert _invoke(lam, "fromstore")["count"] == 1
+    assert any(Path(fresh_hearth.data_dir, "cache/code").iterdir()), "the worker cached the code"
+    manifests = lambda: [p for p in Path(fresh_hearth.data_dir, "store/manifests").rglob("*") if p.is_file()]
+    assert any("code" in str(p) for p in manifests())
+    lam.delete_function(FunctionName="fromstore")
+    assert not any("code" in str(p) for p in manifests()), "the code artifact is released"

@@ -42,6 +42,11 @@ fn check_revision(given: Option<&str>, current: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The chunk-store name of a deployment package.
+pub fn code_artifact(sha256_hex: &str) -> String {
+    format!("code/{sha256_hex}")
+}
+
 /// `SnapStart.ApplyOn` value that turns snapshots on.
 pub(crate) const SNAP_START_PUBLISHED: &str = "PublishedVersions";
 
@@ -217,8 +222,53 @@ impl AppState {
             .ok_or_else(|| self.function_not_found(&rec.name, Some(q)))
     }
 
+    /// Validate and unpack a package, and keep it in the chunk store for workers.
     async fn store_code(&self, zip: Vec<u8>) -> Result<StoredCode, ApiError> {
-        self.blocking(move |s| Ok(s.code().store_zip(&zip)?)).await
+        let zip = std::sync::Arc::new(zip);
+        let z = zip.clone();
+        let stored = self.blocking(move |s| Ok(s.code().store_zip(&z)?)).await?;
+        if let Some(chunks) = &self.config().chunk_store {
+            chunks
+                .put_bytes(
+                    &self.owner_scope(),
+                    &code_artifact(&stored.sha256_hex),
+                    &zip,
+                    Default::default(),
+                )
+                .await
+                .map_err(|e| ApiError::internal(format!("storing code in the chunk store: {e}")))?;
+        }
+        Ok(stored)
+    }
+
+    /// The key scope of this account's artifacts.
+    pub(crate) fn owner_scope(&self) -> hearth_store::Scope {
+        hearth_store::Scope::Owner(self.config().account_id.clone())
+    }
+
+    /// Release code artifacts no function or version uses any more (their chunks are then
+    /// freed by the collector).
+    pub(crate) async fn release_unused_code(&self) {
+        let Some(chunks) = self.config().chunk_store.clone() else {
+            return;
+        };
+        let used: std::collections::HashSet<String> =
+            match self.blocking(|s| Ok(s.store().all()?)).await {
+                Ok(records) => records
+                    .iter()
+                    .flat_map(|r| std::iter::once(&r.latest).chain(r.versions.values()))
+                    .map(|v| code_artifact(&v.code.sha256_hex))
+                    .collect(),
+                Err(_) => return,
+            };
+        let scope = self.owner_scope();
+        if let Ok(names) = chunks.list(&scope, "code/").await {
+            for name in names.into_iter().filter(|n| !used.contains(n)) {
+                if let Err(e) = chunks.delete(&scope, &name).await {
+                    tracing::warn!("releasing {name}: {e}");
+                }
+            }
+        }
     }
 
     /// Reject if storing `extra` more bytes of code passes the account's code storage limit.
@@ -558,6 +608,7 @@ pub async fn delete_function(
                 return Err(state.function_not_found(&name, None));
             }
             state.invoker().forget(&state.config().function_arn(&name));
+            state.release_unused_code().await;
             let key = name.clone();
             if let Err(e) = state.blocking(move |s| Ok(s.logs().remove(&key)?)).await {
                 tracing::warn!(function = %name, error = %e, "could not remove the function's log");
@@ -609,6 +660,10 @@ pub async fn delete_function(
                 return Err(state.function_not_found(&name, None));
             }
             state.invoker().retire(&name);
+            state
+                .invoker()
+                .forget_version(&state.config().function_arn(&name), &n.to_string());
+            state.release_unused_code().await;
         }
     }
     Ok(())
@@ -659,6 +714,7 @@ pub async fn update_function_code(
     };
     state.invoker().retire(&name);
     state.schedule_snapshots(&name).await;
+    state.release_unused_code().await;
     tracing::info!(function = %name, code_sha256 = %stored.sha256_b64, "function code updated");
     Ok(state.configuration(&name, &label, &version, false))
 }

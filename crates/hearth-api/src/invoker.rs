@@ -97,6 +97,9 @@ pub trait Invoker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// One published version was deleted: release what was kept for it (its snapshot).
+    fn forget_version(&self, _function_arn: &str, _version: &str) {}
+
     /// The function (its unqualified ARN) was deleted: release everything kept for it.
     fn forget(&self, function_arn: &str) {
         self.retire(function_name_of(function_arn));

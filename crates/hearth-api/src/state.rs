@@ -25,6 +25,9 @@ pub struct ApiConfig {
     /// Also snapshot `$LATEST` of functions with `SnapStart.ApplyOn = PublishedVersions`
     /// (Lambda snapshots published versions only).
     pub snap_start_latest: bool,
+    /// Where deployment packages are kept for workers to fetch (the chunk store, in the
+    /// account's key scope); `None` keeps them only in the front end's code directory.
+    pub chunk_store: Option<hearth_store::ChunkStore>,
 }
 
 impl ApiConfig {
@@ -37,6 +40,7 @@ impl ApiConfig {
             credentials: Vec::new(),
             account_concurrency: 1000,
             snap_start_latest: false,
+            chunk_store: None,
         }
     }
 

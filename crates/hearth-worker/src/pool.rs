@@ -42,8 +42,11 @@ pub struct WorkerConfig {
     pub init_timeout: Duration,
     /// Where snapshots are kept; `None` disables snapshots.
     pub snapshot_dir: Option<PathBuf>,
-    /// The chunk store artifacts (snapshots) are kept in; `None` keeps them local only.
+    /// The chunk store artifacts (code, snapshots) are kept in; `None`: code is read from the
+    /// directory the front end names, snapshots stay local.
     pub chunk_store: Option<hearth_store::ChunkStore>,
+    /// The worker's cache of unpacked code fetched from the chunk store (survives restarts).
+    pub code_cache: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -56,6 +59,7 @@ impl Default for WorkerConfig {
             init_timeout: Duration::from_secs(10),
             snapshot_dir: None,
             chunk_store: None,
+            code_cache: None,
         }
     }
 }
@@ -468,10 +472,53 @@ fn error_doc(message: &str, error_type: &str) -> Vec<u8> {
 }
 
 impl Worker {
+    /// The unpacked code of a version, from the worker's code cache, fetched from the chunk
+    /// store (verified chunk by chunk, then checked against `CodeSha256`) when missing.
+    async fn code_dir(&self, spec: &FunctionSpec) -> Result<PathBuf, InvokeError> {
+        let (Some(chunks), Some(cache)) = (&self.inner.cfg.chunk_store, &self.inner.cfg.code_cache)
+        else {
+            return Ok(spec.code_dir.clone());
+        };
+        use base64::Engine;
+        let digest = base64::engine::general_purpose::STANDARD
+            .decode(&spec.code_sha256)
+            .map_err(|_| InvokeError::Service(format!("bad CodeSha256 {:?}", spec.code_sha256)))?;
+        let hex_sha = hex::encode(&digest);
+        let store = hearth_api::code::CodeStore::new(cache.clone(), Default::default());
+        let dir = store.dir_for(&hex_sha);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let account = spec
+            .arn
+            .split(':')
+            .nth(4)
+            .unwrap_or("000000000000")
+            .to_string();
+        let zip = chunks
+            .get_bytes(
+                &hearth_store::Scope::Owner(account),
+                &hearth_api::functions::code_artifact(&hex_sha),
+            )
+            .await
+            .map_err(|e| InvokeError::NotReady(format!("fetching the function's code: {e}")))?;
+        let stored = tokio::task::spawn_blocking(move || store.store_zip(&zip))
+            .await
+            .map_err(|e| InvokeError::Service(e.to_string()))?
+            .map_err(|e| InvokeError::Service(format!("unpacking the function's code: {e}")))?;
+        if stored.sha256_hex != hex_sha {
+            return Err(InvokeError::Service(
+                "code artifact does not match its CodeSha256".into(),
+            ));
+        }
+        Ok(stored.dir)
+    }
+
     /// The bundle contents for one function version.
     fn sandbox_spec(
         &self,
         spec: &FunctionSpec,
+        code_dir: PathBuf,
         init_type: &str,
     ) -> Result<SandboxSpec, InvokeError> {
         let inner = &self.inner;
@@ -481,7 +528,7 @@ impl Worker {
             .map_err(|e| InvokeError::NotReady(e.to_string()))?;
         Ok(SandboxSpec {
             rootfs,
-            code_dir: spec.code_dir.clone(),
+            code_dir,
             env: lambda_env(spec, &inner.cfg.region, init_type),
             memory_mb: spec.memory_mb,
             tmp_mb: inner.cfg.tmp_mb,
@@ -497,7 +544,8 @@ impl Worker {
         image: Option<&Path>,
     ) -> Result<Env, InvokeError> {
         let inner = &self.inner;
-        let sandbox_spec = self.sandbox_spec(spec, init_type)?;
+        let code_dir = self.code_dir(spec).await?;
+        let sandbox_spec = self.sandbox_spec(spec, code_dir, init_type)?;
         let need = spec.memory_mb as u64 + SENTRY_OVERHEAD_MB;
         inner.reserve_memory(need)?;
         let started = match image {
@@ -1002,7 +1050,15 @@ impl Invoker for Worker {
         if let Some(s) = self.inner.snapshots.clone() {
             s.evict_local(&name);
             let arn = function_arn.to_string();
-            tokio::spawn(async move { s.remove_function(&arn, &name).await });
+            tokio::spawn(async move { s.remove(&arn, &name, None).await });
+        }
+    }
+
+    fn forget_version(&self, function_arn: &str, version: &str) {
+        if let Some(s) = self.inner.snapshots.clone() {
+            let name = hearth_api::invoker::function_name_of(function_arn).to_string();
+            let (arn, version) = (function_arn.to_string(), version.to_string());
+            tokio::spawn(async move { s.remove(&arn, &name, Some(&version)).await });
         }
     }
 

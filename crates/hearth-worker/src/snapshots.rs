@@ -283,13 +283,29 @@ impl SnapshotStore {
         let _ = fs::remove_dir_all(self.dir.join(safe(name)));
     }
 
-    /// Forget every snapshot of a function (it was deleted): local copies and the chunk store's
-    /// manifests, whose chunks the collector then frees.
-    pub async fn remove_function(&self, function_arn: &str, name: &str) {
-        self.evict_local(name);
+    /// Forget every snapshot of a function (`version: None`, it was deleted) or of one version:
+    /// local copies and the chunk store's manifests, whose chunks the collector then frees.
+    pub async fn remove(&self, function_arn: &str, name: &str, version: Option<&str>) {
+        let local = self.dir.join(safe(name));
+        let prefix = match version {
+            None => {
+                self.evict_local(name);
+                format!("snapshot/{}/", safe(name))
+            }
+            Some(v) => {
+                let start = format!("{}-", safe(v));
+                if let Ok(entries) = fs::read_dir(&local) {
+                    for e in entries.flatten() {
+                        if e.file_name().to_string_lossy().starts_with(&start) {
+                            let _ = fs::remove_dir_all(e.path());
+                        }
+                    }
+                }
+                format!("snapshot/{}/{start}", safe(name))
+            }
+        };
         if let Some(chunks) = &self.chunks {
             let scope = owner_of(function_arn);
-            let prefix = format!("snapshot/{}/", safe(name));
             if let Ok(names) = chunks.list(&scope, &prefix).await {
                 for n in names {
                     if let Err(e) = chunks.delete(&scope, &n).await {

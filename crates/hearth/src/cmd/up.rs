@@ -176,6 +176,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(hearth_worker::pool::default_memory_budget_mb),
             snapshot_dir: Some(data_dir.join("snapshots")),
             chunk_store: Some(chunks.clone()),
+            code_cache: Some(data_dir.join("cache").join("code")),
             ..WorkerConfig::default()
         },
     );
@@ -187,6 +188,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         credentials: vec![(creds.access_key_id.clone(), creds.secret_access_key.clone())],
         account_concurrency: args.account_concurrency,
         snap_start_latest: args.snap_start_latest,
+        chunk_store: Some(chunks.clone()),
     };
     let state = hearth_api::AppState::new(config, Arc::new(worker.clone()))
         .await
