@@ -40,6 +40,7 @@ class Hearth:
             "--data-dir", str(self.data_dir),
             "--listen", f"127.0.0.1:{self.port}",
             "--no-build-images",
+            "--no-image-artifacts",
             "--keep-alive", "30",
         ] + self.extra_args
         if os.environ.get("HEARTH_IMAGE_CACHE"):

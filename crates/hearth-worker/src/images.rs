@@ -145,10 +145,48 @@ impl ImageStore {
     /// Identity of the built image serving a runtime: a digest of its `image.json` (a rebuild
     /// changes it, so snapshots taken on the old image are not restored on the new one).
     pub fn image_id(&self, runtime: &str) -> Option<String> {
+        self.image_id_by_name(recipe_for(runtime).ok()?.name)
+    }
+
+    /// [`ImageStore::image_id`] by image name.
+    pub fn image_id_by_name(&self, name: &str) -> Option<String> {
         use sha2::Digest;
-        let name = recipe_for(runtime).ok()?.name;
         let bytes = fs::read(self.dir.join(name).join("image.json")).ok()?;
         Some(hex::encode(sha2::Sha256::digest(&bytes)))
+    }
+
+    /// Unpack an image tar fetched from the chunk store, keeping its original `image.json`
+    /// (so its identity, and the snapshots that depend on it, stay valid).
+    pub fn import_tar_with_info(
+        &self,
+        name: &str,
+        tar: &Path,
+        image_json: &str,
+    ) -> Result<PathBuf, ImageError> {
+        let tmp = self.fresh_tmp(name)?;
+        let rootfs = tmp.join("rootfs");
+        fs::create_dir_all(&rootfs).map_err(io_err(&rootfs))?;
+        let mut cmd = Command::new("tar");
+        cmd.arg("-xf")
+            .arg(tar)
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("--numeric-owner");
+        if let Err(e) = run_streaming(cmd, "untar image", &mut |_| {}) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let meta = tmp.join("image.json");
+        fs::write(&meta, image_json).map_err(io_err(&meta))?;
+        let dest = self.dir.join(name);
+        if dest.join("image.json").is_file() {
+            // Another fetch finished first; sandboxes may already use it: keep it.
+            let _ = fs::remove_dir_all(&tmp);
+            return Ok(dest.join("rootfs"));
+        }
+        let _ = fs::remove_dir_all(&dest);
+        fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        Ok(dest.join("rootfs"))
     }
 
     /// The root file system serving a runtime identifier.

@@ -545,6 +545,11 @@ impl Worker {
     ) -> Result<Env, InvokeError> {
         let inner = &self.inner;
         let code_dir = self.code_dir(spec).await?;
+        if let Some(chunks) = &self.inner.cfg.chunk_store {
+            crate::artifacts::ensure_image(&self.inner.images, chunks, &spec.runtime)
+                .await
+                .map_err(|e| InvokeError::NotReady(e.to_string()))?;
+        }
         let sandbox_spec = self.sandbox_spec(spec, code_dir, init_type)?;
         let need = spec.memory_mb as u64 + SENTRY_OVERHEAD_MB;
         inner.reserve_memory(need)?;

@@ -884,3 +884,57 @@ async fn stale_or_corrupt_snapshots_mean_a_clean_boot() {
     assert_eq!(h.worker.stats().restores, 0);
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_image_fetches_it_from_the_chunk_store() {
+    let shared = tempfile::tempdir().expect("tempdir");
+    let chunks = chunk_store(shared.path());
+    let built = ImageStore::new(image_cache());
+    let stored = hearth_worker::artifacts::publish_image(&built, &chunks, "provided")
+        .await
+        .expect("publish");
+    assert!(stored > 0);
+    // Publishing again stores nothing new.
+    assert_eq!(
+        hearth_worker::artifacts::publish_image(&built, &chunks, "provided")
+            .await
+            .expect("publish"),
+        0
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty_cache = dir.path().join("images");
+    let engine = RunscEngine::new(EngineConfig {
+        runsc: default_runsc(),
+        state_root: dir.path().join("runsc"),
+        bundles: dir.path().join("bundles"),
+        agent: agent_path(),
+        pin_cores: true,
+        extra_flags: vec![],
+    })
+    .expect("engine");
+    let worker = Worker::new(
+        Arc::new(engine),
+        ImageStore::new(&empty_cache),
+        WorkerConfig {
+            chunk_store: Some(chunks),
+            memory_budget_mb: 4096,
+            ..WorkerConfig::default()
+        },
+    );
+    let h = Harness { worker, dir };
+    let spec = h.spec(
+        "fetched",
+        "provided",
+        "x",
+        &[("bootstrap", SHELL_BOOTSTRAP)],
+    );
+    let r = h.invoke(&spec, json!({"a": 1})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert_eq!(json_of(&r)["echo"], json!({"a": 1}));
+    assert_eq!(
+        ImageStore::new(&empty_cache).image_id("provided"),
+        built.image_id("provided"),
+        "the fetched image keeps its identity"
+    );
+    h.finish().await;
+}

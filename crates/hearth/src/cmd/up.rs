@@ -53,6 +53,12 @@ pub struct UpArgs {
     /// versions).
     #[arg(long, env = "HEARTH_SNAPSTART_LATEST")]
     pub snap_start_latest: bool,
+    /// Do not store runtime images in the chunk store (test servers that share one image cache).
+    #[arg(long, env = "HEARTH_NO_IMAGE_ARTIFACTS")]
+    pub no_image_artifacts: bool,
+    /// Seconds between runs of the chunk store's garbage collector.
+    #[arg(long, env = "HEARTH_GC_INTERVAL", default_value_t = 600)]
+    pub gc_interval: u64,
     /// Size bound (MiB) of the worker's disk cache of chunks.
     #[arg(long, env = "HEARTH_CHUNK_CACHE_MB", default_value_t = 4096)]
     pub chunk_cache_mb: u64,
@@ -157,6 +163,48 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         secrets,
     )
     .context("opening the chunk store")?;
+    // Runtime images go to the chunk store (shared scope) in the background: this worker runs
+    // them from its local cache meanwhile; other workers fetch them from the store.
+    if !args.no_image_artifacts {
+        let (images, chunks) = (images.clone(), chunks.clone());
+        tokio::spawn(async move {
+            for recipe in hearth_worker::images::RECIPES {
+                if images.rootfs(recipe.name).is_err() {
+                    continue;
+                }
+                match hearth_worker::artifacts::publish_image(&images, &chunks, recipe.name).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        image = recipe.name,
+                        new_bytes = n,
+                        "image stored in the chunk store"
+                    ),
+                    Err(e) => tracing::warn!(
+                        image = recipe.name,
+                        "storing the image in the chunk store: {e}"
+                    ),
+                }
+            }
+        });
+    }
+    // The collector frees chunks no manifest uses; the grace period protects uploads in flight.
+    {
+        let chunks = chunks.clone();
+        let every = Duration::from_secs(args.gc_interval.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match chunks.collect_garbage(Duration::from_secs(3600)).await {
+                    Ok(r) => tracing::info!(
+                        deleted = r.deleted,
+                        bytes_freed = r.bytes_freed,
+                        "chunk store collected"
+                    ),
+                    Err(e) => tracing::warn!("chunk store collection: {e}"),
+                }
+            }
+        });
+    }
     let engine = RunscEngine::new(EngineConfig {
         runsc: args.runsc.clone().unwrap_or_else(default_runsc),
         state_root: data_dir.join("runsc"),
