@@ -26,6 +26,21 @@ pub enum BenchCmd {
     Api(super::client::ApiBenchArgs),
     /// Cold starts by boot versus by snapshot restore, and restore time by snapshot size.
     Snapstart(SnapArgs),
+    /// Chunk store: bytes stored for N functions on one runtime against the naive sum.
+    Store(StoreArgs),
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Functions to deploy.
+    #[arg(long, default_value_t = 20)]
+    functions: usize,
+    /// Runtime image they share.
+    #[arg(long, default_value = "python3.11")]
+    runtime: String,
+    /// Image cache directory.
+    #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = ".hearth/images")]
+    image_cache: PathBuf,
 }
 
 #[derive(Args)]
@@ -127,6 +142,12 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             rt.block_on(sandbox(a))
         }
         BenchCmd::Api(a) => super::client::api_bench(a),
+        BenchCmd::Store(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(store_bench(a))
+        }
         BenchCmd::Snapstart(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -488,5 +509,86 @@ async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
         );
     }
     worker.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What deploying `functions` functions on one runtime stores, against the naive sum of
+/// every function's image and code.
+async fn store_bench(a: StoreArgs) -> anyhow::Result<ExitCode> {
+    use hearth_store::{ChunkStore, Scope, Secrets};
+    let dir = tempfile::tempdir()?;
+    let chunks = ChunkStore::local(&dir.path().join("origin"), None, Secrets::generate()?)?;
+    let images = ImageStore::new(&a.image_cache);
+    let name = hearth_worker::images::recipe_for(&a.runtime)?.name;
+    let tar = dir.path().join("image.tar");
+    hearth_worker::artifacts::flatten(&images.rootfs(name)?, &tar)?;
+    let image_bytes = std::fs::metadata(&tar)?.len();
+    let owner = Scope::Owner("000000000000".into());
+    let (mut naive, mut code_total) = (0u64, 0u64);
+    let t = Instant::now();
+    for i in 0..a.functions {
+        // Every function's deployment carries the runtime image (what a naive store keeps per
+        // function) and its own code.
+        let info = chunks
+            .put_file(
+                &Scope::Shared,
+                &format!("image/{name}-for-fn{i}"),
+                &tar,
+                Default::default(),
+            )
+            .await?;
+        let mut zip = std::io::Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut zip);
+            z.start_file("app.py", zip::write::SimpleFileOptions::default())?;
+            std::io::Write::write_all(
+                &mut z,
+                format!("def handler(event, context):\n    return {{'fn': {i}}}\n").as_bytes(),
+            )?;
+            z.finish()?;
+        }
+        let zip = zip.into_inner();
+        chunks
+            .put_bytes(&owner, &format!("code/fn{i}"), &zip, Default::default())
+            .await?;
+        naive += image_bytes + zip.len() as u64;
+        code_total += zip.len() as u64;
+        if i == 0 || i + 1 == a.functions {
+            println!(
+                "function {:>2}: image upload added {} new bytes",
+                i + 1,
+                info.new_bytes
+            );
+        }
+    }
+    let usage = chunks.usage().await?;
+    println!(
+        "hearth bench store: {} functions on {name} ({:.1} MB image tar, {code_total} B of code) in {:.1} s",
+        a.functions,
+        image_bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "naive sum {:.1} MB, stored {:.1} MB in {} chunks -> dedup ratio {:.1}x",
+        naive as f64 / 1e6,
+        usage.bytes as f64 / 1e6,
+        usage.chunks,
+        naive as f64 / usage.bytes.max(1) as f64
+    );
+    // Scope separation: the same code under another owner is stored again, unlinkably.
+    let before = chunks.usage().await?.bytes;
+    let zip = chunks.get_bytes(&owner, "code/fn0").await?;
+    chunks
+        .put_bytes(
+            &Scope::Owner("111111111111".into()),
+            "code/fn0",
+            &zip,
+            Default::default(),
+        )
+        .await?;
+    println!(
+        "same code under another owner adds {} bytes (per-owner key scope: not deduplicated)",
+        chunks.usage().await?.bytes - before
+    );
     Ok(ExitCode::SUCCESS)
 }
