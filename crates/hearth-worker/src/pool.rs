@@ -489,15 +489,9 @@ impl Worker {
         if dir.is_dir() {
             return Ok(dir);
         }
-        let account = spec
-            .arn
-            .split(':')
-            .nth(4)
-            .unwrap_or("000000000000")
-            .to_string();
         let zip = chunks
             .get_bytes(
-                &hearth_store::Scope::Owner(account),
+                &crate::snapshots::owner_scope(spec),
                 &hearth_api::functions::code_artifact(&hex_sha),
             )
             .await

@@ -90,8 +90,9 @@ pub struct SnapshotStore {
     chunks: Option<ChunkStore>,
 }
 
-/// The owner (account) of a function, from its ARN: snapshots are in the owner's key scope.
-fn owner_scope(spec: &FunctionSpec) -> Scope {
+/// The owner (account) of a function, from its ARN: its code and snapshots are in the owner's
+/// key scope.
+pub(crate) fn owner_scope(spec: &FunctionSpec) -> Scope {
     owner_of(&spec.arn)
 }
 
