@@ -756,11 +756,12 @@ async fn another_worker_restores_from_the_chunk_store_and_corrupt_chunks_mean_bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restores_init_state_runs_hooks_and_serves_two_clones() {
     let h = snap_harness();
+    // A heavy init: imports, ~1 s of work, 100 MB of state.
     let mut spec = h.spec(
         "snappy",
         "python3.11",
         "app.handler",
-        &[("app.py", &heavy_app(20, 0.2, false))],
+        &[("app.py", &heavy_app(100, 1.0, false))],
     );
     spec.memory_mb = 512;
     spec.snap_start = true;
@@ -770,7 +771,7 @@ async fn snapshot_restores_init_state_runs_hooks_and_serves_two_clones() {
         hearth_worker::snapshots::RestorePoint::RestoreNext
     );
     assert!(
-        meta.image_bytes > 20 * 1024 * 1024,
+        meta.image_bytes > 100 * 1024 * 1024,
         "image holds the state: {}",
         meta.image_bytes
     );
@@ -789,7 +790,7 @@ async fn snapshot_restores_init_state_runs_hooks_and_serves_two_clones() {
         Some(1),
         "after-restore hook ran"
     );
-    assert_eq!(v["state_mb"], 20);
+    assert_eq!(v["state_mb"], 100);
     assert_eq!(
         v["digest_ok"], true,
         "init's state survived the restore intact"
