@@ -130,3 +130,43 @@ def test_code_is_served_from_the_chunk_store(fresh_hearth):
     assert any("code" in str(p) for p in manifests())
     lam.delete_function(FunctionName="fromstore")
     assert not any("code" in str(p) for p in manifests()), "the code artifact is released"
+
+
+def test_deleting_functions_lets_the_collector_free_their_chunks(fresh_hearth):
+    """Code and snapshot artifacts are released on delete; `hearth store gc` then frees their
+    chunks, but never chunks another function still uses."""
+    lam = fresh_hearth.client()
+    data = str(fresh_hearth.data_dir)
+    usage = lambda: subprocess.run([_bin(), "store", "usage", "--data-dir", data], capture_output=True,
+                                   text=True, check=True).stdout
+    gc = lambda: subprocess.run([_bin(), "store", "gc", "--data-dir", data, "--grace-seconds", "0"],
+                                capture_output=True, text=True, check=True).stdout
+    chunks = lambda: int(usage().split()[1])
+    shared_code = COUNTER
+    _create(lam, "keep1", shared_code)
+    _create(lam, "keep2", shared_code)            # the same package: stored once
+    _create(lam, "gone", shared_code + "\n# different\n")
+    lam.update_function_configuration(FunctionName="gone", SnapStart={"ApplyOn": "PublishedVersions"})
+    lam.get_waiter("function_updated_v2").wait(FunctionName="gone")
+    v = lam.publish_version(FunctionName="gone")
+    lam.get_waiter("published_version_active").wait(FunctionName="gone", Qualifier=v["Version"],
+                                                     WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    before = chunks()
+    assert before >= 3, usage()
+    gc()
+    assert chunks() == before, "nothing is collected while every artifact is in use"
+    lam.delete_function(FunctionName="gone")
+    deadline = time.time() + 10
+    while time.time() < deadline and chunks() == before:
+        gc()
+        time.sleep(0.2)
+    after = chunks()
+    assert after < before - 1, f"code and snapshot chunks freed: {before} -> {after}"
+    # The package keep1 and keep2 share is intact: a cold start fetches it from the store.
+    shutil_dirs = [Path(data, "code"), Path(data, "cache/code")]
+    fresh_hearth.stop()
+    import shutil
+    for d in shutil_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    fresh_hearth.start()
+    assert _invoke(fresh_hearth.client(), "keep2")["count"] == 1

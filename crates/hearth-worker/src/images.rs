@@ -249,6 +249,7 @@ impl ImageStore {
                 "--quiet",
                 "--no-deps",
                 "--disable-pip-version-check",
+                "--root-user-action=ignore",
             ])
             .arg("--target")
             .arg(&target)

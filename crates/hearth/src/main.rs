@@ -25,6 +25,9 @@ enum Command {
     Invoke(cmd::client::InvokeArgs),
     /// Print a function's recent log.
     Logs(cmd::client::LogsArgs),
+    /// Inspect and collect the chunk store.
+    #[command(subcommand)]
+    Store(cmd::store::StoreCmd),
     /// Benchmarks (results go to docs/perf.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCmd),
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Invoke(a) => cmd::client::run_invoke(a),
         Command::Logs(a) => cmd::client::run_logs(a),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Store(c) => cmd::store::run(c),
     };
     match result {
         Ok(code) => code,

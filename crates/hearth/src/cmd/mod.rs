@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod client;
 pub mod image;
+pub mod store;
 pub mod up;
 
 use std::path::PathBuf;
