@@ -399,6 +399,26 @@ fn admit(inner: &Arc<Inner>, req: &InvokeRequest) -> Result<Admission, InvokeErr
     })
 }
 
+/// Drain what an idle sandbox said while idle: output goes to the next invocation's log;
+/// a runtime exit or a closed channel means it is dead.
+fn still_alive(env: &mut Env, log: &mut Vec<u8>) -> bool {
+    loop {
+        match env.frames.try_recv() {
+            Ok(Frame {
+                msg: AgentMsg::Log,
+                body,
+            }) => log.extend_from_slice(&body),
+            Ok(Frame {
+                msg: AgentMsg::RuntimeExit { .. },
+                ..
+            }) => return false,
+            Ok(_) => {}
+            Err(mpsc::error::TryRecvError::Empty) => return true,
+            Err(mpsc::error::TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
 fn pool_key(spec: &FunctionSpec) -> String {
     format!(
         "{}\u{0}{}\u{0}{}",
@@ -894,15 +914,23 @@ impl Invoker for Worker {
         let _admission = admit(inner, &req)?;
         let key = pool_key(&req.spec);
         let request_id = req.request_id.clone();
-        let warm = {
-            let mut st = inner.lock();
-            let env = st.idle.get_mut(&key).and_then(Vec::pop);
-            if env.is_some() {
-                st.warm_starts += 1;
-            }
-            env
-        };
         let mut log = Vec::new();
+        // An idle sandbox whose runtime died meanwhile (a background thread exited, it ran out
+        // of memory) is replaced, never handed an invocation.
+        let warm = loop {
+            let env = inner.lock().idle.get_mut(&key).and_then(Vec::pop);
+            match env {
+                Some(mut env) => {
+                    if still_alive(&mut env, &mut log) {
+                        inner.lock().warm_starts += 1;
+                        break Some(env);
+                    }
+                    tracing::info!(sandbox = %env.sandbox.id, "idle sandbox died; replacing it");
+                    inner.destroy(env);
+                }
+                None => break None,
+            }
+        };
         let (mut env, init_ms) = match warm {
             Some(env) => (env, None),
             None => {

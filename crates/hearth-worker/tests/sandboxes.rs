@@ -939,3 +939,30 @@ async fn a_worker_without_the_image_fetches_it_from_the_chunk_store() {
     );
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sandbox_that_died_is_replaced_not_invoked() {
+    let h = Harness::new(Duration::from_secs(60));
+    let app = r#"
+import os, threading, time
+def handler(event, context):
+    if event.get("die_later"):
+        threading.Thread(target=lambda: (time.sleep(0.3), os._exit(7))).start()
+    return {"pid": os.getpid(), "ok": True}
+"#;
+    let spec = h.spec("pydies", "python3.11", "app.handler", &[("app.py", app)]);
+    let r = h
+        .invoke(&spec, json!({"die_later": true}))
+        .await
+        .expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(
+        !r.function_error,
+        "a dead idle sandbox must not fail the next call: {}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert_eq!(h.worker.stats().cold_starts, 2);
+    h.finish().await;
+}
