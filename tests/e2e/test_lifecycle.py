@@ -170,3 +170,12 @@ def test_deleting_functions_lets_the_collector_free_their_chunks(fresh_hearth):
         shutil.rmtree(d, ignore_errors=True)
     fresh_hearth.start()
     assert _invoke(fresh_hearth.client(), "keep2")["count"] == 1
+
+
+def test_invoke_without_payload_gives_the_function_an_empty_object(hearth):
+    lam = hearth.client()
+    _create(lam, "nopayload", "def handler(event, context):\n    return {'event': event}\n")
+    r = lam.invoke(FunctionName="nopayload")
+    assert "FunctionError" not in r
+    assert json.load(r["Payload"]) == {"event": {}}
+    lam.delete_function(FunctionName="nopayload")

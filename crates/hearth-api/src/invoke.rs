@@ -188,7 +188,12 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         request_id: cmd.request_id,
         spec,
         invoked_arn,
-        payload: cmd.payload,
+        // Lambda hands a function `{}` when the caller sent no payload.
+        payload: if cmd.payload.is_empty() {
+            bytes::Bytes::from_static(b"{}")
+        } else {
+            cmd.payload
+        },
         client_context,
         reserved_concurrency: rec.reserved_concurrency,
         unreserved_limit,

@@ -149,6 +149,16 @@ impl Cgroups {
         out
     }
 
+    /// Restrict a running sandbox to `cpus` (e.g. `"1"`): pins it after a restore.
+    pub fn set_cpus(&self, id: &str, cpus: &str) {
+        if let Some(dir) = self.controller_dir("cpuset") {
+            let file = dir.join(&self.parent).join(id).join("cpuset.cpus");
+            if let Err(e) = fs::write(&file, cpus) {
+                tracing::debug!("pinning {id}: {}: {e}", file.display());
+            }
+        }
+    }
+
     /// Peak memory use of a sandbox in bytes.
     pub fn memory_peak(&self, id: &str) -> Option<u64> {
         let dir = self.controller_dir("memory")?.join(&self.parent).join(id);
