@@ -38,7 +38,7 @@ def test_concurrent_invokes_run_in_parallel_in_separate_sandboxes(hearth):
     name = "par-" + uuid.uuid4().hex[:8]
     _create(lam, name)
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda i: _invoke(hearth.client(), name, {"sleep": 1.5, "echo": i}), range(3)))
+        results = list(pool.map(lambda i: _invoke(hearth.client(), name, {"sleep": 3, "echo": i}), range(3)))
     assert sorted(r["echo"] for r in results) == [0, 1, 2]
     assert len({r["sandbox"] for r in results}) == 3, "each concurrent invoke has its own sandbox"
     latest_start = max(r["start"] for r in results)
