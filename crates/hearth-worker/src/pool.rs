@@ -907,6 +907,34 @@ impl Worker {
 #[async_trait::async_trait]
 impl Invoker for Worker {
     async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError> {
+        // The invocation runs in a task of its own: if the caller goes away (a client timeout
+        // drops the HTTP request), it still ends properly and its sandbox goes back to the pool
+        // or is destroyed, never leaked.
+        let worker = self.clone();
+        tokio::spawn(async move { worker.run_invocation(req).await })
+            .await
+            .map_err(|e| InvokeError::Service(format!("invocation task: {e}")))?
+    }
+
+    fn retire(&self, function_name: &str) {
+        self.retire_idle(function_name);
+    }
+
+    async fn prepare(&self, spec: FunctionSpec) -> Result<(), String> {
+        self.prepare_snapshot(spec).await
+    }
+
+    fn forget(&self, function_arn: &str) {
+        self.forget_function(function_arn);
+    }
+
+    fn forget_version(&self, function_arn: &str, version: &str) {
+        self.forget_function_version(function_arn, version);
+    }
+}
+
+impl Worker {
+    async fn run_invocation(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(InvokeError::NotReady("the worker is shutting down".into()));
@@ -1061,7 +1089,7 @@ impl Invoker for Worker {
         })
     }
 
-    async fn prepare(&self, spec: FunctionSpec) -> Result<(), String> {
+    async fn prepare_snapshot(&self, spec: FunctionSpec) -> Result<(), String> {
         if !spec.snap_start || self.inner.snapshots.is_none() {
             return Ok(());
         }
@@ -1071,7 +1099,7 @@ impl Invoker for Worker {
             .map_err(|e| e.to_string())
     }
 
-    fn forget(&self, function_arn: &str) {
+    fn forget_function(&self, function_arn: &str) {
         let name = hearth_api::invoker::function_name_of(function_arn).to_string();
         self.retire(&name);
         if let Some(s) = self.inner.snapshots.clone() {
@@ -1081,7 +1109,7 @@ impl Invoker for Worker {
         }
     }
 
-    fn forget_version(&self, function_arn: &str, version: &str) {
+    fn forget_function_version(&self, function_arn: &str, version: &str) {
         if let Some(s) = self.inner.snapshots.clone() {
             let name = hearth_api::invoker::function_name_of(function_arn).to_string();
             let (arn, version) = (function_arn.to_string(), version.to_string());
@@ -1089,7 +1117,7 @@ impl Invoker for Worker {
         }
     }
 
-    fn retire(&self, function_name: &str) {
+    fn retire_idle(&self, function_name: &str) {
         let envs: Vec<Env> = {
             let mut st = self.inner.lock();
             let mut out = Vec::new();

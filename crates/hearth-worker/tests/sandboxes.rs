@@ -966,3 +966,32 @@ def handler(event, context):
     assert_eq!(h.worker.stats().cold_starts, 2);
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_leaks_nothing() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec("pygone", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    // The caller gives up (as an HTTP client timing out does) while the function runs.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        h.invoke(&spec, json!({"sleep": 1.5})),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    let mut waited = 0;
+    while h.worker.stats().idle == 0 && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let s = h.worker.stats();
+    assert_eq!(
+        (s.live, s.idle),
+        (1, 1),
+        "the invocation finished and its sandbox is back in the pool"
+    );
+    assert_eq!(
+        json_of(&h.invoke(&spec, json!({})).await.expect("invoke"))["count"],
+        2
+    );
+    h.finish().await;
+}
