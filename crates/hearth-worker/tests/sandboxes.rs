@@ -56,6 +56,19 @@ fn image_cache() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target/hearth-images"))
 }
 
+/// A runsc engine with its state and bundles under `dir`.
+fn engine_in(dir: &Path) -> RunscEngine {
+    RunscEngine::new(EngineConfig {
+        runsc: default_runsc(),
+        state_root: dir.join("runsc"),
+        bundles: dir.join("bundles"),
+        agent: agent_path(),
+        pin_cores: true,
+        extra_flags: vec![],
+    })
+    .expect("runsc engine (is runsc installed?)")
+}
+
 struct Harness {
     worker: Worker,
     dir: tempfile::TempDir,
@@ -64,15 +77,7 @@ struct Harness {
 impl Harness {
     fn new(keep_alive: Duration) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let engine = RunscEngine::new(EngineConfig {
-            runsc: default_runsc(),
-            state_root: dir.path().join("runsc"),
-            bundles: dir.path().join("bundles"),
-            agent: agent_path(),
-            pin_cores: true,
-            extra_flags: vec![],
-        })
-        .expect("runsc engine (is runsc installed?)");
+        let engine = engine_in(dir.path());
         let images = ImageStore::new(image_cache());
         images
             .rootfs("python3.11")
@@ -656,15 +661,7 @@ fn snap_worker(dir: tempfile::TempDir, shared: Option<&Path>) -> Harness {
     let origin = shared
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.path().join("store"));
-    let engine = RunscEngine::new(EngineConfig {
-        runsc: default_runsc(),
-        state_root: dir.path().join("runsc"),
-        bundles: dir.path().join("bundles"),
-        agent: agent_path(),
-        pin_cores: true,
-        extra_flags: vec![],
-    })
-    .expect("runsc engine");
+    let engine = engine_in(dir.path());
     let worker = Worker::new(
         Arc::new(engine),
         ImageStore::new(image_cache()),
@@ -904,15 +901,7 @@ async fn a_worker_without_the_image_fetches_it_from_the_chunk_store() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let empty_cache = dir.path().join("images");
-    let engine = RunscEngine::new(EngineConfig {
-        runsc: default_runsc(),
-        state_root: dir.path().join("runsc"),
-        bundles: dir.path().join("bundles"),
-        agent: agent_path(),
-        pin_cores: true,
-        extra_flags: vec![],
-    })
-    .expect("engine");
+    let engine = engine_in(dir.path());
     let worker = Worker::new(
         Arc::new(engine),
         ImageStore::new(&empty_cache),
