@@ -33,16 +33,6 @@ def _invoke(lam, name, payload=None):
     return json.load(r["Payload"])
 
 
-def _cgroup_dirs():
-    out = []
-    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
-        if "/hearth/" in root + "/":
-            out.extend(d for d in dirs if d.startswith("hs"))
-        if root.count("/") > 8:
-            dirs[:] = []
-    return out
-
-
 def test_warm_reuse_and_clean_shutdown(fresh_hearth):
     lam = fresh_hearth.client()
     _create(lam, "counter")
