@@ -4,6 +4,26 @@
 //! loopback, and relays between the runtime and the worker outside the sandbox, which speaks
 //! [`hearth_proto`] frames over the agent's stdin (worker → agent) and stdout (agent → worker).
 //!
+//! # Start-up
+//!
+//! The agent binds the Runtime API listener (`HEARTH_AGENT_LISTEN`, default `127.0.0.1:9001`)
+//! and then starts in one of two ways:
+//!
+//! - **direct**: the sandbox was created for one function, so the agent's own environment is
+//!   the function's. It starts the runtime with that environment and says `Hello`.
+//! - **deferred** (`HEARTH_AGENT_DEFER=1`): the sandbox was created before its function was
+//!   known, so its environment is generic. The agent says `Hello` and waits for the first
+//!   frame, which must be `Configure`: it carries the function's whole environment, and the
+//!   runtime is started with that one (the agent's own does not reach it). Shutdown or EOF
+//!   first exits 0; any other frame first, or a `Configure` entry that is not `KEY=VALUE`, is
+//!   answered with `InitError` (`Sandbox.NotConfigured`) and exit 1; a malformed frame exits 1.
+//!
+//! Either way the environment goes through [`config::RuntimeConfig::from_vars`] (`HEARTH_*`
+//! dropped, `AWS_LAMBDA_RUNTIME_API` added; task root, runtime directory and SnapStart mode
+//! read from it), and init (`InitDone.init_ms`) is timed from the runtime's start: from the
+//! process start for a direct start, from the receipt of `Configure` for a deferred one. From
+//! there on both behave the same. A `Configure` at any other time is a protocol error.
+//!
 //! # Threads
 //!
 //! - **main**: reads `HostMsg` frames from stdin. `Invoke` queues an invocation, `Restore`
@@ -26,18 +46,18 @@
 //! sends the HTTP request that makes a handler queue `Response`, `FunctionError` or `InitDone`,
 //! so that output is in the pipes by then and reaches the worker first. Frames are queued
 //! while the state lock is held, so their order matches the order of state transitions.
-//! `Hello` is written by the main thread before the pump starts, so it is always first.
+//! `Hello` (and a deferred start's refusal) is written by the main thread before the pump
+//! starts, so it is always first.
 
 mod api;
+mod config;
 mod http;
 mod output;
 mod process;
 
-use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -45,15 +65,22 @@ use std::time::{Duration, Instant};
 use hearth_proto::{AgentMsg, Frame, FrameError, HostMsg, PROTOCOL_VERSION, read_frame};
 
 use api::Shared;
+use config::RuntimeConfig;
 
 /// How long the runtime gets between SIGTERM and SIGKILL on shutdown.
 const GRACE: Duration = Duration::from_millis(500);
+
+/// The error type of an `InitError` refusing a deferred start.
+const NOT_CONFIGURED: &str = "Sandbox.NotConfigured";
 
 /// Startup failures (everything later is reported to the worker as frames).
 #[derive(Debug)]
 enum AgentError {
     Listen(String, io::Error),
     Setup(&'static str, io::Error),
+    /// The worker's first frame to a deferred agent was not a usable `Configure`.
+    NotConfigured(String),
+    BadFrame(FrameError),
 }
 
 impl fmt::Display for AgentError {
@@ -61,34 +88,18 @@ impl fmt::Display for AgentError {
         match self {
             AgentError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             AgentError::Setup(what, e) => write!(f, "cannot {what}: {e}"),
+            AgentError::NotConfigured(why) => write!(f, "not configured: {why}"),
+            AgentError::BadFrame(e) => write!(f, "bad frame from the worker: {e}"),
         }
     }
 }
 
-/// Configuration, from the agent's environment.
-struct Config {
-    listen: String,
-    task_root: PathBuf,
-    runtime_dir: PathBuf,
-    snap_start: bool,
-}
-
-impl Config {
-    fn from_env() -> Self {
-        let var = |name: &str, default: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default.to_string())
-        };
-        Config {
-            listen: var("HEARTH_AGENT_LISTEN", "127.0.0.1:9001"),
-            task_root: var("LAMBDA_TASK_ROOT", "/var/task").into(),
-            runtime_dir: var("LAMBDA_RUNTIME_DIR", "/var/runtime").into(),
-            snap_start: std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref()
-                == Ok("snap-start"),
-        }
-    }
+/// A variable of the agent's own environment, or `default` when unset or empty.
+fn own_var(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn main() {
@@ -107,29 +118,40 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Age
 }
 
 fn run() -> Result<(), AgentError> {
-    let config = Config::from_env();
-    let listener = TcpListener::bind(&config.listen)
-        .map_err(|e| AgentError::Listen(config.listen.clone(), e))?;
+    let listen = own_var("HEARTH_AGENT_LISTEN", "127.0.0.1:9001");
+    let listener = TcpListener::bind(&listen).map_err(|e| AgentError::Listen(listen.clone(), e))?;
     let api_addr = listener
         .local_addr()
-        .map_err(|e| AgentError::Listen(config.listen.clone(), e))?
+        .map_err(|e| AgentError::Listen(listen.clone(), e))?
         .to_string();
     let (out, mut pump) = output::channel().map_err(|e| AgentError::Setup("create a pipe", e))?;
-
-    // The runtime's environment: ours, minus HEARTH_*, plus the Runtime API address.
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !k.as_encoded_bytes().starts_with(b"HEARTH_"))
-        .collect();
-    env.push(("AWS_LAMBDA_RUNTIME_API".into(), api_addr.into()));
-
-    let started = Instant::now();
-    let candidates = process::candidates(&config.task_root, &config.runtime_dir);
-    let runtime = process::spawn(&candidates, &config.task_root, env);
-    // Written before the pump runs, so it precedes any runtime output.
-    pump.write_now(&AgentMsg::Hello {
+    let hello = AgentMsg::Hello {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         protocol: PROTOCOL_VERSION,
-    });
+    };
+    let mut input = io::stdin().lock();
+
+    let deferred = std::env::var_os("HEARTH_AGENT_DEFER").is_some_and(|v| v == "1");
+    let (config, started) = if deferred {
+        pump.write_now(&hello, &[]);
+        match await_configure(&mut input, &pump, &api_addr)? {
+            Some(configured) => configured,
+            None => return Ok(()), // shut down before it was ever configured
+        }
+    } else {
+        let started = Instant::now();
+        (
+            RuntimeConfig::from_vars(std::env::vars_os(), &api_addr),
+            started,
+        )
+    };
+
+    let candidates = process::candidates(&config.task_root, &config.runtime_dir);
+    let runtime = process::spawn(&candidates, &config.task_root, config.env);
+    if !deferred {
+        // Written before the pump runs, so it precedes any runtime output.
+        pump.write_now(&hello, &[]);
+    }
     let shared = Arc::new(Shared::new(out, config.snap_start, started));
 
     let runtime_pid = match runtime {
@@ -156,12 +178,62 @@ fn run() -> Result<(), AgentError> {
     let sh = shared.clone();
     spawn_thread("accept", move || api::serve(sh, listener))?;
 
-    serve_worker(&shared, runtime_pid)
+    serve_worker(&shared, runtime_pid, input)
+}
+
+/// The first frame of a deferred start: the configuration a `Configure` carries and when it
+/// arrived, or `None` if the worker shut the sandbox down instead. Any other frame is refused
+/// with an `InitError` (written at once: the pump does not run yet).
+fn await_configure(
+    input: &mut impl io::Read,
+    pump: &output::Pump,
+    api_addr: &str,
+) -> Result<Option<(RuntimeConfig, Instant)>, AgentError> {
+    let why = match read_frame::<_, HostMsg>(input) {
+        Ok(Frame {
+            msg: HostMsg::Configure(c),
+            ..
+        }) => {
+            let received = Instant::now();
+            match config::parse_env(c.env) {
+                Ok(env) => {
+                    return Ok(Some((RuntimeConfig::from_vars(env, api_addr), received)));
+                }
+                Err(e) => e.to_string(),
+            }
+        }
+        Ok(Frame {
+            msg: HostMsg::Shutdown,
+            ..
+        })
+        | Err(FrameError::Closed) => return Ok(None),
+        Ok(Frame { msg, .. }) => format!(
+            "the sandbox got {} before its configuration",
+            host_msg_name(&msg)
+        ),
+        Err(e) => return Err(AgentError::BadFrame(e)),
+    };
+    let message = format!("hearth sandbox not configured: {why}");
+    pump.write_now(
+        &AgentMsg::InitError {
+            error_type: NOT_CONFIGURED.into(),
+        },
+        &api::error_doc(NOT_CONFIGURED, &message),
+    );
+    Err(AgentError::NotConfigured(why))
+}
+
+fn host_msg_name(msg: &HostMsg) -> &'static str {
+    match msg {
+        HostMsg::Configure(_) => "configure",
+        HostMsg::Invoke(_) => "invoke",
+        HostMsg::Restore => "restore",
+        HostMsg::Shutdown => "shutdown",
+    }
 }
 
 /// Read the worker's frames until shutdown.
-fn serve_worker(shared: &Shared, runtime_pid: Option<i32>) -> ! {
-    let mut input = io::stdin().lock();
+fn serve_worker(shared: &Shared, runtime_pid: Option<i32>, mut input: io::StdinLock) -> ! {
     loop {
         match read_frame::<_, HostMsg>(&mut input) {
             Ok(Frame {
@@ -177,15 +249,23 @@ fn serve_worker(shared: &Shared, runtime_pid: Option<i32>) -> ! {
                 ..
             })
             | Err(FrameError::Closed) => shutdown(shared, runtime_pid),
-            Err(e) => {
-                eprintln!("hearth-agent: bad frame from the worker: {e}");
-                if let Some(pid) = runtime_pid {
-                    process::signal_group(pid, libc::SIGKILL);
-                }
-                std::process::exit(1);
-            }
+            // Configure comes first or never: a late one means the worker lost track.
+            Ok(Frame {
+                msg: HostMsg::Configure(_),
+                ..
+            }) => protocol_failure(runtime_pid, "configure frame for a running sandbox"),
+            Err(e) => protocol_failure(runtime_pid, &format!("bad frame from the worker: {e}")),
         }
     }
+}
+
+/// The worker broke the protocol: kill the runtime and exit 1 (the worker then destroys us).
+fn protocol_failure(runtime_pid: Option<i32>, why: &str) -> ! {
+    eprintln!("hearth-agent: {why}");
+    if let Some(pid) = runtime_pid {
+        process::signal_group(pid, libc::SIGKILL);
+    }
+    std::process::exit(1);
 }
 
 /// Stop the runtime (SIGTERM, then SIGKILL after [`GRACE`]) and exit 0.

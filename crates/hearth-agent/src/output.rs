@@ -138,9 +138,10 @@ impl Pump {
         self.runtime_pid = Some(pid);
     }
 
-    /// Write a frame right away, before [`Pump::run`] starts (the `Hello` that must come first).
-    pub fn write_now(&self, msg: &AgentMsg) {
-        self.write(&mut io::stdout().lock(), msg, &[]);
+    /// Write a frame right away, before [`Pump::run`] starts (the `Hello` that must come first,
+    /// or the `InitError` refusing a deferred start).
+    pub fn write_now(&self, msg: &AgentMsg, body: &[u8]) {
+        self.write(&mut io::stdout().lock(), msg, body);
     }
 
     /// Run the pump forever; the process exits from here on an `Exit` or a dead stdout.

@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, read_frame, write_frame};
+use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, SandboxConfig, read_frame, write_frame};
 use serde_json::{Value, json};
 
 /// Longest wait for anything; a hang fails the test instead of blocking it.
@@ -60,6 +60,20 @@ done
 /// A runtime that never calls the API: the test speaks HTTP to the agent itself.
 const IDLE_BOOTSTRAP: &str = "#!/bin/sh\nexec sleep 600\n";
 
+/// A temporary directory with a task root holding `bootstrap` (if any) with `mode`.
+fn task_dir(bootstrap: Option<&str>, mode: u32) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task_root = dir.path().join("task");
+    std::fs::create_dir(&task_root).expect("task root");
+    if let Some(script) = bootstrap {
+        let path = task_root.join("bootstrap");
+        std::fs::write(&path, script).expect("write bootstrap");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .expect("chmod bootstrap");
+    }
+    (dir, task_root)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -74,7 +88,7 @@ struct Agent {
     frames: Receiver<Frame<AgentMsg>>,
     addr: String,
     task_root: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Agent {
@@ -83,25 +97,41 @@ impl Agent {
     }
 
     fn start_with_mode(bootstrap: Option<&str>, mode: u32, env: &[(&str, &str)]) -> Agent {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let task_root = dir.path().join("task");
-        std::fs::create_dir(&task_root).expect("task root");
-        if let Some(script) = bootstrap {
-            let path = task_root.join("bootstrap");
-            std::fs::write(&path, script).expect("write bootstrap");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                .expect("chmod bootstrap");
-        }
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth-agent"))
-            .env("HEARTH_AGENT_LISTEN", &addr)
-            .env("HEARTH_SECRET", "must not reach the runtime")
+        let (dir, task_root) = task_dir(bootstrap, mode);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-agent"));
+        cmd.env("HEARTH_SECRET", "must not reach the runtime")
             .env("LAMBDA_TASK_ROOT", &task_root)
             .env("LAMBDA_RUNTIME_DIR", dir.path().join("runtime"))
             .env("_HANDLER", "app.handler")
             .env("TMPDIR", dir.path())
             .env_remove("AWS_LAMBDA_INITIALIZATION_TYPE")
-            .envs(env.iter().copied())
+            .env_remove("HEARTH_AGENT_DEFER")
+            .envs(env.iter().copied());
+        Agent::launch(cmd, dir, task_root)
+    }
+
+    /// An agent in a pre-created sandbox: a generic environment (`own_env` added), waiting
+    /// for [`Agent::configure`]. Its own `LAMBDA_TASK_ROOT` points at an empty directory, so
+    /// the runtime starts only if the configured environment is the one used.
+    fn start_deferred(bootstrap: Option<&str>, own_env: &[(&str, &str)]) -> Agent {
+        let (dir, task_root) = task_dir(bootstrap, 0o755);
+        let decoy = dir.path().join("not-the-task-root");
+        std::fs::create_dir(&decoy).expect("decoy task root");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-agent"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HEARTH_AGENT_DEFER", "1")
+            .env("LAMBDA_TASK_ROOT", &decoy)
+            .env("LAMBDA_RUNTIME_DIR", &decoy)
+            .env("PROCESS_ONLY", "from the agent's own environment")
+            .envs(own_env.iter().copied());
+        Agent::launch(cmd, dir, task_root)
+    }
+
+    fn launch(mut cmd: Command, dir: tempfile::TempDir, task_root: PathBuf) -> Agent {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut child = cmd
+            .env("HEARTH_AGENT_LISTEN", &addr)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -124,8 +154,26 @@ impl Agent {
             frames,
             addr,
             task_root,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// Send `Configure`: the Lambda variables a worker would set (task root and runtime
+    /// directory pointing into the test's directory), this machine's `PATH`, and `extra`.
+    fn configure(&mut self, extra: &[(&str, &str)]) {
+        let mut env = vec![
+            format!("LAMBDA_TASK_ROOT={}", self.task_root.display()),
+            format!(
+                "LAMBDA_RUNTIME_DIR={}",
+                self.dir.path().join("runtime").display()
+            ),
+            "_HANDLER=function.handler".to_string(),
+            format!("TMPDIR={}", self.dir.path().display()),
+            format!("PATH={}", std::env::var("PATH").unwrap_or_default()),
+            "HEARTH_SECRET=must not reach the runtime".to_string(),
+        ];
+        env.extend(extra.iter().map(|(k, v)| format!("{k}={v}")));
+        self.send(HostMsg::Configure(SandboxConfig { env }), b"");
     }
 
     fn send(&mut self, msg: HostMsg, body: &[u8]) {
@@ -873,4 +921,179 @@ fn malformed_frame_from_the_worker_exits_1() {
     stdin.write_all(b"\x09garbage-frame").expect("write");
     stdin.flush().expect("flush");
     assert_eq!(agent.wait().code(), Some(1));
+}
+
+/// [`CURL_BOOTSTRAP`] that first leaves a mark next to itself and shows what it was given.
+fn configured_bootstrap() -> String {
+    CURL_BOOTSTRAP.replacen(
+        "#!/bin/sh\n",
+        "#!/bin/sh\ntouch \"$(dirname \"$0\")/started\"\n\
+         echo \"configured: greeting=$GREETING own=${PROCESS_ONLY:-unset} root=$LAMBDA_TASK_ROOT\"\n",
+        1,
+    )
+}
+
+#[test]
+fn deferred_start_runs_the_runtime_with_the_configured_environment() {
+    let mut agent = Agent::start_deferred(Some(&configured_bootstrap()), &[]);
+    agent.expect_hello();
+    // Nothing starts before Configure.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(agent.frames.try_recv().is_err(), "a frame before configure");
+    assert!(!agent.task_root.join("started").exists(), "runtime started");
+
+    let sent = Instant::now();
+    agent.configure(&[("GREETING", "hello from configure")]);
+    let (frame, logs) = agent.next_event();
+    let since_configure_ms = sent.elapsed().as_secs_f64() * 1000.0;
+    let AgentMsg::InitDone { init_ms } = frame.msg else {
+        panic!("expected InitDone, got {:?} (logs: {logs})", frame.msg);
+    };
+    // Timed from Configure, not from the agent's start a second earlier.
+    assert!(
+        init_ms > 0.0 && init_ms <= since_configure_ms,
+        "init {init_ms} ms, configure sent {since_configure_ms} ms ago"
+    );
+    // Only the configured environment reaches the runtime, minus HEARTH_*, plus the API.
+    let root = agent.task_root.display();
+    assert!(
+        logs.contains(&format!(
+            "configured: greeting=hello from configure own=unset root={root}"
+        )),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "init: handler=function.handler cwd={root} api={} hearth_vars=0",
+            agent.addr
+        )),
+        "{logs}"
+    );
+
+    // From here on as always.
+    let event = json!({"mode": "echo", "id": "d-1"});
+    agent.invoke("d-1", &event);
+    let (frame, _) = agent.next_event();
+    assert_eq!(
+        frame.msg,
+        AgentMsg::Response {
+            request_id: "d-1".into()
+        }
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&frame.body).expect("JSON"),
+        event
+    );
+    agent.send(HostMsg::Shutdown, b"");
+    let (frame, _) = agent.next_event();
+    assert!(matches!(frame.msg, AgentMsg::RuntimeExit { .. }));
+    assert!(agent.expect_end().success());
+}
+
+#[test]
+fn deferred_agent_refuses_a_first_frame_other_than_configure() {
+    let bootstrap = configured_bootstrap();
+    type FirstFrame = fn(&mut Agent);
+    let refusals: [(&str, FirstFrame); 3] = [
+        ("invoke", |a| a.invoke("early", &json!({}))),
+        ("restore", |a| a.send(HostMsg::Restore, b"")),
+        ("a bad entry", |a| {
+            let env = vec!["GOOD=1".into(), "NO_VALUE".into()];
+            a.send(HostMsg::Configure(SandboxConfig { env }), b"");
+        }),
+    ];
+    for (what, first) in refusals {
+        let mut agent = Agent::start_deferred(Some(&bootstrap), &[]);
+        agent.expect_hello();
+        first(&mut agent);
+        let frame = agent.recv();
+        assert_eq!(
+            frame.msg,
+            AgentMsg::InitError {
+                error_type: "Sandbox.NotConfigured".into()
+            },
+            "{what}"
+        );
+        let doc: Value = serde_json::from_slice(&frame.body).expect("JSON");
+        assert_eq!(doc["errorType"], "Sandbox.NotConfigured");
+        assert!(
+            doc["errorMessage"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("hearth sandbox not configured: ")),
+            "{doc}"
+        );
+        assert_eq!(agent.expect_end().code(), Some(1), "{what}");
+        assert!(!agent.task_root.join("started").exists(), "{what}");
+    }
+
+    // Shut down, or its stdin closed, before it was configured: a quiet exit 0.
+    let mut agent = Agent::start_deferred(Some(&bootstrap), &[]);
+    agent.expect_hello();
+    agent.send(HostMsg::Shutdown, b"");
+    assert!(agent.expect_end().success());
+    let mut agent = Agent::start_deferred(Some(&bootstrap), &[]);
+    agent.expect_hello();
+    agent.stdin.take();
+    assert!(agent.expect_end().success());
+    assert!(!agent.task_root.join("started").exists());
+
+    // A malformed first frame exits 1, as it does later.
+    let mut agent = Agent::start_deferred(Some(&bootstrap), &[]);
+    agent.expect_hello();
+    let stdin = agent.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"\x09garbage-frame").expect("write");
+    stdin.flush().expect("flush");
+    assert_eq!(agent.expect_end().code(), Some(1));
+
+    // Configure is the first frame or none: a second one, or one to a direct start, is a
+    // protocol error.
+    let mut agent = Agent::start_deferred(Some(&bootstrap), &[]);
+    agent.expect_hello();
+    agent.configure(&[]);
+    agent.expect_init_done();
+    agent.configure(&[]);
+    assert_eq!(agent.wait().code(), Some(1));
+    let mut agent = Agent::start(Some(IDLE_BOOTSTRAP), &[]);
+    agent.expect_hello();
+    agent.configure(&[]);
+    assert_eq!(agent.wait().code(), Some(1));
+}
+
+#[test]
+fn deferred_snap_start_mode_comes_from_the_configured_environment() {
+    // The agent's own environment says SnapStart, the configuration does not: no hooks.
+    let mut agent = Agent::start_deferred(
+        Some(IDLE_BOOTSTRAP),
+        &[("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")],
+    );
+    agent.expect_hello();
+    agent.configure(&[("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand")]);
+    let r = agent.client().request("GET", "restore/next", &[], b"");
+    assert_eq!(
+        (r.status, error_type(&r).as_str()),
+        (403, "Runtime.NotASnapshot")
+    );
+
+    // Configured for SnapStart: restore/next waits for the worker's Restore.
+    let mut agent = Agent::start_deferred(Some(IDLE_BOOTSTRAP), &[]);
+    agent.expect_hello();
+    agent.configure(&[("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start")]);
+    let addr = agent.addr.clone();
+    let (tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = Client::connect(&addr).request("GET", "restore/next", &[], b"");
+        let _ = tx.send(r);
+    });
+    assert_eq!(agent.recv().msg, AgentMsg::RestoreReady);
+    assert!(
+        done.recv_timeout(Duration::from_millis(300)).is_err(),
+        "restore/next must block until the worker restores"
+    );
+    agent.send(HostMsg::Restore, b"");
+    let r = done.recv_timeout(TIMEOUT).expect("restore/next answered");
+    assert_eq!((r.status, r.body.len()), (200, 0));
+
+    agent.invoke("s-1", &json!({}));
+    assert_eq!(c_next(&agent), "s-1");
+    agent.expect_init_done();
 }

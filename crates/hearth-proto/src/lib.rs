@@ -14,13 +14,23 @@
 //! (events, responses, logs) as raw bytes so a 6 MB payload is not base64-inflated. A reader
 //! rejects a frame of another version, or one past [`MAX_HEADER`] / [`MAX_BODY`], and the
 //! channel is then dead: a sandbox that sends garbage is destroyed, never trusted.
+//!
+//! # Configuration in the first frame
+//!
+//! A sandbox may be created before it is known which function it will serve (a pool of
+//! pre-created sandboxes per runtime image). Its process environment is then generic, and the
+//! agent, started with `HEARTH_AGENT_DEFER=1`, says `Hello` and waits: the worker's first frame
+//! is [`HostMsg::Configure`], which carries the function's whole Lambda environment. Only then
+//! does the agent start the runtime. The alternative, a configuration file on a mount filled at
+//! claim time, needs one more mount per sandbox and a file the runtime could read; a frame
+//! needs neither, and an environment (Lambda caps user variables at 4 KB) fits the header.
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 /// Version of the frame format and message set.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest header accepted.
 pub const MAX_HEADER: u32 = 64 * 1024;
 /// Largest body accepted (payloads are limited to 6 MB well before this).
@@ -47,12 +57,26 @@ pub enum FrameError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMsg {
+    /// The function this sandbox serves; the first frame to an agent started with
+    /// `HEARTH_AGENT_DEFER=1` (and only to such an agent), with an empty body. The agent then
+    /// starts the runtime with this environment; any other first frame ends the sandbox.
+    Configure(SandboxConfig),
     /// Run one invocation; the frame body is the event payload.
     Invoke(InvokeMeta),
     /// The sandbox was just restored from a snapshot: answer the runtime's `restore/next`.
     Restore,
     /// Stop the runtime and exit.
     Shutdown,
+}
+
+/// A function's configuration for a sandbox created before the function was known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    /// The runtime's whole environment as `KEY=VALUE` entries: the Lambda variables
+    /// (`_HANDLER`, `AWS_LAMBDA_*`, `LAMBDA_TASK_ROOT`, `PATH`, ...) and the function's own.
+    /// The agent adds `AWS_LAMBDA_RUNTIME_API` and drops `HEARTH_*` entries; its own process
+    /// environment does not reach the runtime.
+    pub env: Vec<String>,
 }
 
 /// What the runtime learns about an invocation through `/runtime/invocation/next` headers.
@@ -73,7 +97,8 @@ pub struct InvokeMeta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMsg {
-    /// The agent is up and has started the runtime.
+    /// The agent is up and has started the runtime, or (started with `HEARTH_AGENT_DEFER=1`)
+    /// is listening and waits for [`HostMsg::Configure`] to start it.
     Hello { agent_version: String, protocol: u8 },
     /// The runtime called `next` for the first time: init is over.
     InitDone { init_ms: f64 },
@@ -216,6 +241,23 @@ mod tests {
                 status: "exit status 2".into()
             }
         );
+    }
+
+    #[test]
+    fn configure_round_trips_with_a_flat_header() {
+        let msg = HostMsg::Configure(SandboxConfig {
+            env: vec!["_HANDLER=function.handler".into(), "EMPTY=".into()],
+        });
+        let bytes = encode(&msg, b"").unwrap();
+        let (hl, bl) = parse_prefix(bytes[..9].try_into().unwrap()).unwrap();
+        assert_eq!(bl, 0);
+        let header: serde_json::Value = serde_json::from_slice(&bytes[9..9 + hl as usize]).unwrap();
+        assert_eq!(
+            header,
+            serde_json::json!({"type": "configure", "env": ["_HANDLER=function.handler", "EMPTY="]})
+        );
+        let f: Frame<HostMsg> = read_frame(&mut &bytes[..]).unwrap();
+        assert_eq!(f.msg, msg);
     }
 
     #[test]
