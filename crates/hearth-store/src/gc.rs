@@ -10,9 +10,10 @@
 //! 4. a manifest without a ref list is re-checked (a concurrent delete removes the manifest
 //!    first, then the ref list); if it is still there and its ref list still is not, the store
 //!    is inconsistent and nothing is swept — the collector cannot read that manifest's chunks;
-//! 5. sweep: a chunk that is unmarked and was already older than `grace` when listed is looked
-//!    at once more and deleted only if it has not been rewritten since (a put that reuses an old
-//!    chunk rewrites it).
+//! 5. sweep: a chunk that is unmarked and was already older than `grace` when listed is claimed
+//!    (skipped if a put of this store has it pinned; a put that wants it meanwhile waits for the
+//!    claim), looked at once more and deleted only if it has not been rewritten since (a put of
+//!    another process that reuses an old chunk rewrites it).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub struct GcReport {
     pub kept: u64,
     /// Of the kept chunks, those kept only because they were younger than the grace period.
     pub kept_young: u64,
+    /// Of the kept chunks, those kept only because a put in progress holds them.
+    pub kept_in_use: u64,
     /// Ref lists read (one per manifest, plus young orphans).
     pub ref_lists: u64,
     /// Ref lists older than the grace period whose manifest is gone (left by a crash); their
@@ -49,18 +52,12 @@ pub struct GcReport {
 }
 
 impl ChunkStore {
-    /// Deletes chunks that no manifest of any scope references and that are older than
-    /// `grace`. Safe to run while puts, gets and deletes go on, provided `grace` exceeds
-    /// [`ChunkStore::with_freshen_after`] plus the longest put (see the crate docs).
-    pub async fn collect_garbage(&self, grace: Duration) -> Result<GcReport, StoreError> {
-        if grace < self.freshen_after {
-            tracing::warn!(
-                grace_s = grace.as_secs(),
-                freshen_after_s = self.freshen_after.as_secs(),
-                "collector grace is shorter than the chunk freshening age; \
-                 only safe while no put runs"
-            );
-        }
+    /// Deletes chunks that no manifest of any scope references and that are older than the
+    /// store's grace period ([`ChunkStore::with_gc_grace`]). Safe to run while puts, gets and
+    /// deletes go on: puts of this store pin their chunks; puts of other processes are
+    /// covered by the grace period if they use the same one (see the crate docs).
+    pub async fn collect_garbage(&self) -> Result<GcReport, StoreError> {
+        let grace: Duration = self.gc_grace;
         let origin = self.inner.origin.clone();
         let mut report = GcReport::default();
 
@@ -161,10 +158,17 @@ impl ChunkStore {
                 candidates.insert(id, meta);
             }
         }
+        let pins = self.inner.pins.clone();
         let mut sweeps = stream::iter(candidates)
             .map(|(id, listed)| {
                 let origin = origin.clone();
+                let pins = pins.clone();
                 async move {
+                    // Held until the delete is done: a put of this store cannot reuse the
+                    // chunk in between, it waits and then stores it again.
+                    let Some(_claim) = pins.claim(id) else {
+                        return Ok(Swept::InUse);
+                    };
                     let now = match origin.head(&listed.location).await {
                         Ok(meta) => meta,
                         Err(object_store::Error::NotFound { .. }) => return Ok(Swept::Gone),
@@ -187,6 +191,10 @@ impl ChunkStore {
                     report.bytes_freed += size;
                 }
                 Swept::Rewritten => report.kept += 1,
+                Swept::InUse => {
+                    report.kept += 1;
+                    report.kept_in_use += 1;
+                }
                 Swept::Gone => {}
             }
         }
@@ -206,5 +214,7 @@ impl ChunkStore {
 enum Swept {
     Deleted(u64),
     Rewritten,
+    /// Pinned by a put of this store.
+    InUse,
     Gone,
 }

@@ -73,19 +73,40 @@
 //! hashes of ciphertext and reveal nothing. Mark = the union of all ref lists; sweep = delete
 //! unmarked chunks that were older than a grace period when listed.
 //!
-//! The argument, for a collection with grace `G` and a store whose puts rewrite reused chunks
-//! older than `F` ([`ChunkStore::with_freshen_after`], default 12 h):
+//! One setting governs safety: the grace period `G` ([`ChunkStore::with_gc_grace`], default
+//! 24 h). The age `F` past which a put rewrites a chunk it reuses, to refresh its modification
+//! time, follows from it: `F = G / 2` ([`ChunkStore::freshen_after`]). The two cannot be set
+//! apart, so `F < G` holds by construction, with `G - F = G / 2` of margin. (They once were
+//! two settings, and `hearth up` collected with a 1 h grace while puts freshened only past
+//! 12 h: a put reusing a released two-hour-old chunk during a sweep lost it.)
 //!
-//! - A put writes chunks first, then the ref list, then the manifest; a delete removes the
-//!   manifest, then the ref list. So a live manifest always has a ref list.
-//! - The collector lists chunks *before* it reads ref lists. A chunk a put uploaded or rewrote
-//!   is at most as old as that put; unless the put ran longer than `G` before writing its ref
-//!   list, the chunk is younger than `G` when listed, or its ref list is read: it survives.
-//! - A put that reuses an existing chunk without rewriting it saw it younger than `F`; it
-//!   survives if the put runs less than `G - F`. An older reused chunk is rewritten (same bytes,
-//!   new modification time); the collector checks each candidate's modification time and e-tag
-//!   once more right before deleting it, so a chunk rewritten after the listing is kept, and one
-//!   deleted before the rewrite is simply stored again by it.
+//! Two mechanisms, one for each kind of concurrent put:
+//!
+//! - **Puts of the same store** (the same process: `hearth up` puts and collects) pin every
+//!   chunk from before they look at it until their manifest is written, and the collector
+//!   never deletes a pinned chunk. It claims each candidate before its last look and delete;
+//!   a put that wants a claimed chunk waits until the delete is done and then uploads it
+//!   again. So a put of the same store is safe whatever its duration, its chunks' ages and `G`
+//!   (even zero); see the `pin` module.
+//! - **Puts of other processes** sharing the origin (another front end, or `hearth store gc`
+//!   run next to `hearth up`) are covered by the ages, given every process uses the same `G`:
+//!   - A put writes chunks first, then the ref list, then the manifest; a delete removes the
+//!     manifest, then the ref list. So a live manifest always has a ref list.
+//!   - The collector lists chunks *before* it reads ref lists. A chunk a put uploaded or
+//!     rewrote is at most as old as that put; unless the put ran longer than `G` before writing
+//!     its ref list, the chunk is younger than `G` when listed, or its ref list is read: it
+//!     survives.
+//!   - A put that reuses an existing chunk without rewriting it saw it younger than `F`; it
+//!     survives if the put runs less than `G - F = G / 2` (12 h by default; ages compare the
+//!     origin's modification times with the collector's clock, so the margin also absorbs
+//!     clock skew). An older reused chunk is rewritten; the collector checks each candidate's
+//!     modification time and e-tag once more right before deleting it, so a chunk rewritten
+//!     after the listing is kept, and one deleted before the rewrite is simply stored again by
+//!     it. The remaining window, which would need a conditional delete that the object store
+//!     API lacks, is a rewrite landing in the instant between that last look and the delete.
+//!
+//! And for everything else:
+//!
 //! - A chunk another manifest uses is in that manifest's ref list and is never deleted.
 //! - A ref list without its manifest (a crash between the two writes, or mid-delete) marks
 //!   while younger than `G` and is ignored after, so a crash does not pin chunks forever.
@@ -93,11 +114,6 @@
 //!   collection with [`StoreError::Inconsistent`] before anything is deleted; an unreadable ref
 //!   list does the same.
 //!
-//! So the collector is safe while puts run, given `G > F + longest put` (say `G` = 24 h; ages
-//! compare the origin's modification times with the collector's clock, so `G` must also dwarf
-//! any clock skew between them). The remaining window, which would need a conditional delete
-//! that the object store API lacks, is a put rewriting a garbage chunk in the instant between
-//! the collector's last look and its delete.
 //! What grace cannot protect is a reader still using a manifest that was deleted or replaced:
 //! callers must not delete an artifact a sandbox may still read lazily. A missing chunk is
 //! reported as [`StoreError::MissingChunk`], never as wrong data.
@@ -120,6 +136,7 @@ pub mod error;
 mod gc;
 mod keys;
 pub mod manifest;
+mod pin;
 mod store;
 
 /// Size of every chunk but the last: 512 KiB.
@@ -131,4 +148,4 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use keys::{MAX_OWNER_LEN, Scope, Secrets};
 pub use manifest::{ChunkId, ChunkKey, ChunkRef, Manifest, ManifestInfo, validate_name};
-pub use store::{ChunkStore, DEFAULT_FRESHEN_AFTER, GET_PARALLELISM, PUT_PARALLELISM, Usage};
+pub use store::{ChunkStore, DEFAULT_GC_GRACE, GET_PARALLELISM, PUT_PARALLELISM, Usage};

@@ -22,13 +22,14 @@ use crate::manifest::{
     self, ChunkId, ChunkRef, MANIFESTS_DIR, Manifest, ManifestInfo, chunk_path, manifest_path,
     refs_path, validate_name, validate_prefix,
 };
+use crate::pin::{ChunkPin, Pins};
 
 /// Chunks a put encrypts and uploads at once.
 pub const PUT_PARALLELISM: usize = 4;
 /// Chunks a get fetches at once.
 pub const GET_PARALLELISM: usize = 8;
-/// Default for [`ChunkStore::with_freshen_after`].
-pub const DEFAULT_FRESHEN_AFTER: Duration = Duration::from_secs(12 * 3600);
+/// Default for [`ChunkStore::with_gc_grace`]: 24 h (reused chunks are freshened past 12 h).
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Chunk and manifest counts of the origin.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,6 +51,8 @@ pub(crate) struct Inner {
     secrets: Secrets,
     /// Chunk fetches in progress, so concurrent readers of one chunk share one fetch.
     flights: Mutex<HashMap<ChunkId, Flight>>,
+    /// Chunks puts of this store are using, which its collector must not delete.
+    pub(crate) pins: Arc<Pins>,
 }
 
 /// The chunk store: content-addressed, convergently encrypted artifacts over an origin object
@@ -57,7 +60,8 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct ChunkStore {
     pub(crate) inner: Arc<Inner>,
-    pub(crate) freshen_after: Duration,
+    /// The one setting of collection safety; see [`ChunkStore::with_gc_grace`].
+    pub(crate) gc_grace: Duration,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -65,7 +69,7 @@ impl std::fmt::Debug for ChunkStore {
         f.debug_struct("ChunkStore")
             .field("origin", &self.inner.origin.to_string())
             .field("cache", &self.inner.cache)
-            .field("freshen_after", &self.freshen_after)
+            .field("gc_grace", &self.gc_grace)
             .finish_non_exhaustive()
     }
 }
@@ -133,17 +137,32 @@ impl ChunkStore {
                 cache,
                 secrets,
                 flights: Mutex::new(HashMap::new()),
+                pins: Arc::new(Pins::default()),
             }),
-            freshen_after: DEFAULT_FRESHEN_AFTER,
+            gc_grace: DEFAULT_GC_GRACE,
         }
     }
 
-    /// How old an existing chunk may be before a put that reuses it rewrites it to refresh its
-    /// modification time (default 12 h). The collector's grace must exceed this plus the
-    /// longest put; see the crate docs.
-    pub fn with_freshen_after(mut self, freshen_after: Duration) -> Self {
-        self.freshen_after = freshen_after;
+    /// Sets the collector's grace period (default [`DEFAULT_GC_GRACE`]): unreferenced chunks
+    /// younger than this survive [`ChunkStore::collect_garbage`]. The freshening age of puts
+    /// follows from it ([`ChunkStore::freshen_after`], half of it), so the two cannot be set
+    /// apart. Every process that puts into or collects one origin should use the same grace.
+    pub fn with_gc_grace(mut self, grace: Duration) -> Self {
+        self.gc_grace = grace;
         self
+    }
+
+    /// The collector's grace period.
+    pub fn gc_grace(&self) -> Duration {
+        self.gc_grace
+    }
+
+    /// How old an existing chunk may be before a put that reuses it rewrites it (same bytes)
+    /// to refresh its modification time: half the grace period. The other half is the margin
+    /// for the put itself (and for clock skew) between its look at the chunk and its ref
+    /// list; see the crate docs.
+    pub fn freshen_after(&self) -> Duration {
+        self.gc_grace / 2
     }
 
     /// The origin object store.
@@ -241,7 +260,9 @@ impl ChunkStore {
     {
         validate_name(name)?;
         let keys = self.keys(scope)?;
-        let stored: Vec<(ChunkRef, Option<u64>)> = chunks
+        // Each chunk is pinned before the put looks at it, and every pin is held until the
+        // manifest is written (or the put fails): this store's collector leaves them alone.
+        let stored: Vec<(ChunkRef, Option<u64>, ChunkPin)> = chunks
             .map(|plaintext| {
                 let keys = keys.clone();
                 async move {
@@ -251,8 +272,9 @@ impl ChunkStore {
                         crypto::seal_chunk(&secret, &plaintext)
                     })
                     .await?;
+                    let pin = self.inner.pins.pin(sealed.id).await;
                     let uploaded = self.store_chunk(&sealed).await?;
-                    Ok::<_, StoreError>((sealed.chunk_ref(), uploaded))
+                    Ok::<_, StoreError>((sealed.chunk_ref(), uploaded, pin))
                 }
             })
             .buffered(PUT_PARALLELISM)
@@ -268,13 +290,15 @@ impl ChunkStore {
             meta: meta.clone(),
         };
         let mut refs = Vec::with_capacity(stored.len());
-        for (chunk, uploaded) in stored {
+        let mut pins = Vec::with_capacity(stored.len());
+        for (chunk, uploaded, pin) in stored {
             info.size += u64::from(chunk.len);
             if let Some(bytes) = uploaded {
                 info.new_chunks += 1;
                 info.new_bytes += bytes;
             }
             refs.push(chunk);
+            pins.push(pin);
         }
         let manifest = Manifest {
             size: info.size,
@@ -290,6 +314,8 @@ impl ChunkStore {
         origin
             .put(&manifest_path(&keys.tag, name), PutPayload::from(sealed))
             .await?;
+        // Referenced now: the ref list protects the chunks from here on.
+        drop(pins);
         tracing::debug!(
             scope = %keys.tag,
             name,
@@ -302,16 +328,16 @@ impl ChunkStore {
     }
 
     /// Makes sure the origin holds `sealed`, uploading it only if absent (put-if-absent). An
-    /// existing copy older than `freshen_after` is rewritten (same bytes) to refresh its
-    /// modification time, so the collector cannot take it while this put is writing its
-    /// manifest. Returns the bytes uploaded, if it was new.
+    /// existing copy older than [`ChunkStore::freshen_after`] is rewritten (same bytes) to
+    /// refresh its modification time, so another process's collector cannot take it while
+    /// this put is writing its manifest. Returns the bytes uploaded, if it was new.
     async fn store_chunk(&self, sealed: &SealedChunk) -> Result<Option<u64>, StoreError> {
         let origin = &self.inner.origin;
         let path = chunk_path(&sealed.id);
         let payload = || PutPayload::from(sealed.ciphertext.clone());
         match origin.head(&path).await {
             Ok(meta) => {
-                if age(chrono::Utc::now(), meta.last_modified) >= self.freshen_after {
+                if age(chrono::Utc::now(), meta.last_modified) >= self.freshen_after() {
                     origin
                         .put_opts(&path, payload(), PutOptions::from(PutMode::Overwrite))
                         .await?;

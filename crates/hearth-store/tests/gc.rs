@@ -48,11 +48,11 @@ async fn deleting_one_of_two_sharing_manifests_frees_only_its_own_chunks() {
     assert_eq!(ids_a.intersection(&ids_b).count(), 2);
 
     // Nothing is garbage yet.
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!((r.scanned, r.deleted, r.kept), (12, 0, 12));
 
     store.delete(&scope, "a").await.unwrap();
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!(r.scanned, 12);
     assert_eq!(r.deleted, 3, "only the chunks unique to a");
     assert_eq!(r.bytes_freed, 3 * (C + TAG_LEN) as u64);
@@ -66,7 +66,7 @@ async fn deleting_one_of_two_sharing_manifests_frees_only_its_own_chunks() {
     assert_eq!(store.get_bytes(&Scope::Shared, "img").await.unwrap(), a);
 
     // A second run finds nothing more.
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!((r.deleted, r.kept), (0, 9));
 }
 
@@ -83,11 +83,11 @@ async fn chunks_younger_than_grace_survive_then_everything_goes() {
         .await
         .unwrap();
     store.delete(&scope, "a").await.unwrap();
-    let r = store.collect_garbage(HOUR).await.unwrap();
+    let r = collect(&store, HOUR).await.unwrap();
     assert_eq!((r.deleted, r.kept, r.kept_young), (0, 4, 3));
 
     store.delete(&Scope::Shared, "b").await.unwrap();
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!((r.scanned, r.deleted), (4, 4));
     assert!(
         objects(origin.as_ref(), "").await.is_empty(),
@@ -106,18 +106,29 @@ async fn put_then_gc_with_grace_keeps_the_put() {
         .put_bytes(&scope, "a", &payload, no_meta())
         .await
         .unwrap();
-    let r = store.collect_garbage(HOUR).await.unwrap();
+    let r = collect(&store, HOUR).await.unwrap();
     assert_eq!(r.deleted, 0);
     assert_eq!(store.get_bytes(&scope, "a").await.unwrap(), payload);
 }
 
 /// A put that has uploaded its chunks but not yet written its ref list (held at the gate) is
-/// protected by the grace period; with no grace its chunks would be taken.
+/// protected from another process's collector by the grace period; with no grace its chunks
+/// would be taken. The collector of the put's own store keeps them even with no grace: the put
+/// pins them.
 #[tokio::test]
 async fn gc_during_a_put_keeps_chunks_within_grace() {
-    for grace in [HOUR, Duration::ZERO] {
+    for (grace, same_store) in [
+        (HOUR, false),
+        (Duration::ZERO, false),
+        (Duration::ZERO, true),
+    ] {
         let probe = Probe::new(Arc::new(InMemory::new()));
         let store = ChunkStore::with_object_store(probe.clone(), None, secrets());
+        let collector = if same_store {
+            store.clone()
+        } else {
+            other_process(probe.clone(), grace)
+        };
         let scope = owner("race");
         let payload = data(7, 3 * C);
         let held = probe.hold("put", "refs/");
@@ -128,10 +139,13 @@ async fn gc_during_a_put_keeps_chunks_within_grace() {
         held.reached.await.unwrap();
         // Chunks are in the origin, unreferenced.
         assert_eq!(chunk_ids(probe.as_ref()).await.len(), 3);
-        let r = store.collect_garbage(grace).await.unwrap();
+        let r = collect(&collector, grace).await.unwrap();
         held.release.send(()).unwrap();
         put.await.unwrap().unwrap();
-        if grace == HOUR {
+        if same_store {
+            assert_eq!((r.deleted, r.kept_in_use), (0, 3), "{r:?}");
+            assert_eq!(store.get_bytes(&scope, "a").await.unwrap(), payload);
+        } else if grace == HOUR {
             assert_eq!((r.deleted, r.kept_young), (0, 3));
             assert_eq!(store.get_bytes(&scope, "a").await.unwrap(), payload);
         } else {
@@ -145,8 +159,8 @@ async fn gc_during_a_put_keeps_chunks_within_grace() {
     }
 }
 
-/// A put reusing a chunk the collector has already chosen to delete rewrites it, and the
-/// collector's last look before deleting sees the rewrite and keeps the chunk.
+/// A put of another process reusing a chunk the collector has already chosen to delete
+/// rewrites it, and the collector's last look before deleting sees the rewrite and keeps it.
 #[tokio::test]
 async fn chunk_rewritten_by_a_put_during_the_sweep_is_kept() {
     let probe = Probe::new(Arc::new(InMemory::new()));
@@ -164,14 +178,14 @@ async fn chunk_rewritten_by_a_put_during_the_sweep_is_kept() {
     let held = probe.hold("head", "chunks/");
     let gc = tokio::spawn({
         let store = store.clone();
-        async move { store.collect_garbage(Duration::ZERO).await }
+        async move { collect(&store, Duration::ZERO).await }
     });
     held.reached.await.unwrap();
-    // Meanwhile a put stores the same data; the chunk exists and is older than freshen_after
-    // (zero here), so the put rewrites it.
+    // Meanwhile another process stores the same data; the chunk exists and is older than its
+    // freshening age (zero here), so the put rewrites it.
     let before = probe.head(&chunk_path(&id)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let eager = store.clone().with_freshen_after(Duration::ZERO);
+    let eager = other_process(probe.clone(), Duration::ZERO);
     let info = eager
         .put_bytes(&scope, "new", &payload, no_meta())
         .await
@@ -183,6 +197,55 @@ async fn chunk_rewritten_by_a_put_during_the_sweep_is_kept() {
     let r = gc.await.unwrap().unwrap();
     assert_eq!((r.deleted, r.kept), (0, 1));
     assert_eq!(store.get_bytes(&scope, "new").await.unwrap(), payload);
+}
+
+/// A put of the same store that wants a chunk the collector is deleting waits for the delete,
+/// then stores the chunk again: the check-then-delete and the look-then-reuse never interleave.
+#[tokio::test]
+async fn a_put_waits_for_the_sweep_of_a_chunk_it_reuses_then_stores_it_again() {
+    let probe = Probe::new(Arc::new(InMemory::new()));
+    let store = ChunkStore::with_object_store(probe.clone(), None, secrets());
+    let scope = owner("claimed");
+    let payload = data(18, C / 3);
+    store
+        .put_bytes(&scope, "old", &payload, no_meta())
+        .await
+        .unwrap();
+    store.delete(&scope, "old").await.unwrap();
+
+    let held = probe.hold("head", "chunks/");
+    let gc = tokio::spawn({
+        let store = store.clone();
+        async move { collect(&store, Duration::ZERO).await }
+    });
+    held.reached.await.unwrap();
+    let put = tokio::spawn({
+        let (store, scope, payload) = (store.clone(), scope.clone(), payload.clone());
+        async move { store.put_bytes(&scope, "new", &payload, no_meta()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!put.is_finished(), "the put reused a chunk under deletion");
+    held.release.send(()).unwrap();
+    let r = gc.await.unwrap().unwrap();
+    assert_eq!(r.deleted, 1);
+    let info = put.await.unwrap().unwrap();
+    assert_eq!(info.new_chunks, 1, "stored again after the delete");
+    assert_eq!(store.get_bytes(&scope, "new").await.unwrap(), payload);
+}
+
+#[test]
+fn freshening_age_follows_the_grace_period() {
+    let (store, _) = mem_store();
+    assert_eq!(store.gc_grace(), hearth_store::DEFAULT_GC_GRACE);
+    for grace in [Duration::from_secs(1), HOUR, 24 * HOUR] {
+        let store = store.clone().with_gc_grace(grace);
+        assert_eq!(store.gc_grace(), grace);
+        assert!(store.freshen_after() < grace);
+        assert!(
+            grace - store.freshen_after() >= grace / 2,
+            "a margin for the put"
+        );
+    }
 }
 
 #[tokio::test]
@@ -220,7 +283,7 @@ async fn manifest_without_ref_list_stops_the_collector() {
     store.delete(&scope, "garbage").await.unwrap();
     let tag = store.scope_tag(&scope).unwrap();
     origin.delete(&refs_path(&tag, "a")).await.unwrap();
-    let r = store.collect_garbage(Duration::ZERO).await;
+    let r = collect(&store, Duration::ZERO).await;
     assert!(matches!(r, Err(StoreError::Inconsistent(_))), "{r:?}");
     assert_eq!(chunk_ids(origin.as_ref()).await.len(), 2, "nothing swept");
 
@@ -231,7 +294,7 @@ async fn manifest_without_ref_list_stops_the_collector() {
         b"not ids\n".to_vec(),
     )
     .await;
-    let r = store.collect_garbage(Duration::ZERO).await;
+    let r = collect(&store, Duration::ZERO).await;
     assert!(matches!(r, Err(StoreError::Inconsistent(_))), "{r:?}");
     assert_eq!(chunk_ids(origin.as_ref()).await.len(), 2, "nothing swept");
 }
@@ -251,9 +314,9 @@ async fn orphaned_ref_lists_expire() {
         .delete(&hearth_store::manifest::manifest_path(&tag, "a"))
         .await
         .unwrap();
-    let r = store.collect_garbage(HOUR).await.unwrap();
+    let r = collect(&store, HOUR).await.unwrap();
     assert_eq!((r.deleted, r.orphan_refs, r.ref_lists), (0, 0, 1));
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!((r.deleted, r.orphan_refs, r.ref_lists), (2, 1, 0));
     // Deleting the name cleans the leftover ref list.
     assert!(matches!(
@@ -276,7 +339,7 @@ async fn replacing_a_manifest_releases_the_old_chunks() {
         .put_bytes(&scope, "latest", &v2, no_meta())
         .await
         .unwrap();
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!((r.deleted, r.kept), (2, 1));
     assert_eq!(chunk_ids(origin.as_ref()).await.len(), 1);
     assert_eq!(store.get_bytes(&scope, "latest").await.unwrap(), v2);
@@ -294,12 +357,51 @@ async fn gc_on_a_local_origin() {
         .await
         .unwrap();
     store.delete(&scope, "x/b").await.unwrap();
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!((r.scanned, r.deleted, r.kept), (3, 1, 2));
     assert_eq!(store.get_bytes(&scope, "x/a").await.unwrap(), a);
     store.delete(&scope, "x/a").await.unwrap();
-    let r = store.collect_garbage(Duration::ZERO).await.unwrap();
+    let r = collect(&store, Duration::ZERO).await.unwrap();
     assert_eq!(r.deleted, 2);
     let usage = store.usage().await.unwrap();
     assert_eq!((usage.chunks, usage.manifests), (0, 0));
+}
+
+/// Issue 7, item 5: `hearth up` collected with a 1 h grace while puts re-freshened reused
+/// chunks only past 12 h. A put that reuses a released chunk two hours old, with a sweep
+/// running before the put writes its ref list, must not lose the chunk: not with the put in the
+/// collector's own store (pins), nor from another process (freshening age below the grace).
+#[tokio::test]
+async fn regression_7_5_put_reusing_an_old_released_chunk_during_a_sweep() {
+    for same_store in [true, false] {
+        let probe = Probe::new(Arc::new(InMemory::new()));
+        let collector =
+            ChunkStore::with_object_store(probe.clone(), None, secrets()).with_gc_grace(HOUR);
+        let store = if same_store {
+            collector.clone()
+        } else {
+            other_process(probe.clone(), HOUR)
+        };
+        let scope = owner("reuse");
+        let payload = data(17, C + 100);
+        store
+            .put_bytes(&scope, "old", &payload, no_meta())
+            .await
+            .unwrap();
+        store.delete(&scope, "old").await.unwrap();
+        probe.set_chunk_age(2 * HOUR);
+
+        // The put has looked at (and reused) both chunks; it is about to write its ref list.
+        let held = probe.hold("put", "refs/");
+        let put = tokio::spawn({
+            let (store, scope, payload) = (store.clone(), scope.clone(), payload.clone());
+            async move { store.put_bytes(&scope, "new", &payload, no_meta()).await }
+        });
+        held.reached.await.unwrap();
+        let r = collector.collect_garbage().await.unwrap();
+        held.release.send(()).unwrap();
+        put.await.unwrap().unwrap();
+        assert_eq!(r.deleted, 0, "same store {same_store}: {r:?}");
+        assert_eq!(store.get_bytes(&scope, "new").await.unwrap(), payload);
+    }
 }

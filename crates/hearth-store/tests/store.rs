@@ -708,7 +708,7 @@ async fn futures_are_spawnable() {
         s.list(&Scope::Shared, "").await?;
         s.usage().await?;
         s.delete(&Scope::Shared, "a").await?;
-        s.collect_garbage(Duration::ZERO).await.map(drop)
+        collect(&s, Duration::ZERO).await.map(drop)
     })
     .await
     .unwrap()

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use hearth_store::{ChunkId, ChunkStore, Secrets};
+use hearth_store::{ChunkId, ChunkStore, GcReport, Secrets, StoreError};
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
@@ -48,6 +48,16 @@ pub fn mem_store() -> (ChunkStore, Arc<InMemory>) {
     let origin = Arc::new(InMemory::new());
     let store = ChunkStore::with_object_store(origin.clone(), None, secrets());
     (store, origin)
+}
+
+/// One collection of `store`'s origin with grace `grace` (the store's pins still apply).
+pub async fn collect(store: &ChunkStore, grace: Duration) -> Result<GcReport, StoreError> {
+    store.clone().with_gc_grace(grace).collect_garbage().await
+}
+
+/// Another process's store over the same origin: same keys, its own pins.
+pub fn other_process(origin: Arc<dyn ObjectStore>, grace: Duration) -> ChunkStore {
+    ChunkStore::with_object_store(origin, None, secrets()).with_gc_grace(grace)
 }
 
 /// Every object under `prefix`, sorted by location.
@@ -95,6 +105,9 @@ pub struct Probe {
     chunk_gets: AtomicUsize,
     chunk_get_delay: Mutex<Option<Duration>>,
     gate: Mutex<Option<Gate>>,
+    /// Chunks last written before the time given are reported (to lists and heads) as older
+    /// by the duration given, to play out interleavings that need chunks hours old.
+    chunk_age: Mutex<Option<(chrono::DateTime<chrono::Utc>, chrono::Duration)>>,
 }
 
 impl fmt::Debug for Gate {
@@ -122,6 +135,7 @@ impl Probe {
             chunk_gets: AtomicUsize::new(0),
             chunk_get_delay: Mutex::new(None),
             gate: Mutex::new(None),
+            chunk_age: Mutex::new(None),
         })
     }
 
@@ -131,6 +145,17 @@ impl Probe {
 
     pub fn set_chunk_get_delay(&self, d: Option<Duration>) {
         *self.chunk_get_delay.lock().unwrap() = d;
+    }
+
+    /// Makes the chunks stored so far look `age` older than they are (to lists and heads);
+    /// chunks written (or rewritten) later show their true age.
+    pub fn set_chunk_age(&self, age: Duration) {
+        let age = chrono::Duration::from_std(age).unwrap();
+        *self.chunk_age.lock().unwrap() = Some((chrono::Utc::now(), age));
+    }
+
+    fn aged(&self, meta: ObjectMeta) -> ObjectMeta {
+        age_meta(*self.chunk_age.lock().unwrap(), meta)
     }
 
     /// Holds the next `op` request on a location under `prefix`.
@@ -200,7 +225,9 @@ impl ObjectStore for Probe {
                 tokio::time::sleep(d).await;
             }
         }
-        self.inner.get_opts(location, options).await
+        let mut result = self.inner.get_opts(location, options).await?;
+        result.meta = self.aged(result.meta);
+        Ok(result)
     }
 
     fn delete_stream(
@@ -211,7 +238,12 @@ impl ObjectStore for Probe {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
+        use futures::StreamExt;
+        let age = *self.chunk_age.lock().unwrap();
+        self.inner
+            .list(prefix)
+            .map(move |meta| meta.map(|m| age_meta(age, m)))
+            .boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
@@ -226,4 +258,17 @@ impl ObjectStore for Probe {
     ) -> object_store::Result<()> {
         self.inner.copy_opts(from, to, options).await
     }
+}
+
+fn age_meta(
+    age: Option<(chrono::DateTime<chrono::Utc>, chrono::Duration)>,
+    mut meta: ObjectMeta,
+) -> ObjectMeta {
+    if let Some((before, by)) = age
+        && meta.location.as_ref().starts_with("chunks/")
+        && meta.last_modified <= before
+    {
+        meta.last_modified -= by;
+    }
+    meta
 }

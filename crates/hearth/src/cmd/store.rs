@@ -13,13 +13,14 @@ pub enum StoreCmd {
         #[arg(long, env = "HEARTH_DATA_DIR", default_value_os_t = super::default_data_dir())]
         data_dir: PathBuf,
     },
-    /// Delete chunks no manifest uses (safe while `hearth up` runs: chunks younger than the
-    /// grace period are kept, so uploads in flight are never collected).
+    /// Delete chunks no manifest uses (safe while `hearth up` runs if the grace period is at
+    /// least that server's `--gc-grace`: chunks younger than it are kept, so its uploads in
+    /// flight are never collected).
     Gc {
         #[arg(long, env = "HEARTH_DATA_DIR", default_value_os_t = super::default_data_dir())]
         data_dir: PathBuf,
         /// Keep unreferenced chunks younger than this many seconds.
-        #[arg(long, default_value_t = 3600)]
+        #[arg(long, default_value_t = hearth_store::DEFAULT_GC_GRACE.as_secs())]
         grace_seconds: u64,
     },
 }
@@ -57,7 +58,8 @@ pub fn run(cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 grace_seconds,
             } => {
                 let r = open(&data_dir)?
-                    .collect_garbage(Duration::from_secs(grace_seconds))
+                    .with_gc_grace(Duration::from_secs(grace_seconds))
+                    .collect_garbage()
                     .await?;
                 println!(
                     "scanned {}  deleted {}  freed {} bytes  kept {} (young {})",

@@ -59,6 +59,11 @@ pub struct UpArgs {
     /// Seconds between runs of the chunk store's garbage collector.
     #[arg(long, env = "HEARTH_GC_INTERVAL", default_value_t = 600)]
     pub gc_interval: u64,
+    /// Seconds an unreferenced chunk is kept before the collector may delete it (reused
+    /// chunks are refreshed by puts past half of it). Run `hearth store gc` next to this server
+    /// with at least the same grace.
+    #[arg(long, env = "HEARTH_GC_GRACE", default_value_t = hearth_store::DEFAULT_GC_GRACE.as_secs())]
+    pub gc_grace: u64,
     /// Size bound (MiB) of the worker's disk cache of chunks.
     #[arg(long, env = "HEARTH_CHUNK_CACHE_MB", default_value_t = 4096)]
     pub chunk_cache_mb: u64,
@@ -162,7 +167,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         )),
         secrets,
     )
-    .context("opening the chunk store")?;
+    .context("opening the chunk store")?
+    .with_gc_grace(Duration::from_secs(args.gc_grace));
     // Runtime images go to the chunk store (shared scope) in the background: this worker runs
     // them from its local cache meanwhile; other workers fetch them from the store.
     if !args.no_image_artifacts {
@@ -187,14 +193,15 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    // The collector frees chunks no manifest uses; the grace period protects uploads in flight.
+    // The collector frees chunks no manifest uses; this process's uploads in flight pin their
+    // chunks, the grace period protects other processes' uploads.
     {
         let chunks = chunks.clone();
         let every = Duration::from_secs(args.gc_interval.max(1));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match chunks.collect_garbage(Duration::from_secs(3600)).await {
+                match chunks.collect_garbage().await {
                     Ok(r) => tracing::info!(
                         deleted = r.deleted,
                         bytes_freed = r.bytes_freed,
