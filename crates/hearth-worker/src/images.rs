@@ -1,15 +1,38 @@
 //! Runtime images: the read-only root file systems sandboxes boot from.
 //!
 //! An image is a Debian root built with `mmdebstrap` from the machine's apt sources (the same
-//! way for every runtime: one tool, reproducible, ≈ 20–30 s), or imported from a directory or a
+//! way for every runtime: one tool, reproducible, ≈ 30–60 s), or imported from a directory or a
 //! tarball a user supplies. Built images live in a cache directory as `<cache>/<name>/rootfs`
 //! with `<cache>/<name>/image.json` written last: an image without its `image.json` is
 //! incomplete (a crash mid-build) and is rebuilt. A build goes to a temporary directory that is
 //! renamed into place, so two builders never see each other's half-built trees.
 //!
-//! Every image gets the mount points a sandbox needs (`/var/task`, `/var/runtime`, `/opt`,
-//! `/tmp`, and `/hearth/agent` where the agent binary is bind-mounted), because the sandbox
-//! root is mounted read-only and gVisor cannot create them at start.
+//! # The userland functions expect
+//!
+//! Functions written for Lambda assume Amazon Linux. Every built image therefore has what an
+//! Amazon Linux runtime image has where functions notice it: `/bin/sh` is bash (AWS's own
+//! custom-runtime tutorial uses bash syntax under `#!/bin/sh`, which Debian's dash rejects),
+//! and bash, coreutils, curl, tar, gzip, findutils and `which` are present ([`BASE_PACKAGES`];
+//! a build that lacks one of [`USERLAND_TOOLS`] fails). Debian rather than an Amazon Linux
+//! root, because Debian's archive is what this machine's apt and `mmdebstrap` reach, and what
+//! functions see is the tools and the layout, not the distribution. The Lambda layout is there
+//! too: `/var/task`, `/var/runtime`, `/opt`, `/tmp`, `/var/lang/{bin,lib}` (empty), with the
+//! variables pointing at them (`LAMBDA_TASK_ROOT`, `PATH`, ...) set by the worker.
+//!
+//! Every image, imported ones too, gets the mount points a sandbox needs (those directories
+//! and `/hearth/agent`, where the agent binary is bind-mounted), and `/etc/resolv.conf` and
+//! `/etc/hosts` as regular files for the sandbox to bind its own over, because the sandbox root
+//! is mounted read-only and gVisor cannot create mount points at start. Built images get
+//! neutral contents there instead of the build host's, which `mmdebstrap` copies in.
+//!
+//! # Stale images
+//!
+//! `image.json` records the [`Recipe::digest`] of the recipe an image was built from: its
+//! packages, wheels, bootstrap, the Debian suite, and [`USERLAND_REVISION`] for the steps in
+//! code. [`ImageStore::ensure_all`] rebuilds every cached image whose digest differs (older
+//! images have none), so a changed recipe reaches every cache without `--force`. Imported
+//! images are the user's and are never rebuilt. A rebuild changes the image's identity
+//! ([`ImageStore::image_id`]), so snapshots taken on the old image are not restored on it.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -51,12 +74,67 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     }
 }
 
+/// Debian packages in every built image: the Amazon Linux tools functions expect. Most are
+/// essential in Debian and so in `minbase` anyway; they are listed because images must have
+/// them (`which` is in `debianutils` on Debian).
+pub const BASE_PACKAGES: &[&str] = &[
+    "bash",
+    "coreutils",
+    "curl",
+    "tar",
+    "gzip",
+    "findutils",
+    "debianutils",
+    "grep",
+    "sed",
+    "ca-certificates",
+];
+
+/// What a build must contain (paths inside the image, symlinks followed in the image).
+pub const USERLAND_TOOLS: &[&str] = &[
+    "/bin/sh",
+    "/bin/bash",
+    "/usr/bin/curl",
+    "/usr/bin/tar",
+    "/usr/bin/gzip",
+    "/usr/bin/find",
+    "/usr/bin/xargs",
+    "/usr/bin/which",
+    "/usr/bin/env",
+    "/usr/bin/cut",
+    "/usr/bin/tr",
+    "/usr/bin/grep",
+    "/usr/bin/sed",
+    "/usr/bin/mktemp",
+];
+
+/// Revision of the build steps in code (the userland fix-ups, the layout, the pip options).
+/// Bump it when they change: every cached image built before is then rebuilt.
+pub const USERLAND_REVISION: u32 = 2;
+
+/// Directories every image has: Lambda's layout and the sandbox's mount points.
+const LAYOUT_DIRS: &[&str] = &[
+    "var/task",
+    "var/runtime",
+    "var/lang/bin",
+    "var/lang/lib",
+    "opt",
+    "tmp",
+    "hearth",
+    "proc",
+    "dev",
+    "etc",
+];
+
+/// `/etc/hosts` of a built image (and of an imported one that has none).
+const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
 /// How to build one runtime image.
 #[derive(Debug, Clone, Copy)]
 pub struct Recipe {
     /// Image name, also the cache directory name.
     pub name: &'static str,
-    /// Debian packages to install on top of `minbase`.
+    /// Debian packages to install on top of `minbase` and [`BASE_PACKAGES`].
     pub packages: &'static [&'static str],
     /// Python wheels installed with pip into `/var/runtime` (no dependencies resolved).
     pub wheels: &'static [&'static str],
@@ -75,19 +153,50 @@ exec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n";
 pub const RECIPES: &[Recipe] = &[
     Recipe {
         name: "python3.11",
-        packages: &["python3", "libstdc++6", "ca-certificates"],
+        packages: &["python3", "libstdc++6"],
         wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
         bootstrap: Some(PYTHON_BOOTSTRAP),
         execution_env: "AWS_Lambda_python3.11",
     },
     Recipe {
         name: "provided",
-        packages: &["ca-certificates", "curl"],
+        packages: &[],
         wheels: &[],
         bootstrap: None,
         execution_env: "AWS_Lambda_provided",
     },
 ];
+
+impl Recipe {
+    /// Every Debian package the image gets: [`BASE_PACKAGES`], then the recipe's own.
+    pub fn all_packages(&self) -> Vec<&'static str> {
+        let mut all: Vec<&'static str> = BASE_PACKAGES.to_vec();
+        for p in self.packages {
+            if !all.contains(p) {
+                all.push(p);
+            }
+        }
+        all
+    }
+
+    /// A digest of everything that decides what building this recipe on Debian `suite`
+    /// produces; recorded in `image.json`, a different one marks a cached image stale.
+    pub fn digest(&self, suite: &str) -> String {
+        use sha2::Digest;
+        let inputs = serde_json::json!({
+            "userland_revision": USERLAND_REVISION,
+            "suite": suite,
+            "name": self.name,
+            "packages": self.all_packages(),
+            "wheels": self.wheels,
+            "bootstrap": self.bootstrap,
+            "layout": LAYOUT_DIRS,
+            "tools": USERLAND_TOOLS,
+            "hosts": HOSTS,
+        });
+        hex::encode(sha2::Sha256::digest(inputs.to_string().as_bytes()))
+    }
+}
 
 /// The recipe serving a runtime identifier as given in `CreateFunction`.
 pub fn recipe_for(runtime: &str) -> Result<&'static Recipe, ImageError> {
@@ -106,10 +215,42 @@ pub fn recipe_for(runtime: &str) -> Result<&'static Recipe, ImageError> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageInfo {
     pub name: String,
+    /// `mmdebstrap <suite>` for a build, `import <path>` for an import.
     pub source: String,
     pub packages: Vec<String>,
     pub wheels: Vec<String>,
     pub built_at: String,
+    /// [`Recipe::digest`] of the recipe built; empty for imports and for images built before
+    /// digests were recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recipe_digest: String,
+}
+
+impl ImageInfo {
+    fn is_import(&self) -> bool {
+        self.source.starts_with("import ")
+    }
+}
+
+/// Where a cached image stands against the recipe it should be built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageState {
+    /// Not in the cache, or incomplete (no `image.json`).
+    Missing,
+    /// Built from another recipe (or one too old to say): to be rebuilt.
+    Stale,
+    /// Built from this recipe, or imported by the user (never replaced behind their back).
+    Current,
+}
+
+/// The rebuild decision: `info` is the cached image's `image.json` (`None` when absent),
+/// `Some(Err(_))` when it cannot be read or parsed.
+pub fn judge(info: Option<Result<ImageInfo, ()>>, digest: &str) -> ImageState {
+    match info {
+        None => ImageState::Missing,
+        Some(Ok(info)) if info.is_import() || info.recipe_digest == digest => ImageState::Current,
+        Some(_) => ImageState::Stale,
+    }
 }
 
 /// The image cache directory.
@@ -140,6 +281,17 @@ impl ImageStore {
                 name: name.to_string(),
             })
         }
+    }
+
+    /// The cached image `name` against `recipe`: missing, stale (to rebuild) or current.
+    pub fn state(&self, recipe: &Recipe) -> ImageState {
+        let meta = self.dir.join(recipe.name).join("image.json");
+        let info = match fs::read(&meta) {
+            Ok(bytes) => Some(serde_json::from_slice::<ImageInfo>(&bytes).map_err(drop)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => Some(Err(())),
+        };
+        judge(info, &recipe.digest(&host_suite()))
     }
 
     /// Identity of the built image serving a runtime: a digest of its `image.json` (a rebuild
@@ -194,13 +346,21 @@ impl ImageStore {
         self.rootfs(recipe_for(runtime)?.name)
     }
 
-    /// Build every image that is missing.
+    /// Build every image that is missing or stale (see [`ImageStore::state`]).
     pub fn ensure_all(&self, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
         for recipe in RECIPES {
-            if self.rootfs(recipe.name).is_err() {
-                self.build(recipe, progress)?;
-            } else {
-                progress(&format!("{}: cached", recipe.name));
+            match self.state(recipe) {
+                ImageState::Current => progress(&format!("{}: cached", recipe.name)),
+                ImageState::Missing => {
+                    self.build(recipe, progress)?;
+                }
+                ImageState::Stale => {
+                    progress(&format!(
+                        "{}: cached image is from another recipe, rebuilding",
+                        recipe.name
+                    ));
+                    self.build(recipe, progress)?;
+                }
             }
         }
         Ok(())
@@ -219,61 +379,35 @@ impl ImageStore {
         let tmp = self.fresh_tmp(recipe.name)?;
         let rootfs = tmp.join("rootfs");
         let suite = host_suite();
+        let packages = recipe.all_packages();
         progress(&format!(
             "{}: mmdebstrap {suite} + {}",
             recipe.name,
-            recipe.packages.join(",")
+            packages.join(",")
         ));
         let mut cmd = Command::new("mmdebstrap");
         cmd.arg("--variant=minbase")
             .arg("--mode=root")
-            .arg(format!("--include={}", recipe.packages.join(",")))
+            .arg(format!("--include={}", packages.join(",")))
             .arg("--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*")
             .arg(&suite)
             .arg(&rootfs);
+        // A failed mmdebstrap's tree is left alone (it is never used): it may still have
+        // the host's /dev or /proc mounted inside, and deleting it could reach through them.
         run_streaming(cmd, "mmdebstrap", &mut |line| {
             progress(&format!("{}: {line}", recipe.name))
         })?;
-        if !recipe.wheels.is_empty() {
-            progress(&format!(
-                "{}: pip wheels {}",
-                recipe.name,
-                recipe.wheels.join(",")
-            ));
-            let target = rootfs.join("var/runtime");
-            let mut pip = Command::new(python_for_pip());
-            pip.args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-            ])
-            .arg("--target")
-            .arg(&target)
-            .args([
-                "--platform",
-                "manylinux2014_x86_64",
-                "--only-binary=:all:",
-                "--python-version",
-                "3.11",
-                "--implementation",
-                "cp",
-            ])
-            .args(recipe.wheels);
-            run_streaming(pip, "pip install", &mut |line| {
-                progress(&format!("{}: {line}", recipe.name))
-            })?;
+        if let Err(e) = finish_build(recipe, &rootfs, progress) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        finish_rootfs(&rootfs, recipe.bootstrap)?;
         let info = ImageInfo {
             name: recipe.name.to_string(),
             source: format!("mmdebstrap {suite}"),
-            packages: recipe.packages.iter().map(|s| s.to_string()).collect(),
+            packages: packages.iter().map(|s| s.to_string()).collect(),
             wheels: recipe.wheels.iter().map(|s| s.to_string()).collect(),
             built_at: unix_now_string(),
+            recipe_digest: recipe.digest(&suite),
         };
         let out = self.commit(&tmp, recipe.name, &info)?;
         progress(&format!("{}: built at {}", recipe.name, out.display()));
@@ -323,13 +457,17 @@ impl ImageStore {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        finish_rootfs(&rootfs, None)?;
+        if let Err(e) = finish_rootfs(&rootfs, None, false) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         let info = ImageInfo {
             name: name.to_string(),
             source: format!("import {}", source.display()),
             packages: vec![],
             wheels: vec![],
             built_at: unix_now_string(),
+            recipe_digest: String::new(),
         };
         self.commit(&tmp, name, &info)
     }
@@ -364,31 +502,209 @@ impl ImageStore {
     }
 }
 
-/// Add the mount points and bootstrap every sandbox root needs.
-fn finish_rootfs(rootfs: &Path, bootstrap: Option<&str>) -> Result<(), ImageError> {
-    for d in [
-        "var/task",
-        "var/runtime",
-        "opt",
-        "tmp",
-        "hearth",
-        "proc",
-        "dev",
-    ] {
-        let p = rootfs.join(d);
-        fs::create_dir_all(&p).map_err(io_err(&p))?;
+/// The steps after `mmdebstrap`: wheels, the Amazon Linux userland, the layout.
+fn finish_build(
+    recipe: &Recipe,
+    rootfs: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    if !recipe.wheels.is_empty() {
+        progress(&format!(
+            "{}: pip wheels {}",
+            recipe.name,
+            recipe.wheels.join(",")
+        ));
+        let target = rootfs.join("var/runtime");
+        let mut pip = Command::new(python_for_pip());
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+        ])
+        .arg("--target")
+        .arg(&target)
+        .args([
+            "--platform",
+            "manylinux2014_x86_64",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+        ])
+        .args(recipe.wheels);
+        run_streaming(pip, "pip install", &mut |line| {
+            progress(&format!("{}: {line}", recipe.name))
+        })?;
     }
-    let agent = rootfs.join("hearth/agent");
-    if !agent.exists() {
-        fs::write(&agent, b"").map_err(io_err(&agent))?;
+    amazon_linux_userland(rootfs)?;
+    finish_rootfs(rootfs, recipe.bootstrap, true)
+}
+
+/// Add the layout, mount points and bootstrap every sandbox root needs. `neutral` (built
+/// images): `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` get fixed contents, not the
+/// build host's; otherwise (imports) only missing ones or symlinks are replaced.
+fn finish_rootfs(rootfs: &Path, bootstrap: Option<&str>, neutral: bool) -> Result<(), ImageError> {
+    for d in LAYOUT_DIRS {
+        dir_in(rootfs, d)?;
+    }
+    let agent = dir_in(rootfs, "hearth")?.join("agent");
+    regular_file(&agent, b"", false)?;
+    // The sandbox binds its own resolv.conf and hosts over these: they must be regular files.
+    let etc = dir_in(rootfs, "etc")?;
+    for (file, contents) in [
+        ("resolv.conf", ""),
+        ("hosts", HOSTS),
+        ("hostname", "localhost\n"),
+    ] {
+        let path = etc.join(file);
+        if file == "hostname" && fs::symlink_metadata(&path).is_err() {
+            continue; // nothing binds over it, so an image without one needs none
+        }
+        regular_file(&path, contents.as_bytes(), neutral)?;
     }
     if let Some(script) = bootstrap {
         use std::os::unix::fs::PermissionsExt;
-        let path = rootfs.join("var/runtime/bootstrap");
+        let path = dir_in(rootfs, "var/runtime")?.join("bootstrap");
         fs::write(&path, script).map_err(io_err(&path))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).map_err(io_err(&path))?;
     }
     Ok(())
+}
+
+/// Make `path` a regular file: written with `contents` if missing, not a regular file (a
+/// symlink is removed, never followed: it may point anywhere on the host), or `overwrite`.
+fn regular_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), ImageError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() && !overwrite => return Ok(()),
+        Ok(_) => remove_entry(path)?,
+        Err(_) => {}
+    }
+    fs::write(path, contents).map_err(io_err(path))
+}
+
+/// The directory `rel` inside the image at `rootfs`, created where missing; symlinks on the
+/// way are followed inside the image (an imported tree's `var -> /var` must not reach the
+/// host's `/var`).
+fn dir_in(rootfs: &Path, rel: &str) -> Result<PathBuf, ImageError> {
+    let mut inside = String::new();
+    let mut host = rootfs.to_path_buf();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        inside = format!("{inside}/{part}");
+        host = match resolve_in(rootfs, &inside) {
+            Some(p) if p.is_dir() => p,
+            Some(p) => {
+                return Err(ImageError::Step {
+                    step: "image layout".into(),
+                    detail: format!("{inside} is not a directory ({})", p.display()),
+                });
+            }
+            None => {
+                let p = host.join(part);
+                fs::create_dir(&p).map_err(io_err(&p))?;
+                p
+            }
+        };
+    }
+    Ok(host)
+}
+
+fn remove_entry(path: &Path) -> Result<(), ImageError> {
+    let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    if is_dir {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+    .map_err(io_err(path))
+}
+
+/// Make a Debian root look like Amazon Linux where functions notice: `/bin/sh` is bash, and
+/// every tool of [`USERLAND_TOOLS`] is there.
+fn amazon_linux_userland(rootfs: &Path) -> Result<(), ImageError> {
+    let missing = |what: &str| ImageError::Step {
+        step: "userland check".into(),
+        detail: format!("{what} is missing from the image"),
+    };
+    let bash = resolve_in(rootfs, "/bin/bash").ok_or_else(|| missing("/bin/bash"))?;
+    // `/bin` is a symlink to `usr/bin` in a merged-/usr root: replace `sh` where it really is.
+    let bin = resolve_in(rootfs, "/bin").ok_or_else(|| missing("/bin"))?;
+    let sh = bin.join("sh");
+    if fs::symlink_metadata(&sh).is_ok() {
+        remove_entry(&sh)?;
+    }
+    let target = if bash.parent() == Some(bin.as_path()) {
+        PathBuf::from("bash")
+    } else {
+        // Absolute: resolved inside the sandbox, whose root is the image.
+        Path::new("/").join(bash.strip_prefix(rootfs).unwrap_or(Path::new("bin/bash")))
+    };
+    std::os::unix::fs::symlink(&target, &sh).map_err(io_err(&sh))?;
+    check_userland(rootfs)
+}
+
+/// Every tool of [`USERLAND_TOOLS`] is an executable file in `rootfs`, and `/bin/sh` is bash.
+fn check_userland(rootfs: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |detail: String| ImageError::Step {
+        step: "userland check".into(),
+        detail,
+    };
+    for tool in USERLAND_TOOLS {
+        let executable = resolve_in(rootfs, tool)
+            .and_then(|p| fs::metadata(p).ok())
+            .is_some_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !executable {
+            return Err(fail(format!("{tool} is missing from the image")));
+        }
+    }
+    if resolve_in(rootfs, "/bin/sh") != resolve_in(rootfs, "/bin/bash") {
+        return Err(fail("/bin/sh is not bash".into()));
+    }
+    Ok(())
+}
+
+/// The host path of `path` inside an image rooted at `root`, following symlinks as the
+/// sandbox would (absolute targets and `..` stay inside `root`). `None` if a component does
+/// not exist or symlinks nest too deep.
+fn resolve_in(root: &Path, path: &str) -> Option<PathBuf> {
+    let mut todo: Vec<String> = path.split('/').rev().map(str::to_string).collect();
+    let mut at: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = todo.pop() {
+        match part.as_str() {
+            "" | "." => continue,
+            ".." => {
+                at.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here: PathBuf = at
+            .iter()
+            .chain(std::iter::once(&part))
+            .fold(root.to_path_buf(), |p, c| p.join(c));
+        let meta = fs::symlink_metadata(&here).ok()?;
+        if meta.file_type().is_symlink() {
+            hops += 1;
+            if hops > 40 {
+                return None;
+            }
+            let target = fs::read_link(&here).ok()?;
+            let target = target.to_str()?;
+            if target.starts_with('/') {
+                at.clear();
+            }
+            todo.extend(target.split('/').rev().map(str::to_string));
+        } else {
+            at.push(part);
+        }
+    }
+    Some(at.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
 }
 
 /// Run a command, passing each output line to `line`; fail with its last lines.
@@ -528,8 +844,16 @@ mod tests {
         let root = store.import("mine", src.path(), &mut |_| {}).unwrap();
         assert_eq!(fs::read(root.join("bin/hello")).unwrap(), b"hi");
         assert!(root.join("var/task").is_dir());
+        assert!(root.join("var/lang/bin").is_dir());
         assert!(root.join("hearth/agent").is_file());
+        assert!(root.join("etc/resolv.conf").is_file());
+        assert_eq!(fs::read_to_string(root.join("etc/hosts")).unwrap(), HOSTS);
         assert_eq!(store.rootfs("mine").unwrap(), root);
+        // An imported image is the user's: never stale, even under a recipe's name.
+        let info: ImageInfo =
+            serde_json::from_slice(&fs::read(cache.path().join("mine/image.json")).unwrap())
+                .unwrap();
+        assert_eq!(judge(Some(Ok(info)), "any digest"), ImageState::Current);
         // No temporary directories are left behind.
         let leftovers: Vec<_> = fs::read_dir(cache.path())
             .unwrap()
@@ -556,5 +880,202 @@ mod tests {
             store.import("y", &src.path().join("missing"), &mut |_| {}),
             Err(ImageError::BadImport(_))
         ));
+    }
+
+    fn info(source: &str, digest: &str) -> ImageInfo {
+        ImageInfo {
+            name: "provided".into(),
+            source: source.into(),
+            packages: vec![],
+            wheels: vec![],
+            built_at: "0".into(),
+            recipe_digest: digest.into(),
+        }
+    }
+
+    #[test]
+    fn a_changed_recipe_makes_cached_images_stale() {
+        let want = "d1";
+        assert_eq!(judge(None, want), ImageState::Missing);
+        assert_eq!(
+            judge(Some(Ok(info("mmdebstrap bookworm", "d1"))), want),
+            ImageState::Current
+        );
+        assert_eq!(
+            judge(Some(Ok(info("mmdebstrap bookworm", "d0"))), want),
+            ImageState::Stale
+        );
+        // Built before digests were recorded, or an image.json that cannot be read.
+        assert_eq!(
+            judge(Some(Ok(info("mmdebstrap bookworm", ""))), want),
+            ImageState::Stale
+        );
+        assert_eq!(judge(Some(Err(())), want), ImageState::Stale);
+        assert_eq!(
+            judge(Some(Ok(info("import /x", ""))), want),
+            ImageState::Current
+        );
+
+        // The digest follows every input of a build and nothing else.
+        let r = RECIPES[1];
+        assert_eq!(r.digest("bookworm"), r.digest("bookworm"));
+        assert_ne!(r.digest("bookworm"), r.digest("trixie"));
+        let more = Recipe {
+            packages: &["jq"],
+            ..r
+        };
+        assert_ne!(more.digest("bookworm"), r.digest("bookworm"));
+        let other_env = Recipe {
+            execution_env: "x",
+            ..r
+        };
+        assert_eq!(other_env.digest("bookworm"), r.digest("bookworm"));
+    }
+
+    #[test]
+    fn state_reads_image_json_and_ensure_all_keeps_current_images() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(cache.path());
+        let recipe = &RECIPES[1];
+        assert_eq!(store.state(recipe), ImageState::Missing);
+        let dir = cache.path().join(recipe.name);
+        fs::create_dir_all(dir.join("rootfs")).unwrap();
+        // The image.json of an image built before digests were recorded.
+        fs::write(
+            dir.join("image.json"),
+            br#"{"name":"provided","source":"mmdebstrap bookworm","packages":["curl"],"wheels":[],"built_at":"1"}"#,
+        )
+        .unwrap();
+        assert_eq!(store.state(recipe), ImageState::Stale);
+        fs::write(dir.join("image.json"), b"not json").unwrap();
+        assert_eq!(store.state(recipe), ImageState::Stale);
+
+        // Every image current: ensure_all builds nothing (it would need mmdebstrap and root).
+        for r in RECIPES {
+            let d = cache.path().join(r.name);
+            fs::create_dir_all(d.join("rootfs")).unwrap();
+            let i = ImageInfo {
+                name: r.name.into(),
+                recipe_digest: r.digest(&host_suite()),
+                ..info("mmdebstrap bookworm", "")
+            };
+            fs::write(d.join("image.json"), serde_json::to_vec(&i).unwrap()).unwrap();
+            assert_eq!(store.state(r), ImageState::Current);
+        }
+        let mut lines = Vec::new();
+        store
+            .ensure_all(&mut |l| lines.push(l.to_string()))
+            .unwrap();
+        assert_eq!(lines.len(), RECIPES.len());
+        assert!(lines.iter().all(|l| l.ends_with(": cached")), "{lines:?}");
+    }
+
+    fn executable(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(path, b"#!/fake\n").unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// A merged-/usr Debian root in miniature: `/bin -> usr/bin`, `sh -> dash`, `which`
+    /// through an absolute alternatives link, and `/etc/hosts` a symlink to the host's file.
+    fn fake_debian_root() -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("usr/bin")).unwrap();
+        fs::create_dir_all(r.join("etc/alternatives")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
+        for tool in USERLAND_TOOLS {
+            let name = tool.rsplit('/').next().unwrap();
+            if !["sh", "which"].contains(&name) {
+                executable(&r.join("usr/bin").join(name));
+            }
+        }
+        executable(&r.join("usr/bin/dash"));
+        executable(&r.join("usr/bin/which.debianutils"));
+        std::os::unix::fs::symlink("dash", r.join("usr/bin/sh")).unwrap();
+        std::os::unix::fs::symlink("/etc/alternatives/which", r.join("usr/bin/which")).unwrap();
+        std::os::unix::fs::symlink(
+            "/usr/bin/which.debianutils",
+            r.join("etc/alternatives/which"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/hosts", r.join("etc/hosts")).unwrap();
+        fs::write(r.join("etc/resolv.conf"), b"nameserver 10.9.9.9\n").unwrap();
+        fs::write(r.join("etc/hostname"), b"build-host\n").unwrap();
+        root
+    }
+
+    #[test]
+    fn built_images_get_bash_as_sh_and_neutral_network_files() {
+        let root = fake_debian_root();
+        let r = root.path();
+        let host_hosts = fs::read("/etc/hosts").ok();
+        // Without the fix-up, /bin/sh is dash.
+        assert!(
+            matches!(check_userland(r), Err(ImageError::Step { detail, .. }) if detail == "/bin/sh is not bash")
+        );
+        amazon_linux_userland(r).unwrap();
+        finish_rootfs(r, Some("#!/bin/sh\n"), true).unwrap();
+
+        assert_eq!(
+            fs::read_link(r.join("usr/bin/sh")).unwrap(),
+            Path::new("bash")
+        );
+        assert_eq!(resolve_in(r, "/bin/sh"), Some(r.join("usr/bin/bash")));
+        assert_eq!(
+            resolve_in(r, "/usr/bin/which"),
+            Some(r.join("usr/bin/which.debianutils"))
+        );
+        // The host's files neither leak in nor are written through the symlink.
+        assert_eq!(fs::read(r.join("etc/resolv.conf")).unwrap(), b"");
+        assert!(fs::symlink_metadata(r.join("etc/hosts")).unwrap().is_file());
+        assert_eq!(fs::read_to_string(r.join("etc/hosts")).unwrap(), HOSTS);
+        assert_eq!(fs::read(r.join("etc/hostname")).unwrap(), b"localhost\n");
+        assert_eq!(fs::read("/etc/hosts").ok(), host_hosts);
+        for d in LAYOUT_DIRS {
+            assert!(r.join(d).is_dir(), "{d}");
+        }
+        assert!(r.join("var/runtime/bootstrap").is_file());
+
+        // A missing tool fails the build.
+        fs::remove_file(r.join("usr/bin/curl")).unwrap();
+        assert!(matches!(
+            check_userland(r),
+            Err(ImageError::Step { detail, .. }) if detail == "/usr/bin/curl is missing from the image"
+        ));
+    }
+
+    #[test]
+    fn imported_trees_keep_their_files_and_symlinks_stay_inside() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("srv/var")).unwrap();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        // Absolute symlinks mean the image's own paths, never the host's.
+        std::os::unix::fs::symlink("/srv/var", r.join("var")).unwrap();
+        std::os::unix::fs::symlink(
+            "/run/systemd/resolve/stub-resolv.conf",
+            r.join("etc/resolv.conf"),
+        )
+        .unwrap();
+        fs::write(r.join("etc/hosts"), b"10.0.0.1 mine\n").unwrap();
+        finish_rootfs(r, None, false).unwrap();
+        assert!(r.join("srv/var/task").is_dir());
+        assert!(r.join("srv/var/lang/bin").is_dir());
+        assert!(
+            fs::symlink_metadata(r.join("etc/resolv.conf"))
+                .unwrap()
+                .is_file()
+        );
+        assert_eq!(fs::read(r.join("etc/hosts")).unwrap(), b"10.0.0.1 mine\n");
+        assert!(!r.join("etc/hostname").exists());
+        // A symlink loop is no directory.
+        std::os::unix::fs::symlink("/loop", r.join("loop")).unwrap();
+        assert_eq!(resolve_in(r, "/loop"), None);
+        // `..` after a symlink is the parent of its target, as in the kernel.
+        assert_eq!(
+            resolve_in(r, "/var/../var/task"),
+            Some(r.join("srv/var/task"))
+        );
     }
 }
