@@ -10,6 +10,12 @@
 //!
 //! Internal faults become [`ApiError::internal`]: the detail goes to `tracing`, the caller sees
 //! a generic `ServiceException` message. Nothing about files, databases or workers leaks.
+//!
+//! Statuses follow what Lambda answers for the same condition, not only botocore's model
+//! (which lists, say, `InvalidZipFileException` as 502, while Lambda answers a package it
+//! cannot unzip with 400 `InvalidParameterValueException`). SDKs retry every 5xx (boto3 up to
+//! four more times), so a 5xx is kept for genuine server faults: `ServiceException` (500) and
+//! `ResourceNotReadyException` (502, the platform cannot run the function right now).
 
 use std::fmt;
 
@@ -30,8 +36,8 @@ pub enum ErrorKind {
     CodeStorageExceeded,
     Service,
     ResourceNotReady,
-    InvalidRuntime,
-    InvalidZipFile,
+    /// A presigned URL (a code download) that expired or whose signature does not match.
+    AccessDenied,
     /// The request carried no signature at all.
     MissingAuthenticationToken,
     /// The access key is not known.
@@ -59,8 +65,7 @@ impl ErrorKind {
             ErrorKind::CodeStorageExceeded => "CodeStorageExceededException",
             ErrorKind::Service => "ServiceException",
             ErrorKind::ResourceNotReady => "ResourceNotReadyException",
-            ErrorKind::InvalidRuntime => "InvalidRuntimeException",
-            ErrorKind::InvalidZipFile => "InvalidZipFileException",
+            ErrorKind::AccessDenied => "AccessDeniedException",
             ErrorKind::MissingAuthenticationToken => "MissingAuthenticationTokenException",
             ErrorKind::UnrecognizedClient => "UnrecognizedClientException",
             ErrorKind::InvalidSignature => "InvalidSignatureException",
@@ -83,10 +88,9 @@ impl ErrorKind {
             ErrorKind::ResourceConflict => StatusCode::CONFLICT,
             ErrorKind::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ErrorKind::Service => StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorKind::ResourceNotReady | ErrorKind::InvalidRuntime | ErrorKind::InvalidZipFile => {
-                StatusCode::BAD_GATEWAY
-            }
-            ErrorKind::MissingAuthenticationToken
+            ErrorKind::ResourceNotReady => StatusCode::BAD_GATEWAY,
+            ErrorKind::AccessDenied
+            | ErrorKind::MissingAuthenticationToken
             | ErrorKind::UnrecognizedClient
             | ErrorKind::InvalidSignature => StatusCode::FORBIDDEN,
         }
@@ -102,10 +106,7 @@ impl ErrorKind {
 
     /// Whether botocore's model names the message member `Message` rather than `message`.
     fn capital_message(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::ResourceNotFound | ErrorKind::Service | ErrorKind::InvalidZipFile
-        )
+        matches!(self, ErrorKind::ResourceNotFound | ErrorKind::Service)
     }
 }
 
@@ -234,16 +235,24 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// What Lambda answers for a package it cannot unzip.
+pub const UNZIP_MESSAGE: &str =
+    "Could not unzip uploaded file. Please check your file, then try to upload again.";
+
 impl From<crate::code::CodeError> for ApiError {
     fn from(e: crate::code::CodeError) -> Self {
         use crate::code::CodeError;
         match e {
             CodeError::TooLarge { .. } => ApiError::too_large(e.to_string()),
-            CodeError::UnzippedTooLarge { .. } => ApiError::invalid(e.to_string()),
-            CodeError::TooManyEntries { .. }
-            | CodeError::Invalid(_)
-            | CodeError::UnsafePath(_)
-            | CodeError::Symlink(_) => ApiError::new(ErrorKind::InvalidZipFile, e.to_string()),
+            CodeError::UnzippedTooLarge { .. } | CodeError::TooManyEntries { .. } => {
+                ApiError::invalid(e.to_string())
+            }
+            CodeError::Invalid(_) | CodeError::UnsafePath(_) | CodeError::Symlink(_) => {
+                // Lambda's one message for every package it will not unpack; the reason is
+                // for the server's log.
+                tracing::info!(reason = %e, "package rejected");
+                ApiError::invalid(UNZIP_MESSAGE)
+            }
             CodeError::Io(_) => ApiError::internal(e),
         }
     }
@@ -325,9 +334,60 @@ mod tests {
         assert!(!text.contains("redb"), "{text}");
     }
 
+    /// Issue 7, item 1: a package that cannot be unpacked is the caller's fault (400, which
+    /// SDKs do not retry), with Lambda's message; only storage faults are 5xx.
+    #[test]
+    fn regression_7_1_bad_packages_are_400_invalid_parameter_value() {
+        use crate::code::CodeError;
+        for e in [
+            CodeError::Invalid("not a zip".into()),
+            CodeError::UnsafePath("../x".into()),
+            CodeError::Symlink("link".into()),
+        ] {
+            let api = ApiError::from(e);
+            assert_eq!(api.kind, ErrorKind::InvalidParameterValue);
+            assert_eq!(api.kind.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(api.message, UNZIP_MESSAGE);
+        }
+        let api = ApiError::from(CodeError::TooManyEntries { count: 9, limit: 5 });
+        assert_eq!(api.kind.status(), StatusCode::BAD_REQUEST);
+        let api = ApiError::from(CodeError::Io(std::io::Error::other("disk full")));
+        assert_eq!(api.kind, ErrorKind::Service);
+    }
+
+    /// Every kind but a genuine server fault is 4xx: clients retry 5xx.
+    #[test]
+    fn only_server_faults_are_5xx() {
+        use ErrorKind::*;
+        let all = [
+            ResourceNotFound,
+            InvalidParameterValue,
+            InvalidRequestContent,
+            RequestTooLarge,
+            UnsupportedMediaType,
+            TooManyRequests,
+            ResourceConflict,
+            PreconditionFailed,
+            CodeStorageExceeded,
+            Service,
+            ResourceNotReady,
+            AccessDenied,
+            MissingAuthenticationToken,
+            UnrecognizedClient,
+            InvalidSignature,
+            IncompleteSignature,
+            UnknownOperation,
+        ];
+        for kind in all {
+            let server_fault = matches!(kind, Service | ResourceNotReady);
+            assert_eq!(kind.status().is_server_error(), server_fault, "{kind}");
+            assert_eq!(kind.fault() == "Service", server_fault, "{kind}");
+        }
+    }
+
     #[test]
     fn statuses_follow_the_table() {
-        assert_eq!(ErrorKind::InvalidZipFile.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(ErrorKind::AccessDenied.status(), StatusCode::FORBIDDEN);
         assert_eq!(
             ErrorKind::ResourceNotReady.status(),
             StatusCode::BAD_GATEWAY

@@ -6,16 +6,20 @@
 //! [`Store::update`](crate::store::Store::update) transaction, so a failed precondition
 //! (`RevisionId`, an alias that still uses a version, a reservation that would starve the
 //! account) changes nothing.
+//!
+//! A package is stored before the record that references it is committed; it is pinned
+//! ([`PackagePins`](crate::code::PackagePins)) from before it is stored until after that
+//! commit, so a concurrent release of unused code (after a delete) cannot take it.
 
 use std::collections::BTreeMap;
 
 use base64::Engine;
 
-use crate::code::{CodeLimits, StoredCode};
+use crate::code::{CodeLimits, PackagePin, StoredCode};
 use crate::error::{ApiError, ErrorKind};
 use crate::model::*;
 use crate::state::AppState;
-use crate::store::{AliasRecord, CodeRef, FunctionRecord, VersionRecord};
+use crate::store::{AliasRecord, FunctionRecord, VersionRecord};
 use crate::validate::{self, FunctionRef, Qualifier};
 
 /// Lambda's default limit on all code stored in an account (75 GB).
@@ -222,9 +226,16 @@ impl AppState {
             .ok_or_else(|| self.function_not_found(&rec.name, Some(q)))
     }
 
-    /// Validate and unpack a package, and keep it in the chunk store for workers.
-    async fn store_code(&self, zip: Vec<u8>) -> Result<StoredCode, ApiError> {
+    /// Validate and unpack a package, and keep it in the chunk store for workers. The pin
+    /// keeps a release of unused code from taking the package: hold it until the record that
+    /// references the package is committed.
+    async fn store_code(&self, zip: Vec<u8>) -> Result<(StoredCode, PackagePin), ApiError> {
         let zip = std::sync::Arc::new(zip);
+        // The digest names the pin; taking it before anything is written is what makes the
+        // store-then-commit atomic with respect to a release.
+        let z = zip.clone();
+        let code = self.blocking(move |s| Ok(s.code().digest(&z)?)).await?;
+        let pin = self.package_pins().pin(&code.sha256_hex).await;
         let z = zip.clone();
         let stored = self.blocking(move |s| Ok(s.code().store_zip(&z)?)).await?;
         if let Some(chunks) = &self.config().chunk_store {
@@ -238,7 +249,7 @@ impl AppState {
                 .await
                 .map_err(|e| ApiError::internal(format!("storing code in the chunk store: {e}")))?;
         }
-        Ok(stored)
+        Ok((stored, pin))
     }
 
     /// The key scope of this account's artifacts.
@@ -247,20 +258,26 @@ impl AppState {
     }
 
     /// Release code artifacts no function or version uses any more (their chunks are then
-    /// freed by the collector).
+    /// freed by the collector), sparing packages pinned by a create or update in progress.
     pub(crate) async fn release_unused_code(&self) {
         let Some(chunks) = self.config().chunk_store.clone() else {
             return;
         };
-        let used: std::collections::HashSet<String> =
-            match self.blocking(|s| Ok(s.store().all()?)).await {
-                Ok(records) => records
+        let pins = self.package_pins().clone();
+        // No pin is taken until the deletes are done; the pins are read before the records
+        // (see `PackagePins` for why this order).
+        let _session = pins.release_session().await;
+        let mut used: std::collections::HashSet<String> =
+            pins.pinned().iter().map(|hex| code_artifact(hex)).collect();
+        match self.blocking(|s| Ok(s.store().all()?)).await {
+            Ok(records) => used.extend(
+                records
                     .iter()
                     .flat_map(|r| std::iter::once(&r.latest).chain(r.versions.values()))
-                    .map(|v| code_artifact(&v.code.sha256_hex))
-                    .collect(),
-                Err(_) => return,
-            };
+                    .map(|v| code_artifact(&v.code.sha256_hex)),
+            ),
+            Err(_) => return,
+        }
         let scope = self.owner_scope();
         if let Ok(names) = chunks.list(&scope, "code/").await {
             for name in names.into_iter().filter(|n| !used.contains(n)) {
@@ -289,14 +306,6 @@ impl AppState {
 /// Code bytes a function holds: `$LATEST` and every version.
 fn code_size(rec: &FunctionRecord) -> u64 {
     rec.latest.code.size + rec.versions.values().map(|v| v.code.size).sum::<u64>()
-}
-
-fn code_ref(stored: &StoredCode) -> CodeRef {
-    CodeRef {
-        sha256_b64: stored.sha256_b64.clone(),
-        sha256_hex: stored.sha256_hex.clone(),
-        size: stored.size,
-    }
 }
 
 /// The zip bytes of a `Code` / `UpdateFunctionCode` request: only `ZipFile` is supported.
@@ -445,8 +454,9 @@ pub async fn create_function(
             "Function already exist: {name}"
         )));
     }
-    let stored = state.store_code(zip).await?;
     let publish_now = req.publish.unwrap_or(false);
+    // Held until the record is committed (or this fails).
+    let (stored, pin) = state.store_code(zip).await?;
     state
         .check_code_storage(stored.size * if publish_now { 2 } else { 1 })
         .await?;
@@ -461,7 +471,7 @@ pub async fn create_function(
         environment,
         ephemeral_storage_mb,
         snap_start_apply_on,
-        code: code_ref(&stored),
+        code: stored.code_ref(),
         last_modified: timestamp(),
         state: None,
         state_reason: None,
@@ -484,6 +494,7 @@ pub async fn create_function(
             .blocking(move |s| Ok(s.store().create(&record)?))
             .await?
     };
+    drop(pin);
     if !created {
         return Err(ApiError::conflict(format!(
             "Function already exist: {name}"
@@ -499,18 +510,26 @@ pub async fn create_function(
     )
 }
 
+/// `GetFunction`. `endpoint` is where the client reached this server (`http://host:port`):
+/// `Code.Location` is a URL there that downloads the package without credentials for
+/// [`ApiConfig::code_url_ttl`](crate::ApiConfig::code_url_ttl) (see [`crate::download`]).
 pub async fn get_function(
     state: &AppState,
     function: &str,
     qualifier: Option<String>,
+    endpoint: &str,
 ) -> Result<GetFunctionResponse, ApiError> {
     let fref = state.parse_ref(function)?;
     let qualifier = validate::merge_qualifier(fref.qualifier, qualifier)?;
     let rec = state.load(&fref.name).await?;
     let (label, version) = state.resolve_static(&rec, qualifier.as_deref())?;
-    let location = format!(
-        "file://{}",
-        state.code().dir_for(&version.code.sha256_hex).display()
+    let ttl = chrono::TimeDelta::from_std(state.config().code_url_ttl)
+        .map_err(|e| ApiError::internal(format!("code URL lifetime: {e}")))?;
+    let location = state.download_key().presign(
+        endpoint,
+        &state.config().account_id,
+        &version.code.sha256_hex,
+        chrono::Utc::now() + ttl,
     );
     Ok(GetFunctionResponse {
         configuration: state.configuration(&rec.name, &label, &version, false),
@@ -523,6 +542,110 @@ pub async fn get_function(
             reserved_concurrent_executions: Some(n),
         }),
     })
+}
+
+/// A package being downloaded: its length and its bytes, verified against its SHA-256 as they
+/// go (a mismatch ends the stream with an error, so the client sees a short body).
+pub struct Package {
+    pub size: u64,
+    pub bytes: futures::stream::BoxStream<'static, Result<bytes::Bytes, std::io::Error>>,
+}
+
+/// The package a presigned `Code.Location` URL names, once its signature and expiry check out
+/// (else `AccessDeniedException`). Signature first: a bad URL learns nothing about what is
+/// stored.
+pub async fn download_package(
+    state: &AppState,
+    sha256_hex: &str,
+    expires: Option<&str>,
+    signature: Option<&str>,
+) -> Result<Package, ApiError> {
+    use futures::StreamExt;
+
+    state
+        .download_key()
+        .verify(
+            &state.config().account_id,
+            sha256_hex,
+            expires,
+            signature,
+            chrono::Utc::now(),
+        )
+        .map_err(|e| ApiError::new(ErrorKind::AccessDenied, e.to_string()))?;
+    let not_found = || ApiError::not_found(format!("Code package not found: {sha256_hex}"));
+    let (size, chunks) = match &state.config().chunk_store {
+        Some(store) => {
+            let scope = state.owner_scope();
+            let manifest = match store.manifest(&scope, &code_artifact(sha256_hex)).await {
+                Ok(m) => m,
+                Err(hearth_store::StoreError::NotFound { .. }) => return Err(not_found()),
+                Err(e) => return Err(ApiError::internal(format!("code package: {e}"))),
+            };
+            let store = store.clone();
+            let chunks = futures::stream::iter(manifest.chunks)
+                .map(move |chunk| {
+                    let (store, scope) = (store.clone(), scope.clone());
+                    async move {
+                        store
+                            .get_chunk(&scope, &chunk)
+                            .await
+                            .map_err(std::io::Error::other)
+                    }
+                })
+                .buffered(hearth_store::GET_PARALLELISM)
+                .boxed();
+            (manifest.size, chunks)
+        }
+        None => {
+            let path = state.code().zip_path(sha256_hex).ok_or_else(not_found)?;
+            let zip = match tokio::fs::read(&path).await {
+                Ok(zip) => zip,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+                Err(e) => return Err(ApiError::internal(e)),
+            };
+            let size = zip.len() as u64;
+            let one = futures::stream::iter([Ok(bytes::Bytes::from(zip))]).boxed();
+            (size, one)
+        }
+    };
+    Ok(Package {
+        size,
+        bytes: verified(chunks, sha256_hex.to_string()),
+    })
+}
+
+/// `chunks`, failing at the end unless their SHA-256 is `sha256_hex`.
+fn verified(
+    chunks: futures::stream::BoxStream<'static, Result<bytes::Bytes, std::io::Error>>,
+    sha256_hex: String,
+) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, std::io::Error>> {
+    use futures::StreamExt;
+    use sha2::Digest;
+
+    let state = (chunks, Some(sha2::Sha256::new()));
+    futures::stream::unfold(state, move |(mut chunks, hasher)| {
+        let expected = sha256_hex.clone();
+        async move {
+            let mut hasher = hasher?;
+            match chunks.next().await {
+                Some(Ok(bytes)) => {
+                    hasher.update(&bytes);
+                    Some((Ok(bytes), (chunks, Some(hasher))))
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "code package download failed");
+                    Some((Err(e), (chunks, None)))
+                }
+                None if hex::encode(hasher.finalize()) == expected => None,
+                None => {
+                    tracing::error!(package = %expected, "code package does not match its SHA-256");
+                    let e = std::io::Error::other("package does not match its SHA-256");
+                    Some((Err(e), (chunks, None)))
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 pub async fn get_function_configuration(
@@ -682,15 +805,20 @@ pub async fn update_function_code(
     let zip = zip_bytes(req.zip_file.as_deref(), other, state.code().limits())?;
     // Fail fast (before unpacking) when the function does not exist.
     let current = state.load(&name).await?;
-    let stored = state.store_code(zip).await?;
     if req.dry_run.unwrap_or(false) {
+        // Every rule a real update applies, nothing stored.
         check_revision(req.revision_id.as_deref(), &current.latest.revision_id)?;
+        let code = state
+            .blocking(move |s| Ok(s.code().check_zip(&zip)?))
+            .await?;
         let mut v = current.latest.clone();
-        v.code = code_ref(&stored);
+        v.code = code;
         return Ok(state.configuration(&name, LATEST, &v, false));
     }
+    // Held until the record is committed (or this fails).
+    let (stored, pin) = state.store_code(zip).await?;
     let publish_now = req.publish.unwrap_or(false);
-    let code = code_ref(&stored);
+    let code = stored.code_ref();
     let revision = req.revision_id;
     let key = name.clone();
     let snap_latest = state.config().snap_start_latest;
@@ -709,6 +837,7 @@ pub async fn update_function_code(
             })
         })
         .await?;
+    drop(pin);
     let Some((label, Some(version))) = updated else {
         return Err(state.function_not_found(&name, None));
     };

@@ -9,15 +9,18 @@
 //! - [`functions`] (control plane) and [`invoke`] (data plane): the operations, with
 //!   [`validate`] (Lambda's parameter rules) and [`model`] (the JSON wire types).
 //! - [`store`] (metadata in redb), [`code`] (deployment packages, content-addressed and
-//!   unpacked), [`logs`] (per-function invocation logs for `hearth logs`).
+//!   unpacked), [`logs`] (per-function invocation logs for `hearth logs`), [`download`]
+//!   (the presigned URLs that `GetFunction` hands out for a package).
 //! - [`invoker`]: the boundary to the worker side; the front end resolves what to run and
 //!   calls an [`Invoker`](invoker::Invoker), it never runs code itself.
 //! - [`error`]: the one error type ([`ApiError`]) that speaks Lambda's error shapes;
 //!   [`sigv4`]: signing and verification (shared with hearth's CLI client).
 //!
 //! Everything lives under one data directory: `meta.redb`, `code/<sha256>/`,
-//! `logs/<function>.log`.
+//! `logs/<function>.log`, `download.key` (and `packages/<sha256>.zip` when no chunk store
+//! keeps the zips).
 pub mod code;
+pub mod download;
 pub mod error;
 pub mod functions;
 pub mod invoke;

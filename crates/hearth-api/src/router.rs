@@ -1,11 +1,13 @@
 //! HTTP: the routes of the Lambda REST API (plus hearth's own log endpoint), the SigV4 gate
-//! every request passes, and the server loop.
+//! every request passes, the presigned package downloads, and the server loop.
 //!
 //! Handlers only translate: path, query, headers and body in; a call into
 //! [`crate::functions`] or [`crate::invoke`] with plain values; status, headers and JSON out.
-//! The gate (`authenticate`) runs first on every route, the unknown ones included: it gives
-//! the request an id (`x-amzn-RequestId` on every response, and the request's tracing span),
-//! reads the body under a size limit (6 MB for invocations, enough for a 50 MB zip in base64
+//! Every request first gets an id (`x-amzn-RequestId` on every response, and the request's
+//! tracing span: `trace_request`). Then the gate (`authenticate`) runs on every route, the
+//! unknown ones included, except the one that serves packages by presigned URL
+//! (`GET /hearth/v1/code/<sha256>`, see [`crate::download`]): it checks its own signature.
+//! The gate reads the body under a size limit (6 MB for invocations, enough for a 50 MB zip in base64
 //! otherwise; more is `RequestTooLargeException` before anything is parsed; a moderately
 //! oversized body is drained first so the client reads the error rather than a reset), and
 //! verifies the SigV4 signature over it. Why a middleware rather than an extractor per
@@ -36,10 +38,10 @@ use crate::sigv4;
 use crate::state::AppState;
 use crate::validate;
 
-/// The front end's router, every route behind SigV4.
+/// The front end's router: every route behind SigV4 but the presigned package download.
 pub fn app(state: AppState) -> Router {
     const F: &str = "/2015-03-31/functions";
-    Router::new()
+    let signed = Router::new()
         .route(F, post(create_function).get(list_functions))
         .route(
             "/2015-03-31/functions/",
@@ -83,7 +85,14 @@ pub fn app(state: AppState) -> Router {
         .route("/hearth/v1/functions/{function}/logs", get(function_logs))
         .fallback(unknown_operation)
         .method_not_allowed_fallback(unknown_operation)
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route(
+            &format!("{}{{sha256}}", crate::download::PATH_PREFIX),
+            get(download_code),
+        )
+        .merge(signed)
+        .layer(middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -128,7 +137,8 @@ fn too_large(path: &str, limit: u64) -> ApiError {
     ))
 }
 
-async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Give the request an id and a span, and log its outcome.
+async fn trace_request(mut req: Request, next: Next) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!(
         "request",
@@ -138,15 +148,10 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
         function = tracing::field::Empty,
         version = tracing::field::Empty,
     );
+    req.extensions_mut().insert(RequestId(request_id.clone()));
     async move {
         let started = Instant::now();
-        let mut response = match admit(&state, req, &request_id).await {
-            Ok(req) => next.run(req).await,
-            Err(e) => {
-                tracing::info!(error = %e.kind, "request refused");
-                e.into_response()
-            }
-        };
+        let mut response = next.run(req).await;
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert("x-amzn-requestid", v);
         }
@@ -161,9 +166,20 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
     .await
 }
 
+/// The SigV4 gate.
+async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match admit(&state, req).await {
+        Ok(req) => next.run(req).await,
+        Err(e) => {
+            tracing::info!(error = %e.kind, "request refused");
+            e.into_response()
+        }
+    }
+}
+
 /// Read the body (bounded) and verify the signature over it.
-async fn admit(state: &AppState, req: Request, request_id: &str) -> Result<Request, ApiError> {
-    let (mut parts, body) = req.into_parts();
+async fn admit(state: &AppState, req: Request) -> Result<Request, ApiError> {
+    let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let limit = body_limit(state, &path);
     let declared = parts
@@ -190,7 +206,6 @@ async fn admit(state: &AppState, req: Request, request_id: &str) -> Result<Reque
         chrono::Utc::now(),
     )?;
     tracing::debug!(access_key_id = %verified.access_key_id, "signature verified");
-    parts.extensions.insert(RequestId(request_id.to_string()));
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
@@ -312,9 +327,21 @@ async fn list_functions(
     Ok(Json(functions::list_functions(&s, params).await?))
 }
 
-async fn get_function(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+async fn get_function(
+    State(s): State<AppState>,
+    p: Params,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    // The download URL goes to the endpoint the client used.
+    let endpoint = crate::download::endpoint_of(
+        header_string(&headers, "host")?.as_deref(),
+        uri.authority().map(|a| a.as_str()),
+        header_string(&headers, "x-forwarded-proto")?.as_deref(),
+    )
+    .ok_or_else(|| ApiError::invalid("GetFunction needs a valid Host header"))?;
     Ok(Json(
-        functions::get_function(&s, &p.function, p.q("Qualifier")).await?,
+        functions::get_function(&s, &p.function, p.q("Qualifier"), &endpoint).await?,
     ))
 }
 
@@ -507,4 +534,28 @@ async fn function_logs(State(s): State<AppState>, p: Params) -> ApiResult<Respon
         text,
     )
         .into_response())
+}
+
+/// `GET /hearth/v1/code/<sha256>?Expires=…&Signature=…`: a package, by presigned URL (no
+/// SigV4; see [`crate::download`]).
+async fn download_code(
+    State(s): State<AppState>,
+    Path(sha256): Path<String>,
+    QueryOnly(q): QueryOnly,
+) -> ApiResult<Response> {
+    let package = functions::download_package(
+        &s,
+        &sha256,
+        q.get("Expires").map(String::as_str),
+        q.get("Signature").map(String::as_str),
+    )
+    .await?;
+    let mut response = Body::from_stream(package.bytes).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zip"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(package.size));
+    Ok(response)
 }

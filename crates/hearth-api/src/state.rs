@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::code::{CodeLimits, CodeStore};
+use crate::code::{CodeLimits, CodeStore, PackagePins};
+use crate::download::DownloadKey;
 use crate::error::ApiError;
 use crate::invoker::Invoker;
 use crate::logs::LogStore;
@@ -12,7 +13,8 @@ use crate::store::{Store, StoreError};
 /// How the front end is set up.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Holds `meta.redb`, `code/` and `logs/`.
+    /// Holds `meta.redb`, `code/`, `logs/`, `download.key` (and `packages/` without a chunk
+    /// store).
     pub data_dir: PathBuf,
     /// The region in ARNs (`us-east-1` by default).
     pub region: String,
@@ -26,8 +28,11 @@ pub struct ApiConfig {
     /// (Lambda snapshots published versions only).
     pub snap_start_latest: bool,
     /// Where deployment packages are kept for workers to fetch (the chunk store, in the
-    /// account's key scope); `None` keeps them only in the front end's code directory.
+    /// account's key scope); `None` keeps them only in the front end's data directory.
     pub chunk_store: Option<hearth_store::ChunkStore>,
+    /// How long the download URL in `GetFunction`'s `Code.Location` works (10 minutes, as in
+    /// Lambda).
+    pub code_url_ttl: std::time::Duration,
 }
 
 impl ApiConfig {
@@ -41,6 +46,7 @@ impl ApiConfig {
             account_concurrency: 1000,
             snap_start_latest: false,
             chunk_store: None,
+            code_url_ttl: crate::download::DEFAULT_TTL,
         }
     }
 
@@ -90,6 +96,9 @@ struct Inner {
     config: ApiConfig,
     store: Arc<Store>,
     code: CodeStore,
+    /// Packages being stored, not yet referenced by a committed record.
+    package_pins: Arc<PackagePins>,
+    download_key: DownloadKey,
     logs: LogStore,
     invoker: Arc<dyn Invoker>,
     /// Snapshots being prepared: `name\0version\0revision`.
@@ -163,14 +172,22 @@ impl AppState {
         std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
         let store = Store::open(&config.data_dir.join("meta.redb"))?;
         let code_dir = config.data_dir.join("code");
-        let code = CodeStore::new(code_dir.clone(), limits);
+        let mut code = CodeStore::new(code_dir.clone(), limits);
+        if config.chunk_store.is_none() {
+            // Nowhere else keeps the zips, which GetFunction offers for download.
+            code = code.with_zip_dir(config.data_dir.join("packages"));
+        }
         code.clean_temp().map_err(io(&code_dir))?;
+        let key_path = config.data_dir.join("download.key");
+        let download_key = DownloadKey::load_or_create(&key_path).map_err(io(&key_path))?;
         let logs = LogStore::new(config.data_dir.join("logs"));
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,
                 store: Arc::new(store),
                 code,
+                package_pins: Arc::default(),
+                download_key,
                 logs,
                 invoker,
                 preparing: Default::default(),
@@ -196,6 +213,15 @@ impl AppState {
 
     pub fn code(&self) -> &CodeStore {
         &self.inner.code
+    }
+
+    /// Packages that a release of unused code must leave alone.
+    pub fn package_pins(&self) -> &Arc<PackagePins> {
+        &self.inner.package_pins
+    }
+
+    pub(crate) fn download_key(&self) -> &DownloadKey {
+        &self.inner.download_key
     }
 
     pub fn logs(&self) -> &LogStore {

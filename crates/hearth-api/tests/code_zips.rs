@@ -9,6 +9,7 @@ use std::path::Path;
 
 use common::*;
 use hearth_api::code::{CodeError, CodeLimits, CodeStore};
+use hearth_api::error::UNZIP_MESSAGE;
 use serde_json::json;
 
 fn small_limits() -> CodeLimits {
@@ -52,13 +53,14 @@ fn lying_zip(real: usize, declared: u32) -> Vec<u8> {
     zip
 }
 
-/// Nothing but the (possibly empty) code directory itself; no temporaries, no stray files.
+/// Nothing but the (possibly empty) code and zip directories; no temporaries, no stray files.
 fn assert_nothing_stored(data: &Path) {
-    let code = data.join("code");
-    let entries: Vec<_> = std::fs::read_dir(&code)
-        .map(|d| d.map(|e| e.expect("entry").file_name()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "stored: {entries:?}");
+    for dir in ["code", "packages"] {
+        let entries: Vec<_> = std::fs::read_dir(data.join(dir))
+            .map(|d| d.map(|e| e.expect("entry").file_name()).collect())
+            .unwrap_or_default();
+        assert!(entries.is_empty(), "stored in {dir}: {entries:?}");
+    }
     assert!(!data.join("evil").exists() && !data.join("code").join("evil").exists());
 }
 
@@ -90,41 +92,56 @@ async fn malicious_and_broken_zips_are_rejected_over_http() {
         (
             "not a zip",
             b"this is not a zip file".to_vec(),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
-        ("empty bytes", Vec::new(), 502, "InvalidZipFileException"),
+        (
+            "empty bytes",
+            Vec::new(),
+            400,
+            "InvalidParameterValueException",
+        ),
         (
             "truncated",
             handler_zip("v1")[..30].to_vec(),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
-        ("corrupt data", corrupt, 502, "InvalidZipFileException"),
+        (
+            "corrupt data",
+            corrupt,
+            400,
+            "InvalidParameterValueException",
+        ),
         (
             "parent escape",
             zip_of(&[("../evil", b"x", 0o644)]),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
         (
             "nested escape",
             zip_of(&[("a/../../evil", b"x", 0o644)]),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
         (
             "absolute",
             zip_of(&[("/abs/evil", b"x", 0o644)]),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
-        ("symlink", symlink_zip(), 502, "InvalidZipFileException"),
+        (
+            "symlink",
+            symlink_zip(),
+            400,
+            "InvalidParameterValueException",
+        ),
         (
             "too many entries",
             zip_of(&six_refs),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
         (
             "declared too big",
@@ -135,8 +152,8 @@ async fn malicious_and_broken_zips_are_rejected_over_http() {
         (
             "lying bomb",
             lying_zip(2 * 1024 * 1024, 100),
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
         (
             "zipped too big",
@@ -156,9 +173,22 @@ async fn malicious_and_broken_zips_are_rejected_over_http() {
                 w.write_all(b"2").expect("w");
                 w.finish().expect("finish").into_inner()
             },
-            502,
-            "InvalidZipFileException",
+            400,
+            "InvalidParameterValueException",
         ),
+    ];
+    // Lambda's one message for a package it cannot unpack.
+    let unzippable = [
+        "not a zip",
+        "empty bytes",
+        "truncated",
+        "corrupt data",
+        "parent escape",
+        "nested escape",
+        "absolute",
+        "symlink",
+        "lying bomb",
+        "duplicate entries",
     ];
     for (what, zip, status, kind) in cases {
         let r = api
@@ -170,6 +200,9 @@ async fn malicious_and_broken_zips_are_rejected_over_http() {
             "{what}: {}",
             String::from_utf8_lossy(&r.body)
         );
+        if unzippable.contains(&what) {
+            assert_eq!(r.json()["message"], UNZIP_MESSAGE, "{what}");
+        }
         assert_nothing_stored(&api.data_dir());
         api.get(&fpath("f"))
             .await
@@ -193,7 +226,8 @@ async fn malicious_and_broken_zips_are_rejected_over_http() {
                 json!({"ZipFile": b64(&zip)}),
             )
             .await;
-        r.assert_error(502, "InvalidZipFileException");
+        r.assert_error(400, "InvalidParameterValueException");
+        assert_eq!(r.json()["message"], UNZIP_MESSAGE);
     }
     assert_eq!(
         api.get(&format!("{}/configuration", fpath("g")))
@@ -290,4 +324,57 @@ fn permissions_are_normalized_and_packages_shared() {
         .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, std::slice::from_ref(&stored.sha256_hex));
+}
+
+/// `check_zip` (for `DryRun`) applies the rules of `store_zip` and writes nothing.
+#[test]
+fn checking_a_zip_applies_every_rule_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("code");
+    let store = CodeStore::new(root.clone(), small_limits()).with_zip_dir(dir.path().join("zips"));
+    let half = vec![0u8; 600 * 1024];
+    let duplicate = {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default();
+        w.start_file("a", opts).expect("start");
+        w.write_all(b"1").expect("w");
+        w.start_file("a/b", opts).expect("start");
+        w.write_all(b"2").expect("w");
+        w.finish().expect("finish").into_inner()
+    };
+    let long_name = "n".repeat(256);
+    let bad = [
+        b"junk".to_vec(),
+        lying_zip(2 * 1024 * 1024, 100),
+        zip_of(&[("../x", b"x", 0o644)]),
+        symlink_zip(),
+        zip_of(&[("a", &half, 0o644), ("b", &half, 0o644)]),
+        duplicate,
+        zip_of(&[(long_name.as_str(), b"x", 0o644)]),
+    ];
+    let checked: Vec<CodeError> = bad
+        .iter()
+        .map(|zip| store.check_zip(zip).expect_err("check accepted a bad zip"))
+        .collect();
+    assert!(!root.exists() && !dir.path().join("zips").exists());
+    for (zip, checked) in bad.iter().zip(checked) {
+        let stored = store.store_zip(zip).expect_err("store accepted a bad zip");
+        assert_eq!(
+            std::mem::discriminant(&checked),
+            std::mem::discriminant(&stored),
+            "{checked:?} vs {stored:?}"
+        );
+    }
+    let good = handler_zip("dry");
+    let code = store.check_zip(&good).expect("check");
+    assert!(
+        !store.dir_for(&code.sha256_hex).exists(),
+        "a check unpacked"
+    );
+    let kept = store.zip_path(&code.sha256_hex).expect("zip dir");
+    assert!(!kept.exists(), "a check kept the zip");
+    let stored = store.store_zip(&good).expect("store");
+    assert_eq!(code, stored.code_ref());
+    // Stored zips are kept byte for byte where the store keeps zips.
+    assert_eq!(std::fs::read(kept).expect("kept zip"), good);
 }

@@ -381,3 +381,163 @@ pub fn handler_zip(tag: &str) -> Vec<u8> {
         format!("def handler(event, context):\n    return {{'tag': '{tag}', 'event': event}}\n");
     zip_of(&[("app.py", src.as_bytes(), 0o644)])
 }
+
+/// Hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A chunk store over memory whose puts can be held, for interleavings with the front end.
+pub mod gated {
+    use std::fmt;
+    use std::sync::{Arc, Mutex};
+
+    use futures::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    };
+    use tokio::sync::oneshot;
+
+    struct Gate {
+        prefix: String,
+        contains: String,
+        reached: oneshot::Sender<()>,
+        release: oneshot::Receiver<()>,
+    }
+
+    /// Wraps an in-memory object store; can hold the next put of a path, *after* the put has
+    /// landed.
+    pub struct Gated {
+        inner: InMemory,
+        gate: Mutex<Option<Gate>>,
+    }
+
+    /// A held put: wait for `reached`, then send on `release`.
+    pub struct Held {
+        pub reached: oneshot::Receiver<()>,
+        pub release: oneshot::Sender<()>,
+    }
+
+    impl Gated {
+        pub fn new() -> Arc<Self> {
+            Arc::new(Gated {
+                inner: InMemory::new(),
+                gate: Mutex::new(None),
+            })
+        }
+
+        /// Hold the next put of a path that starts with `prefix` and contains `contains`, once
+        /// it is stored.
+        pub fn hold_after_put(&self, prefix: &str, contains: &str) -> Held {
+            let (reached_tx, reached) = oneshot::channel();
+            let (release, release_rx) = oneshot::channel();
+            *self.gate.lock().expect("gate") = Some(Gate {
+                prefix: prefix.to_string(),
+                contains: contains.to_string(),
+                reached: reached_tx,
+                release: release_rx,
+            });
+            Held { reached, release }
+        }
+    }
+
+    impl fmt::Debug for Gated {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("Gated")
+        }
+    }
+
+    impl fmt::Display for Gated {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("Gated")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Gated {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            let result = self.inner.put_opts(location, payload, opts).await;
+            let gate = {
+                let mut g = self.gate.lock().expect("gate");
+                match &*g {
+                    Some(gate)
+                        if location.as_ref().starts_with(&gate.prefix)
+                            && location.as_ref().contains(&gate.contains) =>
+                    {
+                        g.take()
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(gate) = gate {
+                let _ = gate.reached.send(());
+                let _ = gate.release.await;
+            }
+            result
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A chunk store over `origin`, as the front end's.
+    pub fn chunk_store(origin: Arc<Gated>) -> hearth_store::ChunkStore {
+        hearth_store::ChunkStore::with_object_store(
+            origin,
+            None,
+            hearth_store::Secrets::from_master_key([9; 32]),
+        )
+    }
+}

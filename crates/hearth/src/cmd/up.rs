@@ -67,6 +67,9 @@ pub struct UpArgs {
     /// Size bound (MiB) of the worker's disk cache of chunks.
     #[arg(long, env = "HEARTH_CHUNK_CACHE_MB", default_value_t = 4096)]
     pub chunk_cache_mb: u64,
+    /// Seconds the download URL in GetFunction's Code.Location works.
+    #[arg(long, env = "HEARTH_CODE_URL_TTL", default_value_t = hearth_api::download::DEFAULT_TTL.as_secs())]
+    pub code_url_ttl: u64,
     /// Do not pin each sandbox to one core.
     #[arg(long, env = "HEARTH_NO_PIN")]
     pub no_pin: bool,
@@ -244,6 +247,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         account_concurrency: args.account_concurrency,
         snap_start_latest: args.snap_start_latest,
         chunk_store: Some(chunks.clone()),
+        code_url_ttl: Duration::from_secs(args.code_url_ttl),
     };
     let state = hearth_api::AppState::new(config, Arc::new(worker.clone()))
         .await
