@@ -389,7 +389,7 @@ def test_client_errors(hearth):
     expect_error("InvalidParameterValueException", 400, lam.create_function,
                  **{**base, "Runtime": "python3.11", "Code": {"S3Bucket": "bucket", "S3Key": "key.zip"}})
     for broken in (b"this is not a zip", symlink_zip(), evil_zip("../evil.py"), evil_zip("/abs/evil.py")):
-        expect_error("InvalidZipFileException", 502, lam.create_function,
+        expect_error("InvalidParameterValueException", 400, lam.create_function,
                      **{**base, "Runtime": "python3.11", "Code": {"ZipFile": broken}})
     expect_error("ResourceNotFoundException", 404, lam.get_function, FunctionName=name)
 
