@@ -197,6 +197,12 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         client_context,
         reserved_concurrency: rec.reserved_concurrency,
         unreserved_limit,
+        log: Some(crate::invoker::LogTarget(std::sync::Arc::new(
+            crate::logs::FunctionLog {
+                logs: state.logs().clone(),
+                function: name.clone(),
+            },
+        ))),
     };
     let result = state.invoker().invoke(request).await.map_err(|e| match e {
         InvokeError::TooManyRequests { reason } => ApiError::throttled(reason, RETRY_AFTER_S),
@@ -206,19 +212,14 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         InvokeError::Service(detail) => ApiError::internal(format!("invoker: {detail}")),
     })?;
 
+    // The log itself was streamed to the log store while the function ran; the result
+    // carries its end.
     let log = result.log;
     let log_result = tail.then(|| {
         let bytes = log.as_bytes();
         let tail = &bytes[bytes.len().saturating_sub(LOG_TAIL_BYTES)..];
         base64::engine::general_purpose::STANDARD.encode(tail)
     });
-    let log_name = name.clone();
-    if let Err(e) = state
-        .blocking(move |s| Ok(s.logs().append(&log_name, &log)?))
-        .await
-    {
-        tracing::warn!(function = %name, error = %e, "could not append the invocation log");
-    }
 
     let (payload, function_error) = if result.payload.len() > MAX_SYNC_PAYLOAD {
         let doc = serde_json::json!({

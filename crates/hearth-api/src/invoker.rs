@@ -33,6 +33,50 @@ pub struct FunctionSpec {
     /// Cold starts restore from this version's snapshot when one exists (SnapStart).
     #[serde(default)]
     pub snap_start: bool,
+    /// Size of `/tmp` in MB (`EphemeralStorage.Size`, 512–10240).
+    #[serde(default = "default_ephemeral_mb")]
+    pub ephemeral_storage_mb: u32,
+    /// The function may reach the network (subject to the server's policy). Off when the
+    /// function's environment sets `HEARTH_NETWORK=none`.
+    #[serde(default = "default_true")]
+    pub egress: bool,
+}
+
+fn default_ephemeral_mb() -> u32 {
+    512
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The environment variable a function sets to `none` to run without network access.
+pub const NETWORK_ENV: &str = "HEARTH_NETWORK";
+
+/// Whether a function's environment opts out of networking.
+pub fn egress_wanted(env: &BTreeMap<String, String>) -> bool {
+    env.get(NETWORK_ENV).map(|v| v.as_str()) != Some("none")
+}
+
+/// Where an invocation's log goes while it runs: the worker writes init output, `START`, the
+/// runtime's output, `END` and `REPORT` here as they arrive (in pieces of at most
+/// [`LOG_FLUSH_BYTES`], cut at line ends where possible), so no invocation's output is held in
+/// memory whatever the function prints.
+pub trait LogSink: Send + Sync {
+    fn write(&self, bytes: &[u8]);
+}
+
+/// The worker flushes an invocation's log to its sink at least every this many bytes.
+pub const LOG_FLUSH_BYTES: usize = 64 * 1024;
+
+/// A shareable [`LogSink`].
+#[derive(Clone)]
+pub struct LogTarget(pub std::sync::Arc<dyn LogSink>);
+
+impl std::fmt::Debug for LogTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogTarget")
+    }
 }
 
 /// One synchronous invocation.
@@ -52,6 +96,8 @@ pub struct InvokeRequest {
     /// Concurrency available to functions without a reservation: the account limit minus the
     /// sum of all reservations.
     pub unreserved_limit: u32,
+    /// Where the invocation's log is streamed; `None` keeps only the tail in the result.
+    pub log: Option<LogTarget>,
 }
 
 /// What came back from the function.
@@ -62,10 +108,15 @@ pub struct InvokeResult {
     /// The function failed (exception, timeout, crash, out of memory): the front end answers
     /// HTTP 200 with `X-Amz-Function-Error: Unhandled`.
     pub function_error: bool,
-    /// The invocation's log: init output if this invocation ran init, then `START`, the
-    /// runtime's output, `END` and `REPORT` lines.
+    /// The end of the invocation's log (at most [`LOG_TAIL_BYTES`]): init output if this
+    /// invocation ran init, then `START`, the runtime's output, `END` and `REPORT` lines. The
+    /// whole log went to the request's [`LogSink`].
     pub log: String,
 }
+
+/// The most of an invocation's log a result carries (the front end returns the last 4 KB of
+/// it with `LogType: Tail`).
+pub const LOG_TAIL_BYTES: usize = 64 * 1024;
 
 /// Why an invocation did not reach the function.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,7 +1,8 @@
 //! Per-function invocation logs for `hearth logs`: `<data-dir>/logs/<function-name>.log`.
 //!
-//! After every invocation the front end appends the invocation's log (init output, `START`,
-//! the runtime's output, `END`, `REPORT`). A file is bounded: when it passes
+//! While an invocation runs, the worker streams its log (init output, `START`, the runtime's
+//! output, `END`, `REPORT`) here through a [`crate::invoker::LogSink`] in pieces of at most
+//! 64 KB, so no invocation's output is held in memory. A file is bounded: when it passes
 //! [`LogStore::MAX_BYTES`] it is cut to its last [`LogStore::KEEP_BYTES`] (at a line start),
 //! written to a temporary file and renamed over the old one, so a reader never sees a torn
 //! file. This is a convenience for a single machine, not CloudWatch: there are no streams,
@@ -38,19 +39,28 @@ impl LogStore {
         self.dir.join(format!("{function}.log"))
     }
 
-    /// Append an invocation's log.
+    /// Append an invocation's log (ending it with a newline if it has none).
     pub fn append(&self, function: &str, text: &str) -> io::Result<()> {
         if text.is_empty() {
+            return Ok(());
+        }
+        self.append_bytes(function, text.as_bytes())?;
+        if !text.ends_with('\n') {
+            self.append_bytes(function, b"\n")?;
+        }
+        Ok(())
+    }
+
+    /// Append a piece of a running invocation's log as it is.
+    pub fn append_bytes(&self, function: &str, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
             return Ok(());
         }
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         fs::create_dir_all(&self.dir)?;
         let path = self.path(function);
         let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-        file.write_all(text.as_bytes())?;
-        if !text.ends_with('\n') {
-            file.write_all(b"\n")?;
-        }
+        file.write_all(bytes)?;
         let len = file.metadata()?.len();
         if len > Self::MAX_BYTES {
             let mut tail = read_tail(&path, Self::KEEP_BYTES)?;
@@ -97,6 +107,20 @@ fn read_tail(path: &std::path::Path, bytes: u64) -> io::Result<Vec<u8>> {
         .count();
     out.drain(..skip);
     Ok(out)
+}
+
+/// The [`crate::invoker::LogSink`] of one invocation: appends to its function's log file.
+pub struct FunctionLog {
+    pub logs: std::sync::Arc<LogStore>,
+    pub function: String,
+}
+
+impl crate::invoker::LogSink for FunctionLog {
+    fn write(&self, bytes: &[u8]) {
+        if let Err(e) = self.logs.append_bytes(&self.function, bytes) {
+            tracing::warn!(function = %self.function, error = %e, "could not append to the invocation log");
+        }
+    }
 }
 
 #[cfg(test)]

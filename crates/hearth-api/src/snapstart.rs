@@ -35,6 +35,8 @@ impl AppState {
             code_sha256: v.code.sha256_b64.clone(),
             revision_id: v.revision_id.clone(),
             snap_start: self.uses_snapshot(label, v) && v.state.is_none(),
+            ephemeral_storage_mb: v.ephemeral_storage_mb,
+            egress: crate::invoker::egress_wanted(&v.environment),
         }
     }
 

@@ -99,7 +99,7 @@ struct Inner {
     /// Packages being stored, not yet referenced by a committed record.
     package_pins: Arc<PackagePins>,
     download_key: DownloadKey,
-    logs: LogStore,
+    logs: std::sync::Arc<LogStore>,
     invoker: Arc<dyn Invoker>,
     /// Snapshots being prepared: `name\0version\0revision`.
     pub(crate) preparing: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -180,7 +180,7 @@ impl AppState {
         code.clean_temp().map_err(io(&code_dir))?;
         let key_path = config.data_dir.join("download.key");
         let download_key = DownloadKey::load_or_create(&key_path).map_err(io(&key_path))?;
-        let logs = LogStore::new(config.data_dir.join("logs"));
+        let logs = std::sync::Arc::new(LogStore::new(config.data_dir.join("logs")));
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,
@@ -224,7 +224,7 @@ impl AppState {
         &self.inner.download_key
     }
 
-    pub fn logs(&self) -> &LogStore {
+    pub fn logs(&self) -> &std::sync::Arc<LogStore> {
         &self.inner.logs
     }
 

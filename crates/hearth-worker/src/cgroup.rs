@@ -159,6 +159,39 @@ impl Cgroups {
         }
     }
 
+    /// Set a sandbox's memory limit (a claim raises the create-time limit to the function's).
+    pub fn set_memory_limit(&self, id: &str, bytes: u64) {
+        if let Some(dir) = self.controller_dir("memory") {
+            let file = if self.unified {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            };
+            let path = dir.join(&self.parent).join(id).join(file);
+            if let Err(e) = fs::write(&path, bytes.to_string()) {
+                tracing::warn!("memory limit of {id}: {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Set a sandbox's CPU share (v1 `cpu.shares`; v2 `cpu.weight` scaled from it).
+    pub fn set_cpu_shares(&self, id: &str, shares: u64) {
+        if let Some(dir) = self.controller_dir("cpu") {
+            let (file, value) = if self.unified {
+                (
+                    "cpu.weight",
+                    (1 + (shares.saturating_sub(2)) * 9999 / 262_142).to_string(),
+                )
+            } else {
+                ("cpu.shares", shares.to_string())
+            };
+            let path = dir.join(&self.parent).join(id).join(file);
+            if let Err(e) = fs::write(&path, value) {
+                tracing::debug!("cpu share of {id}: {}: {e}", path.display());
+            }
+        }
+    }
+
     /// Peak memory use of a sandbox in bytes.
     pub fn memory_peak(&self, id: &str) -> Option<u64> {
         let dir = self.controller_dir("memory")?.join(&self.parent).join(id);
@@ -168,6 +201,30 @@ impl Cgroups {
             "memory.max_usage_in_bytes"
         };
         fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+    }
+
+    /// Whether the sandbox's memory use reached its limit at some point (an allocation was
+    /// refused or reclaimed for it), or it was OOM-killed.
+    pub fn hit_memory_limit(&self, id: &str) -> bool {
+        if self.oom_killed(id) {
+            return true;
+        }
+        let Some(dir) = self.controller_dir("memory") else {
+            return false;
+        };
+        let dir = dir.join(&self.parent).join(id);
+        if self.unified {
+            let text = fs::read_to_string(dir.join("memory.events")).unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.strip_prefix("max "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        } else {
+            fs::read_to_string(dir.join("memory.failcnt"))
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        }
     }
 
     /// Whether the kernel OOM-killed something in the sandbox's cgroup.

@@ -3,39 +3,66 @@
 //! Why gVisor: each sandbox gets its own user-space kernel, and runsc can checkpoint and
 //! restore a running sandbox (what snapshots need). Firecracker-style microVMs need hardware
 //! virtualisation these machines do not offer (see `shared/DESIGN.md`); a microVM engine would
-//! be a second implementation of the same `start` / `destroy` surface.
+//! be a second implementation of the same create / start / restore / destroy surface.
 //!
-//! A sandbox is an OCI bundle (`<bundles>/<id>/config.json`) run with
-//! `runsc run --detach` and the `--network=none` network (loopback only). The agent is the
-//! container's process; its stdin/stdout are pipes this process owns (the frame channel), its
-//! stderr a pipe whose lines go to the worker's debug log.
+//! # A sandbox's life
+//!
+//! 1. **create** ([`RunscEngine::create`]): a generic sandbox for one runtime image, made before
+//!    anyone knows which function it will serve (the worker keeps a pool of them). Its OCI
+//!    bundle has the image's root read-only, an empty per-sandbox directory bind-mounted
+//!    read-only at `/var/task`, its own `/tmp` disk ([`crate::tmpdisk`]), optionally its own
+//!    network namespace ([`crate::netns`]), and the agent as its process with a generic
+//!    environment (`HEARTH_AGENT_DEFER=1`). `runsc create` brings up the sentry and gofer; the
+//!    agent does not run yet. The pipes given to `runsc create` stay the agent's stdio.
+//! 2. **claim**: the function's code is hard-linked into the `/var/task` directory (a file added
+//!    to a bind mount's source after create is visible inside), the cgroup gets the function's
+//!    memory limit and CPU share, and the sandbox is pinned to a core.
+//! 3. **start** ([`RunscEngine::start`]) boots the agent, which waits for the function's
+//!    environment in its first frame; or **restore** ([`RunscEngine::restore`]) restores a
+//!    snapshot into the created sandbox (`runsc restore` of a created container, where the
+//!    probe says the engine can; otherwise into a fresh container with new pipes).
+//! 4. **destroy**: kill, delete, reap, and remove bundle, cgroup, `/tmp` disk and network.
 //!
 //! Teardown is fast only if someone reaps the sandbox and gofer processes: the worker marks
-//! itself a child subreaper, so after `runsc run --detach` exits both processes become its
-//! children, and a thread per process `waitpid`s them. `runsc delete` then returns in tens of
+//! itself a child subreaper, so after `runsc create` exits both processes become its children,
+//! and a thread per process `waitpid`s them. `runsc delete` then returns in tens of
 //! milliseconds instead of over a second. Container ids have a fixed length because runsc
 //! matches ids by prefix.
+//!
+//! What runsc offers (platform, uncompressed checkpoints, restore into a created container,
+//! netstack) is probed at start ([`crate::probe`]); the engine uses the best of it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 
 use crate::cgroup::Cgroups;
+use crate::netns::{NetPolicy, Network, SandboxNet};
+use crate::probe::Caps;
+use crate::tmpdisk::TmpDisk;
 
 /// Errors of the sandbox engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("runsc not found at {0}: install it with `apt-get install -y runsc`")]
+    #[error(
+        "runsc not found at {0}: install it with `./hearth.sh up` (Debian bookworm-backports' runsc) or set HEARTH_RUNSC"
+    )]
     NoRunsc(PathBuf),
     #[error("agent binary not found at {0}: build it (see README) or set HEARTH_AGENT")]
     NoAgent(PathBuf),
+    #[error("runsc is unusable here: {0}")]
+    Unusable(#[from] crate::probe::ProbeError),
+    #[error("sandbox networking: {0}")]
+    Network(#[from] crate::netns::NetError),
+    #[error("sandbox /tmp: {0}")]
+    Tmp(#[from] crate::tmpdisk::TmpError),
     #[error("runsc {op} {id} failed: {detail}")]
     Runsc {
         op: &'static str,
@@ -50,6 +77,13 @@ pub enum EngineError {
     },
 }
 
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Configuration of the runsc engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -58,55 +92,123 @@ pub struct EngineConfig {
     pub state_root: PathBuf,
     /// Where bundles are written.
     pub bundles: PathBuf,
+    /// Per-sandbox directories: the `/var/task` link tree and the `/tmp` disk image.
+    pub slots: PathBuf,
     /// The static agent binary, bind-mounted read-only at `/hearth/agent`.
     pub agent: PathBuf,
-    /// Pin each sandbox to one core (round robin). Syscalls under the ptrace platform are
-    /// 4–5× cheaper pinned (`shared/research/gvisor.md`).
+    /// Pin each sandbox to one core (round robin).
     pub pin_cores: bool,
-    /// Extra global runsc flags (e.g. `--platform=systrap` on newer runsc).
+    /// Extra global runsc flags.
     pub extra_flags: Vec<String>,
+    /// Whether sandboxes may get outbound networking.
+    pub network: NetPolicy,
+    /// Where probe results are cached (per runsc binary).
+    pub probe_cache: PathBuf,
 }
 
-/// What to run in one sandbox.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
+impl EngineConfig {
+    /// A configuration with everything under `dir` (state, bundles, slots) and defaults for
+    /// the rest: pinned, egress allowed, probe results cached in `/var/cache/hearth`.
+    pub fn under(dir: &Path, runsc: PathBuf, agent: PathBuf) -> Self {
+        EngineConfig {
+            runsc,
+            state_root: dir.join("runsc"),
+            bundles: dir.join("bundles"),
+            slots: dir.join("slots"),
+            agent,
+            pin_cores: true,
+            extra_flags: vec![],
+            network: NetPolicy::Egress,
+            probe_cache: default_probe_cache(),
+        }
+    }
+}
+
+/// `$HEARTH_PROBE_CACHE`, else `/var/cache/hearth`.
+pub fn default_probe_cache() -> PathBuf {
+    std::env::var_os("HEARTH_PROBE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/hearth"))
+}
+
+/// A sandbox's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NetMode {
+    /// Loopback only (`--network=none`); what snapshots need on this engine.
+    None,
+    /// Outbound network through the sandbox's own namespace.
+    Egress,
+}
+
+/// The generic part of a sandbox, fixed at create.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SlotSpec {
     pub rootfs: PathBuf,
-    pub code_dir: PathBuf,
-    /// `KEY=VALUE` environment of the agent (passed on to the runtime).
-    pub env: Vec<String>,
-    pub memory_mb: u32,
+    pub net: NetMode,
     pub tmp_mb: u32,
     pub pids_limit: i64,
+}
+
+/// What a claim gives a created sandbox.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub code_dir: PathBuf,
+    pub memory_mb: u32,
 }
 
 /// Extra memory allowed above the function's memory size for gVisor's own kernel (the sentry's
 /// memory is charged to the sandbox's cgroup).
 pub const SENTRY_OVERHEAD_MB: u64 = 64;
 
-/// A running sandbox: its pipes and the processes to reap.
+/// The memory limit a sandbox is created with (the smallest function size plus the sentry);
+/// a claim raises it to the function's size.
+pub const CREATE_MEMORY_MB: u64 = 128 + SENTRY_OVERHEAD_MB;
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Created,
+    Running,
+}
+
+/// A sandbox: its pipes, the processes to reap, and what it owns on the host.
 pub struct Sandbox {
     pub id: String,
     pub stdin: ChildStdin,
-    /// Taken by the frame reader once the sandbox is handed to the pool.
+    /// Taken by the frame reader once the sandbox runs.
     pub stdout: Option<ChildStdout>,
     reapers: Vec<std::thread::JoinHandle<()>>,
     /// Last lines the sandbox wrote to stderr (agent diagnostics, runsc errors).
     pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    pub spec: SlotSpec,
+    pub phase: Phase,
+    pub created_at: Instant,
+    dir: PathBuf,
+    tmp: Option<TmpDisk>,
+    net: Option<SandboxNet>,
+}
+
+impl Sandbox {
+    pub fn task_dir(&self) -> PathBuf {
+        self.dir.join("task")
+    }
 }
 
 /// The runsc engine.
 pub struct RunscEngine {
     cfg: EngineConfig,
-    /// SHA-256 of the agent binary and runsc's version: what snapshots depend on.
+    /// SHA-256 of the agent binary: what snapshots depend on.
     agent_digest: String,
-    runsc_version: String,
+    caps: Caps,
+    network: Option<Network>,
     cgroups: Cgroups,
     next_core: AtomicUsize,
     cores: usize,
 }
 
 impl RunscEngine {
-    /// Check the configuration, become a child subreaper, prepare cgroups.
+    /// Check the configuration, probe runsc, become a child subreaper, prepare cgroups and
+    /// (with the egress policy) the worker's network rules.
     pub fn new(mut cfg: EngineConfig) -> Result<Self, EngineError> {
         if !cfg.runsc.is_file() {
             return Err(EngineError::NoRunsc(cfg.runsc.clone()));
@@ -114,14 +216,16 @@ impl RunscEngine {
         if !cfg.agent.is_file() {
             return Err(EngineError::NoAgent(cfg.agent.clone()));
         }
-        for d in [&cfg.state_root, &cfg.bundles] {
-            std::fs::create_dir_all(d).map_err(|source| EngineError::Io {
-                path: d.clone(),
-                source,
-            })?;
+        for d in [&cfg.state_root, &cfg.bundles, &cfg.slots] {
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
         }
         // Bundles resolve relative paths against the bundle directory: make every path absolute.
-        for p in [&mut cfg.state_root, &mut cfg.bundles, &mut cfg.agent] {
+        for p in [
+            &mut cfg.state_root,
+            &mut cfg.bundles,
+            &mut cfg.slots,
+            &mut cfg.agent,
+        ] {
             *p = std::path::absolute(&*p).map_err(|source| EngineError::Io {
                 path: p.clone(),
                 source,
@@ -132,20 +236,42 @@ impl RunscEngine {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
-        // One cgroup directory per worker, named after its state root.
+        let probe_work = cfg.state_root.with_file_name("probe");
+        let caps = crate::probe::probe(&cfg.runsc, &cfg.agent, &probe_work, &cfg.probe_cache)?;
+        tracing::info!(
+            version = %caps.version,
+            platform = %caps.platform,
+            uncompressed_checkpoints = caps.uncompressed,
+            zero_page_exclusion = caps.zero_pages,
+            restore_into_created = caps.restore_into_created,
+            netstack = caps.netstack,
+            "runsc probed"
+        );
+        for note in &caps.notes {
+            tracing::info!("runsc probe: {note}");
+        }
+        // One cgroup directory (and one network table) per worker, named after its state root.
         let instance = {
             use sha2::Digest;
             let digest = sha2::Sha256::digest(cfg.state_root.to_string_lossy().as_bytes());
-            format!("w{}", &hex::encode(digest)[..12])
+            format!("w{}", &hex::encode(digest)[..10])
         };
         let cgroups = Cgroups::discover(&instance);
         cgroups.prepare();
+        let network = match cfg.network {
+            NetPolicy::Egress => {
+                let net_state = cfg.state_root.with_file_name("net");
+                Some(Network::new(&instance, &net_state)?)
+            }
+            NetPolicy::None => None,
+        };
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         Ok(RunscEngine {
             agent_digest: file_digest(&cfg.agent),
-            runsc_version: runsc_version(&cfg.runsc),
+            caps,
+            network,
             cfg,
             cgroups,
             next_core: AtomicUsize::new(0),
@@ -161,25 +287,66 @@ impl RunscEngine {
         &self.cfg
     }
 
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
     pub fn agent_digest(&self) -> &str {
         &self.agent_digest
     }
 
     pub fn runsc_version(&self) -> &str {
-        &self.runsc_version
+        &self.caps.version
+    }
+
+    /// The engine a snapshot depends on: runsc's version and the checkpoint flags.
+    pub fn engine_id(&self) -> String {
+        self.caps.engine_id()
+    }
+
+    /// Whether sandboxes can have outbound networking at all (the server's policy).
+    pub fn egress_allowed(&self) -> bool {
+        self.network.is_some()
+    }
+
+    /// Whether a sandbox with egress can also be checkpointed (only with netstack).
+    pub fn egress_with_snapshots(&self) -> bool {
+        self.egress_allowed() && self.caps.netstack
+    }
+
+    fn network_flag(&self, net: NetMode) -> &'static str {
+        match net {
+            NetMode::None => "--network=none",
+            NetMode::Egress if self.caps.netstack => "--network=sandbox",
+            NetMode::Egress => "--network=host",
+        }
+    }
+
+    fn base_args(&self, net: NetMode) -> Vec<String> {
+        let mut a = vec![
+            format!("--root={}", self.cfg.state_root.display()),
+            format!("--platform={}", self.caps.platform),
+            self.network_flag(net).to_string(),
+        ];
+        a.extend(self.cfg.extra_flags.iter().cloned());
+        a
     }
 
     fn runsc(&self) -> std::process::Command {
         let mut c = std::process::Command::new(&self.cfg.runsc);
-        c.arg(format!("--root={}", self.cfg.state_root.display()))
-            .arg("--network=none")
-            .args(&self.cfg.extra_flags)
-            .stdin(Stdio::null());
+        c.args(self.base_args(NetMode::None)).stdin(Stdio::null());
         c
     }
 
-    /// Remove every container, bundle and cgroup an earlier run of this worker left behind.
-    /// Returns the ids of containers removed.
+    fn runsc_async(&self, net: NetMode) -> Command {
+        let mut c = Command::new(&self.cfg.runsc);
+        c.args(self.base_args(net));
+        c
+    }
+
+    /// Remove every container, bundle, `/tmp` disk and cgroup an earlier run of this worker
+    /// left behind (its network namespaces went when the network was set up). Returns the ids
+    /// of containers removed.
     pub fn cleanup_stale(&self) -> Vec<String> {
         let ids = self.list();
         for id in &ids {
@@ -187,9 +354,14 @@ impl RunscEngine {
             let _ = self.runsc().args(["delete", "--force", id]).output();
             self.cgroups.remove_sandbox(id);
         }
-        if let Ok(entries) = std::fs::read_dir(&self.cfg.bundles) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_dir_all(e.path());
+        for m in crate::tmpdisk::mounts_under(&self.cfg.slots) {
+            crate::tmpdisk::unmount(&m);
+        }
+        for dir in [&self.cfg.bundles, &self.cfg.slots] {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
         self.cgroups.remove_stale();
@@ -218,21 +390,31 @@ impl RunscEngine {
     fn bundle_config(
         &self,
         id: &str,
-        spec: &SandboxSpec,
-        core: Option<usize>,
+        spec: &SlotSpec,
+        dir: &Path,
+        net: Option<&SandboxNet>,
     ) -> serde_json::Value {
-        let mem = (spec.memory_mb as u64 + SENTRY_OVERHEAD_MB) * 1024 * 1024;
-        let mut cpu = json!({ "shares": (spec.memory_mb as u64 * 1024 / 1769).max(2) });
-        if let Some(core) = core {
-            cpu["cpus"] = json!(core.to_string());
-            cpu["mems"] = json!("0");
+        let mut netns = json!({"type": "network"});
+        let mut mounts = vec![
+            json!({ "destination": "/proc", "type": "proc", "source": "proc" }),
+            json!({ "destination": "/tmp", "type": "bind", "source": dir.join("tmp"),
+                    "options": ["rbind", "rw", "nosuid", "nodev"] }),
+            json!({ "destination": "/var/task", "type": "bind", "source": dir.join("task"),
+                    "options": ["rbind", "ro"] }),
+            json!({ "destination": "/hearth/agent", "type": "bind", "source": self.cfg.agent,
+                    "options": ["bind", "ro"] }),
+        ];
+        if let Some(n) = net {
+            netns["path"] = json!(n.netns_path);
+            mounts.push(json!({ "destination": "/etc/resolv.conf", "type": "bind",
+                                "source": n.resolv_conf, "options": ["bind", "ro"] }));
         }
         json!({
             "ociVersion": "1.0.2",
             "process": {
                 "user": { "uid": 993, "gid": 990 },
                 "args": ["/hearth/agent"],
-                "env": spec.env,
+                "env": ["HEARTH_AGENT_DEFER=1", "PATH=/usr/local/bin:/usr/bin:/bin"],
                 "cwd": "/",
                 "noNewPrivileges": true,
                 "capabilities": { "bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": [] },
@@ -240,54 +422,246 @@ impl RunscEngine {
             },
             "root": { "path": spec.rootfs, "readonly": true },
             "hostname": "hearth",
-            "mounts": [
-                { "destination": "/proc", "type": "proc", "source": "proc" },
-                { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                  "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", spec.tmp_mb)] },
-                { "destination": "/var/task", "type": "bind", "source": spec.code_dir, "options": ["rbind", "ro"] },
-                { "destination": "/hearth/agent", "type": "bind", "source": self.cfg.agent, "options": ["bind", "ro"] }
-            ],
+            "mounts": mounts,
             "linux": {
                 "cgroupsPath": self.cgroups.sandbox_path(id),
                 "resources": {
-                    "memory": { "limit": mem },
+                    "memory": { "limit": CREATE_MEMORY_MB * 1024 * 1024 },
                     "pids": { "limit": spec.pids_limit },
-                    "cpu": cpu
+                    "cpu": { "shares": 128 }
                 },
-                "namespaces": [ {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"} ]
+                "namespaces": [ {"type": "pid"}, netns, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"} ]
             }
         })
     }
 
-    /// Write the bundle and start the sandbox. Returns once the agent process runs.
-    pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, EngineError> {
-        self.launch(spec, None).await
+    /// Create a generic sandbox (`runsc create`): sentry and gofer up, the agent not yet
+    /// running. Takes ≈ 0.2 s plus the `/tmp` disk and network; the worker does this ahead of
+    /// demand.
+    pub async fn create(&self, spec: &SlotSpec) -> Result<Sandbox, EngineError> {
+        let id = Self::new_id();
+        let dir = self.cfg.slots.join(&id);
+        let task = dir.join("task");
+        std::fs::create_dir_all(&task).map_err(io_err(&task))?;
+        let mut owned = Owned {
+            dir: dir.clone(),
+            tmp: None,
+            net: None,
+        };
+        let made = async {
+            let (d, mb) = (dir.clone(), spec.tmp_mb);
+            owned.tmp = Some(
+                tokio::task::spawn_blocking(move || TmpDisk::create(&d, mb))
+                    .await
+                    .map_err(|e| EngineError::Runsc {
+                        op: "create",
+                        id: id.clone(),
+                        detail: e.to_string(),
+                    })??,
+            );
+            if spec.net == NetMode::Egress {
+                let Some(network) = &self.network else {
+                    return Err(EngineError::Runsc {
+                        op: "create",
+                        id: id.clone(),
+                        detail: "egress requested but the server's network policy is none".into(),
+                    });
+                };
+                owned.net = Some(network.create()?);
+            }
+            let bundle = self.cfg.bundles.join(&id);
+            std::fs::create_dir_all(&bundle).map_err(io_err(&bundle))?;
+            let config = bundle.join("config.json");
+            let text =
+                serde_json::to_vec_pretty(&self.bundle_config(&id, spec, &dir, owned.net.as_ref()))
+                    .unwrap_or_default();
+            std::fs::write(&config, text).map_err(io_err(&config))?;
+            let mut cmd = self.runsc_async(spec.net);
+            cmd.args(["create", "--bundle"]).arg(&bundle).arg(&id);
+            let (stdin, stdout, stderr_tail) = self.spawn_with_pipes(cmd, "create", &id).await?;
+            Ok::<_, EngineError>((stdin, stdout, stderr_tail))
+        }
+        .await;
+        match made {
+            Ok((stdin, stdout, stderr_tail)) => {
+                let reapers = self.reap_threads(&id);
+                Ok(Sandbox {
+                    id,
+                    stdin,
+                    stdout: Some(stdout),
+                    reapers,
+                    stderr_tail,
+                    spec: spec.clone(),
+                    phase: Phase::Created,
+                    created_at: Instant::now(),
+                    dir,
+                    tmp: owned.tmp.take(),
+                    net: owned.net.take(),
+                })
+            }
+            Err(e) => {
+                let _ = self.runsc().args(["delete", "--force", &id]).output();
+                let _ = std::fs::remove_dir_all(self.cfg.bundles.join(&id));
+                self.cgroups.remove_sandbox(&id);
+                self.release_owned(owned);
+                Err(e)
+            }
+        }
     }
 
-    /// Restore a sandbox from a checkpoint image directory (`checkpoint.img` inside), with a
-    /// bundle of its own (own id, cgroup and pipes). The restored agent resumes where the
-    /// checkpoint stopped it; it does not say `Hello` again.
+    /// Run a runsc command that leaves a sandbox behind holding the pipes it was given.
+    async fn spawn_with_pipes(
+        &self,
+        mut cmd: Command,
+        op: &'static str,
+        id: &str,
+    ) -> Result<(ChildStdin, ChildStdout, Arc<Mutex<VecDeque<String>>>), EngineError> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| EngineError::Runsc {
+            op,
+            id: id.to_string(),
+            detail: e.to_string(),
+        })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(EngineError::Runsc {
+                op,
+                id: id.to_string(),
+                detail: "no stdio pipes".into(),
+            });
+        };
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        spawn_stderr_reader(id.to_string(), stderr, stderr_tail.clone());
+        let status = child.wait().await.map_err(|e| EngineError::Runsc {
+            op,
+            id: id.to_string(),
+            detail: e.to_string(),
+        })?;
+        if !status.success() {
+            // Give the stderr reader a moment to collect runsc's message.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(EngineError::Runsc {
+                op,
+                id: id.to_string(),
+                detail: format!("{status}: {}", tail_text(&stderr_tail)),
+            });
+        }
+        Ok((stdin, stdout, stderr_tail))
+    }
+
+    /// Give a created sandbox to one function: its code, memory limit and CPU share, a core.
+    fn claim(&self, sandbox: &Sandbox, claim: &Claim) -> Result<Option<usize>, EngineError> {
+        link_tree(&claim.code_dir, &sandbox.task_dir())?;
+        let mem = (claim.memory_mb as u64 + SENTRY_OVERHEAD_MB) * 1024 * 1024;
+        self.cgroups.set_memory_limit(&sandbox.id, mem);
+        self.cgroups
+            .set_cpu_shares(&sandbox.id, (claim.memory_mb as u64 * 1024 / 1769).max(2));
+        Ok(self
+            .cfg
+            .pin_cores
+            .then(|| self.next_core.fetch_add(1, Ordering::Relaxed) % self.cores))
+    }
+
+    /// Claim a created sandbox for a function and boot its agent. The agent then waits for
+    /// the function's environment (`Configure`) as its first frame.
+    pub async fn start(&self, sandbox: &mut Sandbox, claim: &Claim) -> Result<(), EngineError> {
+        let core = self.claim(sandbox, claim)?;
+        if let Some(core) = core {
+            self.cgroups.set_cpus(&sandbox.id, &core.to_string());
+        }
+        let out = self
+            .runsc_async(sandbox.spec.net)
+            .args(["start", &sandbox.id])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| EngineError::Runsc {
+                op: "start",
+                id: sandbox.id.clone(),
+                detail: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(EngineError::Runsc {
+                op: "start",
+                id: sandbox.id.clone(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        sandbox.phase = Phase::Running;
+        Ok(())
+    }
+
+    /// Claim a created sandbox and restore a checkpoint (`checkpoint.img`, and with
+    /// uncompressed checkpoints `pages_meta.img` / `pages.img`, in `image_dir`) into it. The
+    /// restored agent resumes where the checkpoint stopped it; it does not say `Hello` again.
     pub async fn restore(
         &self,
-        spec: &SandboxSpec,
+        sandbox: &mut Sandbox,
+        claim: &Claim,
         image_dir: &Path,
-    ) -> Result<Sandbox, EngineError> {
-        self.launch(spec, Some(image_dir)).await
+    ) -> Result<(), EngineError> {
+        let core = self.claim(sandbox, claim)?;
+        let bundle = self.cfg.bundles.join(&sandbox.id);
+        let mut cmd = self.runsc_async(sandbox.spec.net);
+        cmd.arg("restore")
+            .arg(format!("--image-path={}", image_dir.display()))
+            .args(["--detach", "--bundle"])
+            .arg(&bundle)
+            .arg(&sandbox.id);
+        if self.caps.restore_into_created {
+            let out = cmd
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|e| EngineError::Runsc {
+                    op: "restore",
+                    id: sandbox.id.clone(),
+                    detail: e.to_string(),
+                })?;
+            if !out.status.success() {
+                return Err(EngineError::Runsc {
+                    op: "restore",
+                    id: sandbox.id.clone(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+        } else {
+            // This runsc restores only into a new container: drop the created one (keeping
+            // its directory, disk and network) and restore with new pipes.
+            let _ = self
+                .runsc()
+                .args(["delete", "--force", &sandbox.id])
+                .output();
+            for r in sandbox.reapers.drain(..) {
+                let _ = r.join();
+            }
+            let (stdin, stdout, tail) = self.spawn_with_pipes(cmd, "restore", &sandbox.id).await?;
+            sandbox.stdin = stdin;
+            sandbox.stdout = Some(stdout);
+            sandbox.stderr_tail = tail;
+            sandbox.reapers = self.reap_threads(&sandbox.id);
+        }
+        // Restores read the image with every core; pin once restored.
+        if let Some(core) = core {
+            self.cgroups.set_cpus(&sandbox.id, &core.to_string());
+        }
+        sandbox.phase = Phase::Running;
+        Ok(())
     }
 
     /// Checkpoint a running sandbox into `image_dir`. The sandbox is stopped afterwards (runsc
     /// always stops it); destroy it to reap and clean up.
     pub async fn checkpoint(&self, sandbox: &Sandbox, image_dir: &Path) -> Result<(), EngineError> {
-        std::fs::create_dir_all(image_dir).map_err(|source| EngineError::Io {
-            path: image_dir.to_path_buf(),
-            source,
-        })?;
-        let out = Command::new(&self.cfg.runsc)
-            .arg(format!("--root={}", self.cfg.state_root.display()))
-            .arg("--network=none")
-            .args(&self.cfg.extra_flags)
+        std::fs::create_dir_all(image_dir).map_err(io_err(image_dir))?;
+        let out = self
+            .runsc_async(sandbox.spec.net)
             .arg("checkpoint")
             .arg(format!("--image-path={}", image_dir.display()))
+            .args(self.caps.checkpoint_flags())
             .arg(&sandbox.id)
             .stdin(Stdio::null())
             .output()
@@ -305,101 +679,6 @@ impl RunscEngine {
             });
         }
         Ok(())
-    }
-
-    async fn launch(
-        &self,
-        spec: &SandboxSpec,
-        image_dir: Option<&Path>,
-    ) -> Result<Sandbox, EngineError> {
-        let op = if image_dir.is_some() {
-            "restore"
-        } else {
-            "run"
-        };
-        let id = Self::new_id();
-        let bundle = self.cfg.bundles.join(&id);
-        std::fs::create_dir_all(&bundle).map_err(|source| EngineError::Io {
-            path: bundle.clone(),
-            source,
-        })?;
-        let config = bundle.join("config.json");
-        // Boots run pinned from the start (syscalls are 4-5x cheaper pinned under ptrace);
-        // restores decompress the image on every core, so they are pinned once restored.
-        let core = self
-            .cfg
-            .pin_cores
-            .then(|| self.next_core.fetch_add(1, Ordering::Relaxed) % self.cores);
-        let bundle_core = if image_dir.is_some() { None } else { core };
-        let text = serde_json::to_vec_pretty(&self.bundle_config(&id, spec, bundle_core))
-            .unwrap_or_default();
-        std::fs::write(&config, text).map_err(|source| EngineError::Io {
-            path: config.clone(),
-            source,
-        })?;
-
-        let mut cmd = Command::new(&self.cfg.runsc);
-        cmd.arg(format!("--root={}", self.cfg.state_root.display()))
-            .arg("--network=none")
-            .args(&self.cfg.extra_flags)
-            .arg(op);
-        if let Some(dir) = image_dir {
-            cmd.arg(format!("--image-path={}", dir.display()));
-        }
-        cmd.args(["--detach", "--bundle"])
-            .arg(&bundle)
-            .arg(&id)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| EngineError::Runsc {
-            op,
-            id: id.clone(),
-            detail: e.to_string(),
-        })?;
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(EngineError::Runsc {
-                op,
-                id,
-                detail: "no stdio pipes".into(),
-            });
-        };
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        spawn_stderr_reader(id.clone(), stderr, stderr_tail.clone());
-        let status = child.wait().await.map_err(|e| EngineError::Runsc {
-            op,
-            id: id.clone(),
-            detail: e.to_string(),
-        })?;
-        if !status.success() {
-            // Give the stderr reader a moment to collect runsc's message.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let detail = tail_text(&stderr_tail);
-            let _ = self.runsc().args(["delete", "--force", &id]).output();
-            let _ = std::fs::remove_dir_all(&bundle);
-            self.cgroups.remove_sandbox(&id);
-            return Err(EngineError::Runsc {
-                op,
-                id,
-                detail: format!("{status}: {detail}"),
-            });
-        }
-        if image_dir.is_some()
-            && let Some(core) = core
-        {
-            self.cgroups.set_cpus(&id, &core.to_string());
-        }
-        let reapers = self.reap_threads(&id);
-        Ok(Sandbox {
-            id,
-            stdin,
-            stdout: Some(stdout),
-            reapers,
-            stderr_tail,
-        })
     }
 
     /// Threads that wait for the sandbox and gofer processes (now children of this subreaper).
@@ -433,14 +712,27 @@ impl RunscEngine {
             .collect()
     }
 
-    /// Kill and delete a sandbox, reap its processes, remove its bundle and cgroups.
-    /// Blocking (tens of milliseconds); call from a blocking context.
+    fn release_owned(&self, owned: Owned) {
+        if let Some(t) = &owned.tmp {
+            t.remove();
+        }
+        if let (Some(n), Some(network)) = (&owned.net, &self.network) {
+            network.destroy(n);
+        }
+        let _ = std::fs::remove_dir_all(&owned.dir);
+    }
+
+    /// Kill and delete a sandbox, reap its processes, remove its bundle, cgroups, `/tmp` disk
+    /// and network. Blocking (tens of milliseconds); call from a blocking context.
     pub fn destroy(&self, sandbox: Sandbox) {
         let Sandbox {
             id,
             stdin,
             stdout,
             reapers,
+            dir,
+            tmp,
+            net,
             ..
         } = sandbox;
         drop(stdin);
@@ -457,7 +749,44 @@ impl RunscEngine {
         }
         let _ = std::fs::remove_dir_all(self.cfg.bundles.join(&id));
         self.cgroups.remove_sandbox(&id);
+        self.release_owned(Owned { dir, tmp, net });
     }
+
+    /// Remove the worker's network rules (at shutdown, after every sandbox is gone).
+    pub fn shutdown_network(&self) {
+        if let Some(n) = &self.network {
+            n.shutdown();
+        }
+    }
+}
+
+/// What a sandbox owns on the host besides runsc's state.
+struct Owned {
+    dir: PathBuf,
+    tmp: Option<TmpDisk>,
+    net: Option<SandboxNet>,
+}
+
+/// Hard-link every file of `src` into `dst` (directories made, symbolic links recreated),
+/// copying where the two are on different file systems. The sandbox sees `dst` read-only.
+pub fn link_tree(src: &Path, dst: &Path) -> Result<(), EngineError> {
+    std::fs::create_dir_all(dst).map_err(io_err(dst))?;
+    let entries = std::fs::read_dir(src).map_err(io_err(src))?;
+    for e in entries {
+        let e = e.map_err(io_err(src))?;
+        let from = e.path();
+        let to = dst.join(e.file_name());
+        let ty = e.file_type().map_err(io_err(&from))?;
+        if ty.is_dir() {
+            link_tree(&from, &to)?;
+        } else if ty.is_symlink() {
+            let target = std::fs::read_link(&from).map_err(io_err(&from))?;
+            std::os::unix::fs::symlink(target, &to).map_err(io_err(&to))?;
+        } else if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(io_err(&to))?;
+        }
+    }
+    Ok(())
 }
 
 fn spawn_stderr_reader(

@@ -5,8 +5,12 @@ pub mod cgroup;
 pub mod engine;
 pub mod frames;
 pub mod images;
+pub mod netns;
 pub mod pool;
+pub mod prewarm;
+pub mod probe;
 pub mod snapshots;
+pub mod tmpdisk;
 
 pub use engine::{EngineConfig, RunscEngine};
 pub use images::ImageStore;

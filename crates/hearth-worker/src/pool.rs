@@ -2,8 +2,15 @@
 //!
 //! Each function revision (name, version, revision id) has a stack of idle sandboxes. An
 //! invocation takes the most recently used idle sandbox of its revision (warm start) or
-//! creates one (cold start: boot, then init until the runtime first asks for work), runs,
-//! and hands the sandbox back. One invocation at a time per sandbox; concurrent invocations
+//! starts a new one (cold start), runs, and hands the sandbox back.
+//!
+//! A cold start does not pay for creating a sandbox: the worker keeps a few sandboxes per kind
+//! (runtime image, network mode, `/tmp` size) already through `runsc create` ("ready"), and a
+//! cold start claims one: the function's code is linked into its `/var/task`, its memory limit
+//! written, and it is booted (the agent gets the function's environment in its first frame)
+//! or a snapshot is restored into it. How many are kept follows recent cold-start demand
+//! ([`crate::prewarm`]); a background task refills and trims off the request path, within the
+//! memory and disk budgets; with none ready a cold start creates one inline. One invocation at a time per sandbox; concurrent invocations
 //! of one function run in separate sandboxes. Idle sandboxes are destroyed after the
 //! keep-alive period, and least-recently-used idle sandboxes are evicted when a new one would
 //! pass the worker's memory budget.
@@ -19,13 +26,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hearth_api::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
-use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta};
+use std::collections::VecDeque;
+
+use hearth_api::invoker::{
+    FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker, LOG_FLUSH_BYTES,
+    LOG_TAIL_BYTES, LogTarget,
+};
+use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, SandboxConfig};
 use tokio::sync::{Notify, mpsc};
 
-use crate::engine::{RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SandboxSpec};
+use crate::engine::{Claim, NetMode, RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
 use crate::frames;
 use crate::images::{ImageStore, recipe_for};
+use crate::prewarm::{self, PrewarmConfig};
 use crate::snapshots::{RestorePoint, SnapshotError, SnapshotMeta, SnapshotMiss, SnapshotStore};
 
 /// Worker settings.
@@ -34,10 +47,13 @@ pub struct WorkerConfig {
     pub region: String,
     /// How long an idle sandbox is kept for reuse.
     pub keep_alive: Duration,
-    /// Memory all sandboxes together may be given (function memory + sentry overhead).
+    /// Memory all sandboxes together may be given (function memory + sentry overhead; a
+    /// ready, unclaimed sandbox counts the sentry overhead).
     pub memory_budget_mb: u64,
-    /// Size of each sandbox's writable `/tmp`.
-    pub tmp_mb: u32,
+    /// Disk all sandboxes' `/tmp` disks together may be given (their full sizes).
+    pub disk_budget_mb: u64,
+    /// How many sandboxes are kept created ahead of demand.
+    pub prewarm: PrewarmConfig,
     /// Longest init (boot + runtime start + handler import) before the start fails.
     pub init_timeout: Duration,
     /// Where snapshots are kept; `None` disables snapshots.
@@ -55,7 +71,8 @@ impl Default for WorkerConfig {
             region: "us-east-1".into(),
             keep_alive: Duration::from_secs(300),
             memory_budget_mb: default_memory_budget_mb(),
-            tmp_mb: 512,
+            disk_budget_mb: 64 * 1024,
+            prewarm: PrewarmConfig::default(),
             init_timeout: Duration::from_secs(10),
             snapshot_dir: None,
             chunk_store: None,
@@ -90,6 +107,10 @@ pub struct PoolStats {
     pub warm_starts: usize,
     /// Cold starts served by restoring a snapshot.
     pub restores: usize,
+    /// Created sandboxes waiting to be claimed.
+    pub ready: usize,
+    /// Cold starts that claimed a ready sandbox (the rest created one inline).
+    pub claimed_ready: usize,
 }
 
 /// One execution environment owned by the pool.
@@ -104,9 +125,20 @@ struct Env {
 #[derive(Default)]
 struct State {
     idle: HashMap<String, Vec<Env>>,
-    /// Memory promised to live sandboxes.
+    /// Created sandboxes per kind, oldest first.
+    ready: HashMap<SlotSpec, Vec<Sandbox>>,
+    /// Sandboxes of each kind being created for `ready`.
+    creating: HashMap<SlotSpec, usize>,
+    /// Cold starts per kind (the pre-created pool's demand).
+    demand: HashMap<SlotSpec, VecDeque<Instant>>,
+    /// Memory promised to live and ready sandboxes.
     committed_mb: u64,
+    /// Disk promised to live and ready sandboxes' `/tmp`.
+    committed_disk_mb: u64,
     live: usize,
+    claimed_ready: usize,
+    /// Revisions whose stale snapshot is being replaced.
+    resnapshots: std::collections::HashSet<String>,
     inflight: HashMap<String, u32>,
     inflight_unreserved: u32,
     cold_starts: usize,
@@ -123,6 +155,8 @@ struct Inner {
     closed: AtomicBool,
     destroying: AtomicUsize,
     destroyed: Notify,
+    /// Wakes the refill task (a cold start claimed or missed a ready sandbox).
+    refill: Arc<Notify>,
 }
 
 /// The in-process worker: implements [`Invoker`] over runsc sandboxes.
@@ -186,7 +220,9 @@ impl Worker {
             closed: AtomicBool::new(false),
             destroying: AtomicUsize::new(0),
             destroyed: Notify::new(),
+            refill: Arc::new(Notify::new()),
         });
+        tokio::spawn(refill_loop(Arc::downgrade(&inner)));
         let weak = Arc::downgrade(&inner);
         let tick =
             (inner.cfg.keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -211,6 +247,8 @@ impl Worker {
             cold_starts: st.cold_starts,
             warm_starts: st.warm_starts,
             restores: st.restores,
+            ready: st.ready.values().map(Vec::len).sum(),
+            claimed_ready: st.claimed_ready,
         }
     }
 
@@ -222,17 +260,26 @@ impl Worker {
     /// Busy sandboxes are destroyed as their invocations end.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        let idle: Vec<Env> = {
+        let (idle, ready): (Vec<Env>, Vec<Sandbox>) = {
             let mut st = self.inner.lock();
-            st.idle.drain().flat_map(|(_, v)| v).collect()
+            (
+                st.idle.drain().flat_map(|(_, v)| v).collect(),
+                st.ready.drain().flat_map(|(_, v)| v).collect(),
+            )
         };
         for env in idle {
             self.inner.destroy(env);
         }
+        for sandbox in ready {
+            self.inner.destroy_ready(sandbox);
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let live = self.inner.lock().live;
-            if live == 0 && self.inner.destroying.load(Ordering::SeqCst) == 0 {
+            let (live, creating) = {
+                let st = self.inner.lock();
+                (st.live, st.creating.values().sum::<usize>())
+            };
+            if live == 0 && creating == 0 && self.inner.destroying.load(Ordering::SeqCst) == 0 {
                 break;
             }
             if Instant::now() > deadline {
@@ -244,6 +291,69 @@ impl Worker {
                     .await;
         }
         self.inner.engine.cgroups().remove_parent();
+        self.inner.engine.shutdown_network();
+    }
+
+    /// Expect cold starts of `runtime` (e.g. at server start): the pool keeps a sandbox of its
+    /// default kind ready until it has seen no demand for the idle period.
+    pub fn prewarm(&self, runtime: &str) {
+        let Ok(rootfs) = self.inner.images.rootfs_for_runtime(runtime) else {
+            return;
+        };
+        let kind = SlotSpec {
+            rootfs,
+            net: if self.inner.engine.egress_allowed() {
+                NetMode::Egress
+            } else {
+                NetMode::None
+            },
+            tmp_mb: 512,
+            pids_limit: PIDS_LIMIT,
+        };
+        self.inner
+            .lock()
+            .demand
+            .entry(kind)
+            .or_default()
+            .push_back(Instant::now());
+        self.inner.refill.notify_one();
+    }
+}
+
+const PIDS_LIMIT: i64 = 1024;
+
+/// Keep the ready pool at its targets: one sandbox created at a time (creation is CPU-heavy and
+/// the machine may have few cores), extras destroyed, all within the budgets.
+async fn refill_loop(weak: std::sync::Weak<Inner>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let Some(inner) = weak.upgrade() else { break };
+        if inner.closed.load(Ordering::SeqCst) {
+            break;
+        }
+        let (create, extra) = inner.plan_refill();
+        for sandbox in extra {
+            inner.destroy_ready(sandbox);
+        }
+        let created = match create {
+            Some(kind) => inner.create_ready(kind).await,
+            None => false,
+        };
+        backoff = if created || backoff.is_zero() {
+            Duration::ZERO
+        } else {
+            backoff
+        };
+        let wait = if created {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(250).max(backoff)
+        };
+        let refill = inner.refill.clone();
+        drop(inner);
+        if !wait.is_zero() {
+            let _ = tokio::time::timeout(wait, refill.notified()).await;
+        }
     }
 }
 
@@ -254,23 +364,160 @@ impl Inner {
 
     /// Destroy a sandbox in the background (runsc kill + delete + reap: tens of ms).
     fn destroy(self: &Arc<Self>, env: Env) {
-        self.release_memory(env.memory_mb as u64 + SENTRY_OVERHEAD_MB);
+        self.release(
+            env.memory_mb as u64 + SENTRY_OVERHEAD_MB,
+            env.sandbox.spec.tmp_mb as u64,
+            true,
+        );
         self.teardown(env);
     }
 
-    /// Kill a sandbox whose memory is already released from the accounting.
-    fn teardown(self: &Arc<Self>, env: Env) {
+    /// Destroy a ready (unclaimed) sandbox and release what it holds.
+    fn destroy_ready(self: &Arc<Self>, sandbox: Sandbox) {
+        self.release(SENTRY_OVERHEAD_MB, sandbox.spec.tmp_mb as u64, false);
+        self.destroy_sandbox(sandbox);
+    }
+
+    fn destroy_sandbox(self: &Arc<Self>, sandbox: Sandbox) {
         self.destroying.fetch_add(1, Ordering::SeqCst);
         let inner = self.clone();
         tokio::task::spawn_blocking(move || {
-            let Env {
-                sandbox, frames, ..
-            } = env;
-            drop(frames);
             inner.engine.destroy(sandbox);
             inner.destroying.fetch_sub(1, Ordering::SeqCst);
             inner.destroyed.notify_waiters();
         });
+    }
+
+    /// What the refill task should do now: the kind to create one sandbox of (if any) and the
+    /// ready sandboxes past their kind's target.
+    fn plan_refill(&self) -> (Option<SlotSpec>, Vec<Sandbox>) {
+        let now = Instant::now();
+        let cfg = &self.cfg.prewarm;
+        let mut st = self.lock();
+        for h in st.demand.values_mut() {
+            prewarm::forget_old(h, now, cfg);
+        }
+        st.demand.retain(|_, h| !h.is_empty());
+        let mut kinds: Vec<SlotSpec> = st.demand.keys().cloned().collect();
+        for k in st.ready.keys() {
+            if !st.demand.contains_key(k) {
+                kinds.push(k.clone());
+            }
+        }
+        let empty = VecDeque::new();
+        let histories: Vec<&VecDeque<Instant>> = kinds
+            .iter()
+            .map(|k| st.demand.get(k).unwrap_or(&empty))
+            .collect();
+        let targets = prewarm::targets(&histories, now, cfg);
+        let mut create = None;
+        let mut extra = Vec::new();
+        for (kind, target) in kinds.iter().zip(targets) {
+            let ready = st.ready.get(kind).map(Vec::len).unwrap_or(0);
+            let creating = st.creating.get(kind).copied().unwrap_or(0);
+            if ready > target {
+                if let Some(v) = st.ready.get_mut(kind) {
+                    // The oldest go first.
+                    extra.extend(v.drain(..ready - target));
+                }
+            } else if ready + creating < target && create.is_none() {
+                create = Some(kind.clone());
+            }
+        }
+        st.ready.retain(|_, v| !v.is_empty());
+        (create, extra)
+    }
+
+    /// Create one ready sandbox of `kind`, if the budgets allow without evicting anything.
+    async fn create_ready(self: &Arc<Self>, kind: SlotSpec) -> bool {
+        {
+            let mut st = self.lock();
+            if st.committed_mb + SENTRY_OVERHEAD_MB > self.cfg.memory_budget_mb
+                || st.committed_disk_mb + kind.tmp_mb as u64 > self.cfg.disk_budget_mb
+            {
+                return false;
+            }
+            st.committed_mb += SENTRY_OVERHEAD_MB;
+            st.committed_disk_mb += kind.tmp_mb as u64;
+            *st.creating.entry(kind.clone()).or_insert(0) += 1;
+        }
+        let made = self.engine.create(&kind).await;
+        let mut st = self.lock();
+        if let Some(n) = st.creating.get_mut(&kind) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.creating.remove(&kind);
+            }
+        }
+        match made {
+            Ok(sandbox) if !self.closed.load(Ordering::SeqCst) => {
+                st.ready.entry(kind).or_default().push(sandbox);
+                true
+            }
+            Ok(sandbox) => {
+                drop(st);
+                self.destroy_ready(sandbox);
+                false
+            }
+            Err(e) => {
+                st.committed_mb = st.committed_mb.saturating_sub(SENTRY_OVERHEAD_MB);
+                st.committed_disk_mb = st.committed_disk_mb.saturating_sub(kind.tmp_mb as u64);
+                drop(st);
+                tracing::warn!("creating a ready sandbox: {e}");
+                false
+            }
+        }
+    }
+
+    /// A sandbox of `kind` for a cold start: a ready one when there is one, else created now.
+    /// Its memory (function size + sentry) and disk are reserved.
+    async fn claim_sandbox(
+        self: &Arc<Self>,
+        kind: &SlotSpec,
+        memory_mb: u32,
+    ) -> Result<Sandbox, InvokeError> {
+        let ready = {
+            let mut st = self.lock();
+            st.demand
+                .entry(kind.clone())
+                .or_default()
+                .push_back(Instant::now());
+            let s = st.ready.get_mut(kind).and_then(|v| v.pop());
+            st.ready.retain(|_, v| !v.is_empty());
+            if s.is_some() {
+                st.claimed_ready += 1;
+                st.live += 1;
+            }
+            s
+        };
+        self.refill.notify_one();
+        if let Some(sandbox) = ready {
+            // The sentry overhead and disk are already held; add the function's memory.
+            if let Err(e) = self.reserve(memory_mb as u64, 0, false) {
+                self.release(SENTRY_OVERHEAD_MB, kind.tmp_mb as u64, true);
+                self.destroy_sandbox(sandbox);
+                return Err(e);
+            }
+            return Ok(sandbox);
+        }
+        let need = memory_mb as u64 + SENTRY_OVERHEAD_MB;
+        self.reserve(need, kind.tmp_mb as u64, true)?;
+        match self.engine.create(kind).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                self.release(need, kind.tmp_mb as u64, true);
+                Err(InvokeError::Service(e.to_string()))
+            }
+        }
+    }
+
+    /// Kill a sandbox whose memory is already released from the accounting.
+    fn teardown(self: &Arc<Self>, env: Env) {
+        let Env {
+            sandbox, frames, ..
+        } = env;
+        drop(frames);
+        self.destroy_sandbox(sandbox);
     }
 
     fn expire_idle(self: &Arc<Self>) {
@@ -294,15 +541,27 @@ impl Inner {
         }
     }
 
-    /// Reserve memory for a new sandbox, evicting least-recently-used idle ones if needed.
-    fn reserve_memory(self: &Arc<Self>, need_mb: u64) -> Result<(), InvokeError> {
+    /// Reserve memory and disk for a sandbox, evicting least-recently-used idle sandboxes (and
+    /// then ready ones) when they do not fit. `new_sandbox`: count one more live sandbox.
+    fn reserve(
+        self: &Arc<Self>,
+        need_mb: u64,
+        disk_mb: u64,
+        new_sandbox: bool,
+    ) -> Result<(), InvokeError> {
         let mut evict = Vec::new();
+        let mut evict_ready = Vec::new();
         let fits = {
             let mut st = self.lock();
             loop {
-                if st.committed_mb + need_mb <= self.cfg.memory_budget_mb {
+                if st.committed_mb + need_mb <= self.cfg.memory_budget_mb
+                    && st.committed_disk_mb + disk_mb <= self.cfg.disk_budget_mb
+                {
                     st.committed_mb += need_mb;
-                    st.live += 1;
+                    st.committed_disk_mb += disk_mb;
+                    if new_sandbox {
+                        st.live += 1;
+                    }
                     break true;
                 }
                 let oldest = st
@@ -314,23 +573,43 @@ impl Inner {
                             .map(move |(i, e)| (k.clone(), i, e.last_used))
                     })
                     .min_by_key(|(_, _, t)| *t);
-                let Some((key, i, _)) = oldest else {
+                if let Some((key, i, _)) = oldest {
+                    let Some(env) = st.idle.get_mut(&key).map(|v| v.remove(i)) else {
+                        break false;
+                    };
+                    st.idle.retain(|_, v| !v.is_empty());
+                    st.committed_mb = st
+                        .committed_mb
+                        .saturating_sub(env.memory_mb as u64 + SENTRY_OVERHEAD_MB);
+                    st.committed_disk_mb = st
+                        .committed_disk_mb
+                        .saturating_sub(env.sandbox.spec.tmp_mb as u64);
+                    st.live = st.live.saturating_sub(1);
+                    evict.push(env);
+                    continue;
+                }
+                let ready = st
+                    .ready
+                    .iter_mut()
+                    .find(|(_, v)| !v.is_empty())
+                    .and_then(|(_, v)| v.pop());
+                let Some(sandbox) = ready else {
                     break false;
                 };
-                let Some(env) = st.idle.get_mut(&key).map(|v| v.remove(i)) else {
-                    break false;
-                };
-                st.idle.retain(|_, v| !v.is_empty());
-                st.committed_mb = st
-                    .committed_mb
-                    .saturating_sub(env.memory_mb as u64 + SENTRY_OVERHEAD_MB);
-                st.live = st.live.saturating_sub(1);
-                evict.push(env);
+                st.ready.retain(|_, v| !v.is_empty());
+                st.committed_mb = st.committed_mb.saturating_sub(SENTRY_OVERHEAD_MB);
+                st.committed_disk_mb = st
+                    .committed_disk_mb
+                    .saturating_sub(sandbox.spec.tmp_mb as u64);
+                evict_ready.push(sandbox);
             }
         };
         for env in evict {
             tracing::debug!(sandbox = %env.sandbox.id, "evicted to make room");
             self.teardown(env);
+        }
+        for sandbox in evict_ready {
+            self.destroy_sandbox(sandbox);
         }
         if fits {
             Ok(())
@@ -341,10 +620,14 @@ impl Inner {
         }
     }
 
-    fn release_memory(&self, mb: u64) {
+    /// Give back memory and disk; `sandbox_gone`: one live sandbox fewer.
+    fn release(&self, mb: u64, disk_mb: u64, sandbox_gone: bool) {
         let mut st = self.lock();
         st.committed_mb = st.committed_mb.saturating_sub(mb);
-        st.live = st.live.saturating_sub(1);
+        st.committed_disk_mb = st.committed_disk_mb.saturating_sub(disk_mb);
+        if sandbox_gone {
+            st.live = st.live.saturating_sub(1);
+        }
     }
 }
 
@@ -401,13 +684,13 @@ fn admit(inner: &Arc<Inner>, req: &InvokeRequest) -> Result<Admission, InvokeErr
 
 /// Drain what an idle sandbox said while idle: output goes to the next invocation's log;
 /// a runtime exit or a closed channel means it is dead.
-fn still_alive(env: &mut Env, log: &mut Vec<u8>) -> bool {
+fn still_alive(env: &mut Env, log: &mut InvLog) -> bool {
     loop {
         match env.frames.try_recv() {
             Ok(Frame {
                 msg: AgentMsg::Log,
                 body,
-            }) => log.extend_from_slice(&body),
+            }) => log.push(&body),
             Ok(Frame {
                 msg: AgentMsg::RuntimeExit { .. },
                 ..
@@ -416,6 +699,79 @@ fn still_alive(env: &mut Env, log: &mut Vec<u8>) -> bool {
             Err(mpsc::error::TryRecvError::Empty) => return true,
             Err(mpsc::error::TryRecvError::Disconnected) => return false,
         }
+    }
+}
+
+/// An invocation's log on its way to the log sink: what arrives is passed on in pieces of at
+/// most [`LOG_FLUSH_BYTES`] (cut after a line end where there is one), and only the last
+/// [`LOG_TAIL_BYTES`] are kept for the result, so memory per invocation is bounded whatever
+/// the function prints.
+struct InvLog {
+    sink: Option<LogTarget>,
+    pending: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl InvLog {
+    fn new(sink: Option<LogTarget>) -> Self {
+        InvLog {
+            sink,
+            pending: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.tail.extend_from_slice(bytes);
+        if self.tail.len() > 2 * LOG_TAIL_BYTES {
+            let cut = self.tail.len() - LOG_TAIL_BYTES;
+            self.tail.drain(..cut);
+        }
+        if self.sink.is_none() {
+            return;
+        }
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let room = LOG_FLUSH_BYTES - self.pending.len();
+            let (now, later) = rest.split_at(rest.len().min(room));
+            self.pending.extend_from_slice(now);
+            rest = later;
+            if self.pending.len() >= LOG_FLUSH_BYTES {
+                let cut = self
+                    .pending
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map(|i| i + 1)
+                    .unwrap_or(self.pending.len());
+                self.write_out(cut);
+            }
+        }
+    }
+
+    fn push_str(&mut self, text: &str) {
+        self.push(text.as_bytes());
+    }
+
+    fn write_out(&mut self, n: usize) {
+        if let Some(sink) = &self.sink {
+            sink.0.write(&self.pending[..n]);
+        }
+        self.pending.drain(..n);
+    }
+
+    fn ends_with_newline(&self) -> bool {
+        self.tail.last().is_none_or(|&b| b == b'\n')
+    }
+
+    /// Send what is pending and return the tail.
+    fn finish(mut self) -> String {
+        let n = self.pending.len();
+        self.write_out(n);
+        let start = self.tail.len().saturating_sub(LOG_TAIL_BYTES);
+        String::from_utf8_lossy(&self.tail[start..]).into_owned()
     }
 }
 
@@ -528,29 +884,37 @@ impl Worker {
         Ok(stored.dir)
     }
 
-    /// The bundle contents for one function version.
-    fn sandbox_spec(
-        &self,
-        spec: &FunctionSpec,
-        code_dir: PathBuf,
-        init_type: &str,
-    ) -> Result<SandboxSpec, InvokeError> {
-        let inner = &self.inner;
-        let rootfs = inner
+    /// The network a version's sandboxes get: egress unless the server's policy or the
+    /// function says none, or the version restores from snapshots and the engine cannot
+    /// checkpoint a sandbox with network access.
+    pub fn net_mode(&self, spec: &FunctionSpec) -> NetMode {
+        let engine = &self.inner.engine;
+        let wanted = spec.egress && engine.egress_allowed();
+        let snapshot_blocks = spec.snap_start && !engine.egress_with_snapshots();
+        if wanted && !snapshot_blocks {
+            NetMode::Egress
+        } else {
+            NetMode::None
+        }
+    }
+
+    /// The kind of sandbox one function version runs in.
+    fn slot_spec(&self, spec: &FunctionSpec) -> Result<SlotSpec, InvokeError> {
+        let rootfs = self
+            .inner
             .images
             .rootfs_for_runtime(&spec.runtime)
             .map_err(|e| InvokeError::NotReady(e.to_string()))?;
-        Ok(SandboxSpec {
+        Ok(SlotSpec {
             rootfs,
-            code_dir,
-            env: lambda_env(spec, &inner.cfg.region, init_type),
-            memory_mb: spec.memory_mb,
-            tmp_mb: inner.cfg.tmp_mb,
-            pids_limit: 1024,
+            net: self.net_mode(spec),
+            tmp_mb: spec.ephemeral_storage_mb,
+            pids_limit: PIDS_LIMIT,
         })
     }
 
-    /// Reserve memory and start (or restore) a sandbox; its frames arrive on `Env::frames`.
+    /// Claim a sandbox (ready or new) and boot it for `spec`, or restore `image` into it; its
+    /// frames arrive on `Env::frames`.
     async fn launch(
         &self,
         spec: &FunctionSpec,
@@ -564,20 +928,34 @@ impl Worker {
                 .await
                 .map_err(|e| InvokeError::NotReady(e.to_string()))?;
         }
-        let sandbox_spec = self.sandbox_spec(spec, code_dir, init_type)?;
-        let need = spec.memory_mb as u64 + SENTRY_OVERHEAD_MB;
-        inner.reserve_memory(need)?;
-        let started = match image {
-            None => inner.engine.start(&sandbox_spec).await,
-            Some(dir) => inner.engine.restore(&sandbox_spec, dir).await,
+        let kind = self.slot_spec(spec)?;
+        let mut sandbox = inner.claim_sandbox(&kind, spec.memory_mb).await?;
+        let claim = Claim {
+            code_dir,
+            memory_mb: spec.memory_mb,
         };
-        let mut sandbox = match started {
-            Ok(s) => s,
-            Err(e) => {
-                inner.release_memory(need);
-                return Err(InvokeError::Service(e.to_string()));
-            }
-        };
+        let mut started = match image {
+            None => inner.engine.start(&mut sandbox, &claim).await,
+            Some(dir) => inner.engine.restore(&mut sandbox, &claim, dir).await,
+        }
+        .map_err(|e| e.to_string());
+        if started.is_ok() && image.is_none() {
+            let config = SandboxConfig {
+                env: lambda_env(spec, &inner.cfg.region, init_type),
+            };
+            started = frames::write_frame(&mut sandbox.stdin, &HostMsg::Configure(config), b"")
+                .await
+                .map_err(|e| format!("configuring the sandbox: {e}"));
+        }
+        if let Err(e) = started {
+            inner.release(
+                spec.memory_mb as u64 + SENTRY_OVERHEAD_MB,
+                kind.tmp_mb as u64,
+                true,
+            );
+            inner.destroy_sandbox(sandbox);
+            return Err(InvokeError::Service(e));
+        }
         let (tx, rx) = mpsc::channel(64);
         if let Some(mut stdout) = sandbox.stdout.take() {
             let id = sandbox.id.clone();
@@ -615,7 +993,7 @@ impl Worker {
     }
 
     /// Follow init until the runtime waits for the platform (or init fails).
-    async fn wait_init(&self, env: &mut Env, limit: Duration, log: &mut Vec<u8>) -> Init {
+    async fn wait_init(&self, env: &mut Env, limit: Duration, log: &mut InvLog) -> Init {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let frame = tokio::select! {
@@ -643,7 +1021,7 @@ impl Worker {
                 Some(Frame {
                     msg: AgentMsg::Log,
                     body,
-                }) => log.extend_from_slice(&body),
+                }) => log.push(&body),
                 Some(Frame {
                     msg: AgentMsg::InitDone { init_ms },
                     ..
@@ -712,7 +1090,7 @@ impl Worker {
             ),
             ("code_sha256".to_string(), spec.code_sha256.clone()),
             ("agent".to_string(), engine.agent_digest().to_string()),
-            ("engine".to_string(), engine.runsc_version().to_string()),
+            ("engine".to_string(), engine.engine_id()),
             ("memory_mb".to_string(), spec.memory_mb.to_string()),
         ])
     }
@@ -732,7 +1110,7 @@ impl Worker {
             .launch(spec, "snap-start", None)
             .await
             .map_err(|e| SnapshotError::Unavailable(e.to_string()))?;
-        let mut log = Vec::new();
+        let mut log = InvLog::new(None);
         let point = match self
             .wait_init(&mut env, self.init_limit(spec), &mut log)
             .await
@@ -756,9 +1134,7 @@ impl Worker {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e.into());
         }
-        let image_bytes = std::fs::metadata(tmp.join("checkpoint.img"))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let image_bytes = crate::snapshots::image_size(&tmp);
         let meta = SnapshotMeta {
             function: spec.name.clone(),
             version: spec.version.clone(),
@@ -768,6 +1144,7 @@ impl Worker {
             init_ms,
             image_bytes,
             checkpoint_ms,
+            files: Vec::new(),
         };
         store.commit(spec, &tmp, &meta).await?;
         tracing::info!(function = %spec.name, version = %spec.version, image_bytes, "snapshot taken");
@@ -776,13 +1153,18 @@ impl Worker {
 
     /// Try to restore a sandbox from the version's snapshot. `None` means: boot instead (the
     /// reason, if any, is appended to `log`).
-    async fn try_restore(&self, spec: &FunctionSpec, log: &mut Vec<u8>) -> Option<(Env, f64)> {
+    async fn try_restore(&self, spec: &FunctionSpec, log: &mut InvLog) -> Option<(Env, f64)> {
         let store = self.inner.snapshots.as_ref()?;
         let (dir, meta) = match store.find(spec, &self.snapshot_deps(spec)).await {
             Ok(found) => found,
             Err(SnapshotMiss::Absent) => return None,
             Err(miss) => {
                 tracing::info!(function = %spec.name, "not restoring: {miss}");
+                if let SnapshotMiss::Stale(_) = miss {
+                    // Taken with another engine, agent, image or memory size: boot now, and
+                    // take a new snapshot in the background for later cold starts.
+                    self.resnapshot(spec);
+                }
                 return None;
             }
         };
@@ -807,7 +1189,7 @@ impl Worker {
                 Init::RestoreReady => {}
                 Init::Failed { doc } => {
                     let text = String::from_utf8_lossy(&doc);
-                    log.extend_from_slice(format!("RESTORE_ERROR {text}\n").as_bytes());
+                    log.push_str(&format!("RESTORE_ERROR {text}\n"));
                     tracing::info!(function = %spec.name, "after-restore hook failed, booting instead: {text}");
                     self.inner.destroy(env);
                     return None;
@@ -818,37 +1200,53 @@ impl Worker {
         Some((env, t.elapsed().as_secs_f64() * 1000.0))
     }
 
+    /// Take a new snapshot of `spec` in the background (once at a time per revision).
+    fn resnapshot(&self, spec: &FunctionSpec) {
+        let key = pool_key(spec);
+        if !self.inner.lock().resnapshots.insert(key.clone()) {
+            return;
+        }
+        let worker = self.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            match worker.create_snapshot(&spec).await {
+                Ok(_) => {
+                    tracing::info!(function = %spec.name, version = %spec.version, "stale snapshot replaced")
+                }
+                Err(e) => tracing::warn!(function = %spec.name, "replacing a stale snapshot: {e}"),
+            }
+            worker.inner.lock().resnapshots.remove(&key);
+        });
+    }
+
     /// A new sandbox for `spec`: restored from its snapshot when it has one, else booted.
     async fn create(
         &self,
         spec: &FunctionSpec,
-    ) -> Result<(Env, Init, Vec<u8>, Start), InvokeError> {
-        let mut log = Vec::new();
+        log: &mut InvLog,
+    ) -> Result<(Env, Init, Start), InvokeError> {
         if spec.snap_start
-            && let Some((env, restore_ms)) = self.try_restore(spec, &mut log).await
+            && let Some((env, restore_ms)) = self.try_restore(spec, log).await
         {
             return Ok((
                 env,
                 Init::Ready {
                     init_ms: restore_ms,
                 },
-                log,
                 Start::Restored,
             ));
         }
         let mut env = self.launch(spec, "on-demand", None).await?;
-        let init = self
-            .wait_init(&mut env, self.init_limit(spec), &mut log)
-            .await;
+        let init = self.wait_init(&mut env, self.init_limit(spec), log).await;
         self.inner.lock().cold_starts += 1;
-        Ok((env, init, log, Start::Booted))
+        Ok((env, init, Start::Booted))
     }
 
     async fn run(
         env: &mut Env,
         req: &InvokeRequest,
         request_id: &str,
-        log: &mut Vec<u8>,
+        log: &mut InvLog,
     ) -> Outcome {
         let timeout = Duration::from_secs(req.spec.timeout_s as u64);
         let meta = InvokeMeta {
@@ -880,7 +1278,7 @@ impl Worker {
                 Some(Frame {
                     msg: AgentMsg::Log,
                     body,
-                }) => log.extend_from_slice(&body),
+                }) => log.push(&body),
                 Some(Frame {
                     msg: AgentMsg::Response { request_id: id },
                     body,
@@ -942,7 +1340,7 @@ impl Worker {
         let _admission = admit(inner, &req)?;
         let key = pool_key(&req.spec);
         let request_id = req.request_id.clone();
-        let mut log = Vec::new();
+        let mut log = InvLog::new(req.log.clone());
         // An idle sandbox whose runtime died meanwhile (a background thread exited, it ran out
         // of memory) is replaced, never handed an invocation.
         let warm = loop {
@@ -962,18 +1360,23 @@ impl Worker {
         let (mut env, init_ms) = match warm {
             Some(env) => (env, None),
             None => {
-                let (env, init, init_log, start) = self.create(&req.spec).await?;
-                log.extend_from_slice(&init_log);
+                let (env, init, start) = match self.create(&req.spec, &mut log).await {
+                    Ok(created) => created,
+                    Err(e) => {
+                        log.finish();
+                        return Err(e);
+                    }
+                };
                 match init {
                     Init::Ready { init_ms } => (env, Some((init_ms, start))),
                     Init::RestoreReady => {
                         inner.destroy(env);
+                        log.finish();
                         return Err(InvokeError::Service(
                             "runtime stopped in restore/next on a boot".into(),
                         ));
                     }
                     Init::Failed { doc } => {
-                        let mut out = String::from_utf8_lossy(&log).into_owned();
                         let ty = serde_json::from_slice::<serde_json::Value>(&doc)
                             .ok()
                             .and_then(|v| {
@@ -982,12 +1385,15 @@ impl Worker {
                                     .map(String::from)
                             })
                             .unwrap_or_else(|| "Runtime.Unknown".into());
-                        out.push_str(&format!(
+                        if !log.ends_with_newline() {
+                            log.push_str("\n");
+                        }
+                        log.push_str(&format!(
                             "START RequestId: {request_id} Version: {}\n",
                             req.spec.version
                         ));
-                        out.push_str(&format!("END RequestId: {request_id}\n"));
-                        out.push_str(&format!(
+                        log.push_str(&format!("END RequestId: {request_id}\n"));
+                        log.push_str(&format!(
                             "REPORT RequestId: {request_id}\tDuration: 0.00 ms\tBilled Duration: 0 ms\tMemory Size: {} MB\tMax Memory Used: {} MB\tStatus: error\tError Type: {ty}\n",
                             req.spec.memory_mb,
                             inner.engine.cgroups().memory_peak(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
@@ -996,15 +1402,21 @@ impl Worker {
                         return Ok(InvokeResult {
                             payload: doc,
                             function_error: true,
-                            log: out,
+                            log: log.finish(),
                         });
                     }
                 }
             }
         };
+        if !log.ends_with_newline() {
+            log.push_str("\n");
+        }
+        log.push_str(&format!(
+            "START RequestId: {request_id} Version: {}\n",
+            req.spec.version
+        ));
         let started = Instant::now();
-        let mut inv_log = Vec::new();
-        let outcome = Self::run(&mut env, &req, &request_id, &mut inv_log).await;
+        let outcome = Self::run(&mut env, &req, &request_id, &mut log).await;
         let duration = started.elapsed();
         let peak_mb = inner
             .engine
@@ -1013,6 +1425,12 @@ impl Worker {
             .unwrap_or(0)
             / (1024 * 1024);
         let timeout_s = req.spec.timeout_s;
+        let note = |log: &mut InvLog, text: &str| {
+            if !log.ends_with_newline() {
+                log.push_str("\n");
+            }
+            log.push_str(text);
+        };
         let (payload, function_error, keep) = match outcome {
             Outcome::Response(body) => (body, false, true),
             Outcome::FunctionError(body) => (body, true, true),
@@ -1021,14 +1439,21 @@ impl Worker {
                     "{} {request_id} Task timed out after {timeout_s}.00 seconds",
                     chrono_now_iso()
                 );
-                inv_log.extend_from_slice(format!("{msg}\n").as_bytes());
+                note(&mut log, &format!("{msg}\n"));
                 (error_doc(&msg, "Sandbox.Timedout"), true, false)
             }
             Outcome::Exit(status) => {
+                // A runtime that exits after its sandbox hit the memory limit ran out of memory
+                // (inside gVisor an allocation past the limit can fail instead of being killed).
+                let ty = if inner.engine.cgroups().hit_memory_limit(&env.sandbox.id) {
+                    "Runtime.OutOfMemory"
+                } else {
+                    "Runtime.ExitError"
+                };
                 let msg =
                     format!("RequestId: {request_id} Error: Runtime exited with error: {status}");
-                inv_log.extend_from_slice(format!("{msg}\nRuntime.ExitError\n").as_bytes());
-                (error_doc(&msg, "Runtime.ExitError"), true, false)
+                note(&mut log, &format!("{msg}\n{ty}\n"));
+                (error_doc(&msg, ty), true, false)
             }
             Outcome::Died => {
                 // Let the frame reader see the end, then ask the cgroup why the sandbox died.
@@ -1047,35 +1472,29 @@ impl Worker {
                         "Runtime.ExitError",
                     )
                 };
-                inv_log.extend_from_slice(format!("{msg}\n{ty}\n").as_bytes());
+                note(&mut log, &format!("{msg}\n{ty}\n"));
                 (error_doc(&msg, ty), true, false)
             }
         };
-        let mut out = String::from_utf8_lossy(&log).into_owned();
-        out.push_str(&format!(
-            "START RequestId: {request_id} Version: {}\n",
-            req.spec.version
-        ));
-        out.push_str(&String::from_utf8_lossy(&inv_log));
-        if !out.ends_with('\n') {
-            out.push('\n');
-        }
-        out.push_str(&format!("END RequestId: {request_id}\n"));
+        note(&mut log, &format!("END RequestId: {request_id}\n"));
         let ms = duration.as_secs_f64() * 1000.0;
-        out.push_str(&format!(
+        let mut report = format!(
             "REPORT RequestId: {request_id}\tDuration: {ms:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {peak_mb} MB\t",
             ms.ceil().max(1.0) as u64,
             req.spec.memory_mb
-        ));
+        );
         match init_ms {
-            Some((i, Start::Booted)) => out.push_str(&format!("Init Duration: {i:.2} ms\t")),
-            Some((i, Start::Restored)) => out.push_str(&format!("Restore Duration: {i:.2} ms\t")),
+            Some((i, Start::Booted)) => report.push_str(&format!("Init Duration: {i:.2} ms\t")),
+            Some((i, Start::Restored)) => {
+                report.push_str(&format!("Restore Duration: {i:.2} ms\t"))
+            }
             None => {}
         }
         if !keep {
-            out.push_str("Status: error\t");
+            report.push_str("Status: error\t");
         }
-        out.push('\n');
+        report.push('\n');
+        log.push_str(&report);
         if keep && !inner.closed.load(Ordering::SeqCst) {
             env.last_used = Instant::now();
             inner.lock().idle.entry(key).or_default().push(env);
@@ -1085,7 +1504,7 @@ impl Worker {
         Ok(InvokeResult {
             payload,
             function_error,
-            log: out,
+            log: log.finish(),
         })
     }
 
@@ -1177,6 +1596,8 @@ mod tests {
             code_sha256: String::new(),
             revision_id: "r".into(),
             snap_start: false,
+            ephemeral_storage_mb: 512,
+            egress: true,
         };
         spec.env.insert("GREETING".into(), "hi".into());
         spec.env.insert("AWS_REGION".into(), "evil".into());

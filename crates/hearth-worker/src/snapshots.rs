@@ -4,19 +4,25 @@
 //! A snapshot is taken when the runtime, started with `AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`,
 //! reaches the point where it waits for the platform: `restore/next` (runtimes with restore
 //! hooks, such as Python's `awslambdaric`, after their before-snapshot hooks) or its first
-//! `next` (runtimes without hooks). `runsc checkpoint` writes one image file; its metadata
-//! records where the runtime waits and what the image depends on (runtime image, code, agent
-//! binary, runsc version, memory size). A lookup whose dependencies differ from the current ones
-//! is a miss: the worker boots instead of attempting a restore that could break.
+//! `next` (runtimes without hooks). `runsc checkpoint` writes the image: with uncompressed
+//! checkpoints (where the probe found them) three files, `checkpoint.img` (kernel state),
+//! `pages_meta.img` and `pages.img` (raw memory, which runsc reads with parallel `pread`s on
+//! restore); otherwise one compressed `checkpoint.img`. The metadata records where the runtime
+//! waits and what the image depends on (runtime image, code, agent binary, the engine: runsc's
+//! version, platform and checkpoint format, memory size). A lookup whose dependencies differ
+//! from the current ones is a miss: the worker boots (and takes a new snapshot) instead of
+//! attempting a restore that could break.
 //!
-//! Storage: the image is an artifact of the chunk store (`hearth-store`: 512 KiB convergently
-//! encrypted chunks, in the function owner's key scope), named
-//! `snapshot/<function>/<version>-<revision>`, with the metadata in its manifest; any worker can
-//! restore it. The worker's directory
-//! `<dir>/<function>/<version>-<revision>/{checkpoint.img, snapshot.json}` is its local copy (runsc
-//! restores from a file): written to a temporary directory and renamed into place, so a crash
-//! never leaves a half snapshot; fetched from the chunk store (every chunk verified) when missing.
-//! A chunk that fails verification makes the lookup a miss: the worker boots.
+//! Storage: the image files are packed into one artifact of the chunk store (`hearth-store`:
+//! 512 KiB convergently encrypted chunks, in the function owner's key scope), each file starting
+//! on a chunk boundary so that identical page runs of two snapshots give identical chunks; the
+//! artifact is named `snapshot/<function>/<version>-<revision>`, with the metadata (and where
+//! each file sits) in its manifest; any worker can restore it. The worker's directory
+//! `<dir>/<function>/<version>-<revision>/{checkpoint.img, pages*.img, snapshot.json}` is its
+//! local copy (runsc restores from files): written to a temporary directory and renamed into
+//! place, so a crash never leaves a half snapshot; fetched from the chunk store when missing,
+//! chunks in parallel, each verified and written straight into its file. A chunk that fails
+//! verification makes the lookup a miss: the worker boots.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -51,6 +57,62 @@ pub struct SnapshotMeta {
     pub image_bytes: u64,
     /// How long `runsc checkpoint` took.
     pub checkpoint_ms: f64,
+    /// The image files and where each sits in the packed artifact (empty in snapshots from
+    /// before packing: the artifact is `checkpoint.img`).
+    #[serde(default)]
+    pub files: Vec<PackedFile>,
+}
+
+/// One image file inside the packed snapshot artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedFile {
+    pub name: String,
+    /// A multiple of the chunk size.
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The files `runsc checkpoint` may write, in the order they are packed.
+pub const IMAGE_FILES: &[&str] = &["checkpoint.img", "pages_meta.img", "pages.img"];
+
+fn align_up(n: u64) -> u64 {
+    let c = hearth_store::CHUNK_SIZE as u64;
+    n.div_ceil(c) * c
+}
+
+/// Pack the image files found in `dir` into `out`, each at a chunk boundary.
+pub fn pack(dir: &Path, out: &Path) -> std::io::Result<Vec<PackedFile>> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = fs::File::create(out)?;
+    let mut files = Vec::new();
+    let mut pos = 0u64;
+    for name in IMAGE_FILES {
+        let path = dir.join(name);
+        let Ok(mut src) = fs::File::open(&path) else {
+            continue;
+        };
+        let offset = align_up(pos);
+        file.seek(SeekFrom::Start(offset))?;
+        let len = std::io::copy(&mut src, &mut file)?;
+        files.push(PackedFile {
+            name: name.to_string(),
+            offset,
+            len,
+        });
+        pos = offset + len;
+    }
+    file.flush()?;
+    file.set_len(pos)?;
+    Ok(files)
+}
+
+/// The total size of the image files in `dir`.
+pub fn image_size(dir: &Path) -> u64 {
+    IMAGE_FILES
+        .iter()
+        .filter_map(|n| fs::metadata(dir.join(n)).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Why no snapshot could be used.
@@ -170,12 +232,18 @@ impl SnapshotStore {
         let tmp = self
             .tmp_dir()
             .map_err(|e| SnapshotMiss::Unreadable(e.to_string()))?;
-        if let Err(e) = chunks
-            .get_to_file(&scope, &name, &tmp.join("checkpoint.img"))
-            .await
-        {
+        let fetched = if meta.files.is_empty() {
+            chunks
+                .get_to_file(&scope, &name, &tmp.join("checkpoint.img"))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else {
+            unpack(chunks, &scope, &manifest, &meta.files, &tmp).await
+        };
+        if let Err(e) = fetched {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(SnapshotMiss::Unreadable(e.to_string()));
+            return Err(SnapshotMiss::Unreadable(e));
         }
         let dest = self
             .place(spec, &tmp, &meta)
@@ -201,6 +269,11 @@ impl SnapshotStore {
         if !dir.join("checkpoint.img").is_file() {
             return Err(SnapshotMiss::Unreadable("checkpoint.img missing".into()));
         }
+        for f in &meta.files {
+            if fs::metadata(dir.join(&f.name)).map(|m| m.len()).ok() != Some(f.len) {
+                return Err(SnapshotMiss::Unreadable(format!("{} missing", f.name)));
+            }
+        }
         Ok((dir, meta))
     }
 
@@ -224,16 +297,31 @@ impl SnapshotStore {
         tmp: &Path,
         meta: &SnapshotMeta,
     ) -> Result<PathBuf, SnapshotError> {
+        let mut meta = meta.clone();
         if let Some(chunks) = &self.chunks {
-            let text = serde_json::to_string(meta).unwrap_or_default();
-            let info = chunks
+            let packed = self
+                .dir
+                .join(".tmp")
+                .join(format!("pack-{}", uuid::Uuid::new_v4().simple()));
+            let (src, dst) = (tmp.to_path_buf(), packed.clone());
+            meta.files = tokio::task::spawn_blocking(move || pack(&src, &dst))
+                .await
+                .map_err(|e| SnapshotError::Unavailable(e.to_string()))?
+                .map_err(|source| SnapshotError::Io {
+                    path: packed.clone(),
+                    source,
+                })?;
+            let text = serde_json::to_string(&meta).unwrap_or_default();
+            let stored = chunks
                 .put_file(
                     &owner_scope(spec),
                     &artifact_name(spec),
-                    &tmp.join("checkpoint.img"),
+                    &packed,
                     BTreeMap::from([("snapshot".to_string(), text)]),
                 )
-                .await
+                .await;
+            let _ = fs::remove_file(&packed);
+            let info = stored
                 .map_err(|e| SnapshotError::Unavailable(format!("storing the snapshot: {e}")))?;
             tracing::info!(
                 function = %spec.name,
@@ -243,7 +331,7 @@ impl SnapshotStore {
                 "snapshot stored in the chunk store"
             );
         }
-        self.place(spec, tmp, meta)
+        self.place(spec, tmp, &meta)
     }
 
     /// Move a checkpoint directory into place with its metadata (replacing an older one).
@@ -321,6 +409,56 @@ impl SnapshotStore {
     pub fn clean_tmp(&self) {
         let _ = fs::remove_dir_all(self.dir.join(".tmp"));
     }
+}
+
+/// Write the packed files of a snapshot artifact into `dir`, fetching chunks in parallel
+/// (each verified by the store) and writing each where it belongs.
+async fn unpack(
+    chunks: &ChunkStore,
+    scope: &Scope,
+    manifest: &hearth_store::Manifest,
+    files: &[PackedFile],
+    dir: &Path,
+) -> Result<(), String> {
+    use futures::StreamExt;
+    use std::os::unix::fs::FileExt;
+    let cs = hearth_store::CHUNK_SIZE as u64;
+    for f in files {
+        if f.offset % cs != 0 || f.offset + f.len > manifest.size || f.name.contains('/') {
+            return Err(format!("bad file entry {:?}", f.name));
+        }
+    }
+    let mut jobs = Vec::new();
+    for f in files {
+        let path = dir.join(&f.name);
+        let file = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        file.set_len(f.len)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = std::sync::Arc::new(file);
+        let first = (f.offset / cs) as usize;
+        let end = (f.offset + f.len).div_ceil(cs) as usize;
+        for i in first..end {
+            jobs.push((file.clone(), i, (i as u64 * cs - f.offset), f.len));
+        }
+    }
+    let results = futures::stream::iter(jobs.into_iter().map(|(file, i, at, len)| async move {
+        let chunk_ref = manifest.chunks.get(i).ok_or("manifest too short")?;
+        let bytes = chunks
+            .get_chunk(scope, chunk_ref)
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = (bytes.len() as u64).min(len - at) as usize;
+        let data = bytes.slice(..n);
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }))
+    .buffer_unordered(hearth_store::GET_PARALLELISM)
+    .collect::<Vec<Result<(), String>>>()
+    .await;
+    results.into_iter().collect::<Result<Vec<()>, String>>()?;
+    Ok(())
 }
 
 fn check_deps(meta: &SnapshotMeta, deps: &BTreeMap<String, String>) -> Result<(), SnapshotMiss> {

@@ -58,15 +58,16 @@ fn image_cache() -> PathBuf {
 
 /// A runsc engine with its state and bundles under `dir`.
 fn engine_in(dir: &Path) -> RunscEngine {
-    RunscEngine::new(EngineConfig {
-        runsc: default_runsc(),
-        state_root: dir.join("runsc"),
-        bundles: dir.join("bundles"),
-        agent: agent_path(),
+    engine_with(dir, |_| {})
+}
+
+fn engine_with(dir: &Path, adjust: impl FnOnce(&mut EngineConfig)) -> RunscEngine {
+    let mut cfg = EngineConfig {
         pin_cores: true,
-        extra_flags: vec![],
-    })
-    .expect("runsc engine (is runsc installed?)")
+        ..EngineConfig::under(dir, default_runsc(), agent_path())
+    };
+    adjust(&mut cfg);
+    RunscEngine::new(cfg).expect("runsc engine (is runsc installed?)")
 }
 
 struct Harness {
@@ -76,8 +77,17 @@ struct Harness {
 
 impl Harness {
     fn new(keep_alive: Duration) -> Self {
+        Self::with_engine(keep_alive, |_| {})
+    }
+
+    fn with_engine(keep_alive: Duration, adjust: impl FnOnce(&mut EngineConfig)) -> Self {
+        // `RUST_LOG=hearth_worker=debug` shows what the worker does.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("tempdir");
-        let engine = engine_in(dir.path());
+        let engine = engine_with(dir.path(), adjust);
         let images = ImageStore::new(image_cache());
         images
             .rootfs("python3.11")
@@ -127,6 +137,8 @@ impl Harness {
             code_sha256: "x".into(),
             revision_id: "r1".into(),
             snap_start: false,
+            ephemeral_storage_mb: 512,
+            egress: true,
         }
     }
 
@@ -144,6 +156,7 @@ impl Harness {
                 client_context: None,
                 reserved_concurrency: None,
                 unreserved_limit: 100,
+                log: None,
             })
             .await
     }
@@ -295,9 +308,11 @@ async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandboxes_have_no_network_but_loopback() {
+async fn a_function_that_opts_out_has_no_network_but_loopback() {
     let h = Harness::new(Duration::from_secs(60));
-    let spec = h.spec("pynet", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let mut spec = h.spec("pynet", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    spec.env.insert("HEARTH_NETWORK".into(), "none".into());
+    spec.egress = hearth_api::invoker::egress_wanted(&spec.env);
     let r = h.invoke(&spec, json!({"net": true})).await.expect("invoke");
     let v = json_of(&r);
     assert_eq!(v["1.1.1.1"], "blocked", "{v}");
@@ -564,6 +579,7 @@ async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
         client_context: None,
         reserved_concurrency: Some(1),
         unreserved_limit: 100,
+        log: None,
     };
     let (x, y) = tokio::join!(h.worker.invoke(req(json!({"sleep": 1}))), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -584,11 +600,16 @@ async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_removes_what_a_killed_one_left() {
-    let h = Harness::new(Duration::from_secs(60));
+    // Without networking: the network's own crash cleanup is tested in tests/netns.rs (a live
+    // worker holds its network instance, and this "crashed" one is still alive).
+    let h = Harness::with_engine(Duration::from_secs(60), |cfg| {
+        cfg.network = hearth_worker::netns::NetPolicy::None
+    });
     let spec = h.spec("pyleft", "python3.11", "app.handler", &[("app.py", PY_APP)]);
     h.invoke(&spec, json!({})).await.expect("invoke");
     let engine = h.worker.engine().clone();
-    assert_eq!(engine.list().len(), 1);
+    // The sandbox that ran, and maybe ready ones the pool created.
+    assert!(!engine.list().is_empty());
     // Simulate a crash: a new engine on the same state root, without shutting the old one down.
     let cfg = engine.config().clone();
     let engine2 = Arc::new(RunscEngine::new(cfg).expect("engine"));

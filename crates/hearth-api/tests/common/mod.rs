@@ -73,6 +73,10 @@ impl Invoker for FakeInvoker {
             req.spec.version, req.spec.name
         );
         self.calls.lock().expect("lock").push(req.clone());
+        // Like the worker, the fake streams its log to the request's sink.
+        if let Some(sink) = &req.log {
+            sink.0.write(log.as_bytes());
+        }
         match mode {
             Mode::Echo => Ok(InvokeResult {
                 payload: req.payload.to_vec(),

@@ -167,12 +167,12 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         .rootfs("python3.11")
         .context("python3.11 image (hearth image build)")?;
     let engine = Arc::new(RunscEngine::new(EngineConfig {
-        runsc: default_runsc(),
-        state_root: dir.path().join("runsc"),
-        bundles: dir.path().join("bundles"),
-        agent: super::find_agent(a.agent.clone()),
         pin_cores: !a.no_pin,
-        extra_flags: vec![],
+        ..EngineConfig::under(
+            dir.path(),
+            default_runsc(),
+            super::find_agent(a.agent.clone()),
+        )
     })?);
     let worker = Worker::new(
         engine.clone(),
@@ -196,6 +196,8 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         code_sha256: String::new(),
         revision_id: rev,
         snap_start: false,
+        ephemeral_storage_mb: 512,
+        egress: true,
     };
     let req = |spec: FunctionSpec, n: usize| InvokeRequest {
         request_id: format!("bench-{n}-{:016x}", rand::random::<u64>()),
@@ -205,6 +207,7 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         client_context: None,
         reserved_concurrency: None,
         unreserved_limit: 1000,
+        log: None,
     };
     println!(
         "hearth bench sandbox (runsc {}, pinned: {})",
@@ -384,12 +387,12 @@ async fn drained(worker: &Worker, name: &str) {
 async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let engine = Arc::new(RunscEngine::new(EngineConfig {
-        runsc: default_runsc(),
-        state_root: dir.path().join("runsc"),
-        bundles: dir.path().join("bundles"),
-        agent: super::find_agent(a.agent.clone()),
         pin_cores: true,
-        extra_flags: vec![],
+        ..EngineConfig::under(
+            dir.path(),
+            default_runsc(),
+            super::find_agent(a.agent.clone()),
+        )
     })?);
     let worker = Worker::new(
         engine,
@@ -418,6 +421,8 @@ async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
             code_sha256: name.into(),
             revision_id: "r1".into(),
             snap_start: true,
+            ephemeral_storage_mb: 512,
+            egress: true,
         })
     };
     let invoke = |spec: FunctionSpec| {
@@ -432,6 +437,7 @@ async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
                     client_context: None,
                     reserved_concurrency: None,
                     unreserved_limit: 1000,
+                    log: None,
                     spec,
                 })
                 .await?;

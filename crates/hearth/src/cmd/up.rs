@@ -73,6 +73,20 @@ pub struct UpArgs {
     /// Do not pin each sandbox to one core.
     #[arg(long, env = "HEARTH_NO_PIN")]
     pub no_pin: bool,
+    /// Network policy for functions: `egress` (outbound access through NAT, never to this
+    /// host; a function opts out with the environment variable HEARTH_NETWORK=none) or `none`.
+    #[arg(long, env = "HEARTH_NETWORK_POLICY", default_value = "egress")]
+    pub network: hearth_worker::netns::NetPolicy,
+    /// Disk (MiB) all sandboxes' /tmp disks together may be given.
+    #[arg(long, env = "HEARTH_DISK_BUDGET_MB", default_value_t = 64 * 1024)]
+    pub disk_budget_mb: u64,
+    /// Most sandboxes of one kind (runtime, network, /tmp size) kept created ahead of demand;
+    /// 0 turns pre-creation off.
+    #[arg(long, env = "HEARTH_PREWARM_PER_KIND", default_value_t = 2)]
+    pub prewarm_per_kind: usize,
+    /// Most sandboxes kept created ahead of demand in all.
+    #[arg(long, env = "HEARTH_PREWARM_TOTAL", default_value_t = 4)]
+    pub prewarm_total: usize,
 }
 
 /// Credentials kept in the data directory so restarts keep working clients.
@@ -219,9 +233,12 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         runsc: args.runsc.clone().unwrap_or_else(default_runsc),
         state_root: data_dir.join("runsc"),
         bundles: data_dir.join("sandboxes"),
+        slots: data_dir.join("slots"),
         agent: super::find_agent(args.agent.clone()),
         pin_cores: !args.no_pin,
         extra_flags: vec![],
+        network: args.network,
+        probe_cache: hearth_worker::engine::default_probe_cache(),
     })?;
     let worker = Worker::new(
         Arc::new(engine),
@@ -235,9 +252,22 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             snapshot_dir: Some(data_dir.join("snapshots")),
             chunk_store: Some(chunks.clone()),
             code_cache: Some(data_dir.join("cache").join("code")),
+            disk_budget_mb: args.disk_budget_mb,
+            prewarm: hearth_worker::prewarm::PrewarmConfig {
+                per_kind_max: args.prewarm_per_kind,
+                total_max: if args.prewarm_per_kind == 0 {
+                    0
+                } else {
+                    args.prewarm_total
+                },
+                ..Default::default()
+            },
             ..WorkerConfig::default()
         },
     );
+    for runtime in ["python3.11", "provided"] {
+        worker.prewarm(runtime);
+    }
 
     let config = hearth_api::ApiConfig {
         data_dir: data_dir.clone(),
