@@ -1573,6 +1573,51 @@ fn chrono_now_iso() -> String {
 mod tests {
     use super::*;
 
+    struct Collect(Mutex<(Vec<u8>, usize)>);
+
+    impl hearth_api::invoker::LogSink for Collect {
+        fn write(&self, bytes: &[u8]) {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            assert!(bytes.len() <= LOG_FLUSH_BYTES, "pieces are bounded");
+            g.0.extend_from_slice(bytes);
+            g.1 += 1;
+        }
+    }
+
+    #[test]
+    fn invocation_logs_stream_to_the_sink_and_keep_a_bounded_tail() {
+        let sink = Arc::new(Collect(Mutex::new((Vec::new(), 0))));
+        let mut log = InvLog::new(Some(LogTarget(sink.clone())));
+        let mut expected = Vec::new();
+        // 20 MB of output in uneven pieces, lines of varying length.
+        for i in 0..20_000u32 {
+            let line = format!("{i} {}\n", "x".repeat((i % 2000) as usize));
+            log.push(line.as_bytes());
+            expected.extend_from_slice(line.as_bytes());
+            assert!(log.pending.len() <= LOG_FLUSH_BYTES);
+            assert!(log.tail.len() <= 2 * LOG_TAIL_BYTES);
+        }
+        log.push_str("REPORT end\n");
+        expected.extend_from_slice(b"REPORT end\n");
+        let tail = log.finish();
+        let g = sink.0.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(g.0, expected, "the sink got every byte, in order");
+        assert!(g.1 > 100, "in many pieces: {}", g.1);
+        assert!(tail.len() <= LOG_TAIL_BYTES);
+        assert!(tail.ends_with("REPORT end\n"));
+    }
+
+    #[test]
+    fn without_a_sink_only_the_tail_is_kept() {
+        let mut log = InvLog::new(None);
+        for _ in 0..1000 {
+            log.push(&[b'y'; 10_000]);
+        }
+        assert!(log.pending.is_empty());
+        assert!(log.tail.len() <= 2 * LOG_TAIL_BYTES);
+        assert_eq!(log.finish().len(), LOG_TAIL_BYTES);
+    }
+
     #[test]
     fn civil_dates() {
         let d = chrono_day();

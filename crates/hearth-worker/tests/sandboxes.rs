@@ -1005,3 +1005,249 @@ async fn a_caller_that_goes_away_leaks_nothing() {
     );
     h.finish().await;
 }
+
+/// Wait until the pool holds at least `n` ready sandboxes (bounded).
+async fn wait_ready(h: &Harness, n: usize) {
+    for _ in 0..200 {
+        if h.worker.stats().ready >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the pool never had {n} ready sandboxes: {:?}",
+        h.worker.stats()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_with_different_code_environment_and_memory_are_served_from_one_pool() {
+    let h = Harness::new(Duration::from_secs(60));
+    h.worker.prewarm("python3.11");
+    let mut a = h.spec("poola", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    a.env.insert("GREETING".into(), "from a".into());
+    a.memory_mb = 256;
+    let mut b = h.spec(
+        "poolb",
+        "python3.11",
+        "other.handler",
+        &[(
+            "other.py",
+            "import os\ndef handler(event, context):\n    blocks = [bytearray(1024 * 1024) for _ in range(event.get('alloc_mb', 0))]\n    for x in blocks:\n        x[::4096] = b'x' * len(x[::4096])\n    return {'code': 'b', 'greeting': os.environ.get('GREETING'), 'memory': context.memory_limit_in_mb, 'files': sorted(os.listdir('/var/task'))}\n",
+        )],
+    );
+    b.env.insert("GREETING".into(), "from b".into());
+    b.memory_mb = 1024;
+
+    wait_ready(&h, 1).await;
+    let r = h.invoke(&a, json!({})).await.expect("invoke a");
+    let v = json_of(&r);
+    assert_eq!(v["greeting"], "from a", "{v}");
+    assert_eq!(v["memory"], "256", "{v}");
+    assert_eq!(h.worker.stats().claimed_ready, 1);
+
+    // The pool refills; the next function claims a sandbox created before it was known, gets
+    // its own code and environment, and a memory limit written at claim time: 600 MB fit in
+    // a 1024 MB function although the sandbox was created with the smallest limit.
+    wait_ready(&h, 1).await;
+    let r = h
+        .invoke(&b, json!({"alloc_mb": 600}))
+        .await
+        .expect("invoke b");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert_eq!(v["code"], "b", "{v}");
+    assert_eq!(v["greeting"], "from b", "{v}");
+    assert_eq!(v["memory"], "1024", "{v}");
+    assert_eq!(v["files"], json!(["other.py"]), "only b's code: {v}");
+    assert_eq!(h.worker.stats().claimed_ready, 2);
+    assert!(
+        r.log.contains("Init Duration"),
+        "a cold start that ran init: {}",
+        r.log
+    );
+    // And a's limit stayed its own: 600 MB is too much for 256 MB.
+    let r = h
+        .invoke(&a, json!({"alloc_mb": 600}))
+        .await
+        .expect("invoke a");
+    assert!(r.function_error);
+    assert_eq!(json_of(&r)["errorType"], "Runtime.OutOfMemory");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_pool_still_serves_cold_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let worker = Worker::new(
+        Arc::new(engine_in(dir.path())),
+        ImageStore::new(image_cache()),
+        WorkerConfig {
+            memory_budget_mb: 8192,
+            prewarm: hearth_worker::prewarm::PrewarmConfig::disabled(),
+            ..WorkerConfig::default()
+        },
+    );
+    let h = Harness { worker, dir };
+    h.worker.prewarm("python3.11");
+    let spec = h.spec("nopool", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let s = h.worker.stats();
+    assert_eq!(
+        (s.cold_starts, s.claimed_ready, s.ready),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    h.finish().await;
+}
+
+const TMP_APP: &str = r#"
+import os
+def handler(event, context):
+    path = "/tmp/fill"
+    if event.get("check"):
+        return {"entries": sorted(os.listdir("/tmp"))}
+    if event.get("mark"):
+        open("/tmp/marker", "w").write("x")
+        return {"entries": sorted(os.listdir("/tmp"))}
+    chunk = b"z" * (1024 * 1024)
+    with open(path, "wb") as f:
+        for _ in range(event["mb"]):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    size = os.path.getsize(path)
+    os.remove(path)
+    st = os.statvfs("/tmp")
+    return {"written_mb": size // (1024 * 1024), "tmp_total_mb": st.f_blocks * st.f_frsize // (1024 * 1024)}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmp_is_disk_of_the_ephemeral_storage_size_not_memory() {
+    let h = Harness::new(Duration::from_secs(60));
+    let mut big = h.spec(
+        "tmpbig",
+        "python3.11",
+        "app.handler",
+        &[("app.py", TMP_APP)],
+    );
+    big.memory_mb = 256;
+    big.timeout_s = 60;
+    big.ephemeral_storage_mb = 1024;
+    let r = h.invoke(&big, json!({"mb": 600})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert_eq!(v["written_mb"], 600, "{v}");
+    assert!(v["tmp_total_mb"].as_u64().unwrap_or(0) >= 1024, "{v}");
+    let peak: u64 = r
+        .log
+        .split("Max Memory Used: ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("REPORT line with Max Memory Used");
+    // 600 MB written with a 256 MB function (its sandbox limit is 320 MB with the sentry):
+    // /tmp is not memory. (Max Memory Used counts the host page cache the writes went through,
+    // which the kernel reclaims rather than killing the sandbox.)
+    assert!(peak <= 320, "within the limit: {peak} MB");
+
+    // Past its size the function sees ENOSPC: a function error, and the sandbox still works.
+    let mut small = big.clone();
+    small.name = "tmpsmall".into();
+    small.arn = small.arn.replace("tmpbig", "tmpsmall");
+    small.ephemeral_storage_mb = 512;
+    let r = h.invoke(&small, json!({"mb": 600})).await.expect("invoke");
+    assert!(r.function_error);
+    let text = String::from_utf8_lossy(&r.payload).into_owned();
+    assert!(text.contains("No space left on device"), "{text}");
+    let r = h
+        .invoke(&small, json!({"mark": true}))
+        .await
+        .expect("invoke");
+    // The same sandbox: its /tmp still holds the partial file and now the marker.
+    assert_eq!(json_of(&r)["entries"], json!(["fill", "marker"]));
+
+    // A new sandbox starts with an empty /tmp.
+    let mut next = small.clone();
+    next.revision_id = "r2".into();
+    let r = h
+        .invoke(&next, json!({"check": true}))
+        .await
+        .expect("invoke");
+    assert_eq!(json_of(&r)["entries"], json!([]), "fresh /tmp");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_go_into_pre_created_sandboxes_and_other_engines_snapshots_mean_boot() {
+    let h = snap_harness();
+    let mut spec = h.spec(
+        "snappool",
+        "python3.11",
+        "app.handler",
+        &[("app.py", &heavy_app(10, 0.1, false))],
+    );
+    spec.snap_start = true;
+    h.worker.create_snapshot(&spec).await.expect("snapshot");
+    // A cold start registers demand for the snapshot's kind; wait for a ready one, then
+    // the next cold start restores into it.
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert_eq!(h.worker.stats().restores, 1);
+    wait_ready(&h, 1).await;
+    h.worker.retire("snappool");
+    let before = h.worker.stats().claimed_ready;
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert!(r.log.contains("Restore Duration"), "{}", r.log);
+    let s = h.worker.stats();
+    assert_eq!(s.restores, 2, "{s:?}");
+    assert_eq!(
+        s.claimed_ready,
+        before + 1,
+        "restored into a ready sandbox: {s:?}"
+    );
+
+    // A snapshot taken by another engine (version, platform or checkpoint format) is never
+    // restored: the cold start boots, and a new snapshot replaces it.
+    let meta_path = h
+        .dir
+        .path()
+        .join("snapshots/snappool")
+        .read_dir()
+        .expect("snapshot dir")
+        .flatten()
+        .next()
+        .expect("one snapshot")
+        .path()
+        .join("snapshot.json");
+    let mut meta: Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).expect("read")).expect("json");
+    let current = meta["deps"]["engine"].clone();
+    meta["deps"]["engine"] =
+        json!("runsc version 0.0~20221219.0 platform=ptrace compression=flate");
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).expect("json")).expect("write");
+    h.worker.retire("snappool");
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert!(r.log.contains("Init Duration"), "booted: {}", r.log);
+    assert_eq!(h.worker.stats().restores, 2);
+    let mut replaced = false;
+    for _ in 0..300 {
+        let text = std::fs::read(&meta_path).unwrap_or_default();
+        if let Ok(m) = serde_json::from_slice::<Value>(&text)
+            && m["deps"]["engine"] == current
+        {
+            replaced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(replaced, "a new snapshot with the current engine was taken");
+    h.worker.retire("snappool");
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert!(r.log.contains("Restore Duration"), "{}", r.log);
+    assert_eq!(h.worker.stats().restores, 3);
+    h.finish().await;
+}
