@@ -54,6 +54,9 @@ def test_published_version_restores_from_its_snapshot(fresh_hearth):
     conf = lam.get_function_configuration(FunctionName=name, Qualifier=v["Version"])
     assert conf["State"] == "Active"
     assert conf["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "On"}
+    # This engine checkpoints only sandboxes without network access: the version says so.
+    assert "network" in conf.get("StateReason", ""), conf
+    assert "StateReason" not in latest or "network" not in latest["StateReason"]
 
     out, log = _invoke(lam, name, v["Version"])
     assert out["init_type"] == "snap-start" and out["restores"] == 1 and out["state"] == 8

@@ -22,6 +22,10 @@ use crate::state::AppState;
 use crate::store::{AliasRecord, FunctionRecord, VersionRecord};
 use crate::validate::{self, FunctionRef, Qualifier};
 
+/// The `StateReason` of a SnapStart version on an engine that checkpoints only sandboxes
+/// without network access.
+pub const SNAPSHOT_NO_NETWORK: &str = "SnapStart: this version restores from snapshots, which this server's sandbox engine takes without network access; the function cannot reach the network (turn SnapStart off for network access)";
+
 /// Lambda's default limit on all code stored in an account (75 GB).
 pub const TOTAL_CODE_SIZE_LIMIT: u64 = 80_530_636_800;
 /// Lambda returns at most 50 items per list page.
@@ -159,7 +163,14 @@ impl AppState {
             package_type: "Zip".into(),
             architectures: vec!["x86_64".into()],
             state: v.state.clone().unwrap_or_else(|| "Active".into()),
-            state_reason: v.state_reason.clone(),
+            state_reason: v.state_reason.clone().or_else(|| {
+                // Where the engine cannot checkpoint a sandbox with network access, snapshot
+                // versions run without it: say so rather than fail silently.
+                (self.uses_snapshot(label, v)
+                    && crate::invoker::egress_wanted(&v.environment)
+                    && !self.invoker().snapshots_keep_network())
+                .then(|| SNAPSHOT_NO_NETWORK.to_string())
+            }),
             state_reason_code: match v.state.as_deref() {
                 Some("Pending") => Some("Creating".into()),
                 Some("Failed") => Some("FunctionError".into()),

@@ -148,6 +148,13 @@ pub trait Invoker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether sandboxes restored from snapshots keep outbound network access (the engine can
+    /// checkpoint a sandbox with network). When not, SnapStart versions run without network
+    /// and their configuration says so.
+    fn snapshots_keep_network(&self) -> bool {
+        true
+    }
+
     /// One published version was deleted: release what was kept for it (its snapshot).
     fn forget_version(&self, _function_arn: &str, _version: &str) {}
 

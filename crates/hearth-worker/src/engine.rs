@@ -200,7 +200,7 @@ pub struct RunscEngine {
     /// SHA-256 of the agent binary: what snapshots depend on.
     agent_digest: String,
     caps: Caps,
-    network: Option<Network>,
+    network: Option<Arc<Network>>,
     cgroups: Cgroups,
     next_core: AtomicUsize,
     cores: usize,
@@ -261,7 +261,7 @@ impl RunscEngine {
         let network = match cfg.network {
             NetPolicy::Egress => {
                 let net_state = cfg.state_root.with_file_name("net");
-                Some(Network::new(&instance, &net_state)?)
+                Some(Arc::new(Network::new(&instance, &net_state)?))
             }
             NetPolicy::None => None,
         };
@@ -467,7 +467,16 @@ impl RunscEngine {
                         detail: "egress requested but the server's network policy is none".into(),
                     });
                 };
-                owned.net = Some(network.create()?);
+                let network = network.clone();
+                owned.net = Some(
+                    tokio::task::spawn_blocking(move || network.create())
+                        .await
+                        .map_err(|e| EngineError::Runsc {
+                            op: "create",
+                            id: id.clone(),
+                            detail: e.to_string(),
+                        })??,
+                );
             }
             let bundle = self.cfg.bundles.join(&id);
             std::fs::create_dir_all(&bundle).map_err(io_err(&bundle))?;

@@ -1326,6 +1326,10 @@ impl Invoker for Worker {
         self.forget_function(function_arn);
     }
 
+    fn snapshots_keep_network(&self) -> bool {
+        !self.inner.engine.egress_allowed() || self.inner.engine.egress_with_snapshots()
+    }
+
     fn forget_version(&self, function_arn: &str, version: &str) {
         self.forget_function_version(function_arn, version);
     }
