@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use hearth_worker::images::{ImageStore, RECIPES, recipe_for};
+use hearth_worker::images::{ImageState, ImageStore, RECIPES, recipe_for};
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
@@ -68,7 +68,7 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             match name {
                 Some(n) => {
                     let recipe = recipe_for(&n)?;
-                    if force || store.rootfs(recipe.name).is_err() {
+                    if force || store.state(recipe) != ImageState::Current {
                         store
                             .build(recipe, &mut progress)
                             .with_context(|| format!("building {n}"))?;
@@ -93,9 +93,17 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         ImageCmd::Ls { dir } => {
             let store = dir.store();
             for r in RECIPES {
-                match store.rootfs(r.name) {
-                    Ok(p) => println!("{:<12} built     {}", r.name, p.display()),
-                    Err(_) => println!("{:<12} missing   (hearth image build {})", r.name, r.name),
+                match (store.state(r), store.rootfs(r.name)) {
+                    (ImageState::Current, Ok(p)) => {
+                        println!("{:<12} built     {}", r.name, p.display())
+                    }
+                    (ImageState::Stale, Ok(p)) => println!(
+                        "{:<12} stale     {} (an older recipe: hearth image build {})",
+                        r.name,
+                        p.display(),
+                        r.name
+                    ),
+                    _ => println!("{:<12} missing   (hearth image build {})", r.name, r.name),
                 }
             }
         }
