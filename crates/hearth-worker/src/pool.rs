@@ -956,7 +956,8 @@ impl Worker {
             inner.destroy_sandbox(sandbox);
             return Err(InvokeError::Service(e));
         }
-        let (tx, rx) = mpsc::channel(64);
+        // Bounded: at most 16 frames of at most 64 KB wait here per sandbox.
+        let (tx, rx) = mpsc::channel(16);
         if let Some(mut stdout) = sandbox.stdout.take() {
             let id = sandbox.id.clone();
             tokio::spawn(async move {
