@@ -325,6 +325,7 @@ const PIDS_LIMIT: i64 = 1024;
 /// Keep the ready pool at its targets: one sandbox created at a time (creation is CPU-heavy and
 /// the machine may have few cores), extras destroyed, all within the budgets.
 async fn refill_loop(weak: std::sync::Weak<Inner>) {
+    // After a failed create, wait longer each time (up to 30 s) before the next attempt.
     let mut backoff = Duration::ZERO;
     loop {
         let Some(inner) = weak.upgrade() else { break };
@@ -335,19 +336,20 @@ async fn refill_loop(weak: std::sync::Weak<Inner>) {
         for sandbox in extra {
             inner.destroy_ready(sandbox);
         }
-        let created = match create {
+        let outcome = match create {
             Some(kind) => inner.create_ready(kind).await,
-            None => false,
+            None => Refill::Idle,
         };
-        backoff = if created || backoff.is_zero() {
-            Duration::ZERO
-        } else {
-            backoff
-        };
-        let wait = if created {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(250).max(backoff)
+        let wait = match outcome {
+            Refill::Created => {
+                backoff = Duration::ZERO;
+                Duration::ZERO
+            }
+            Refill::Idle => Duration::from_millis(250).max(backoff),
+            Refill::Failed => {
+                backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                backoff
+            }
         };
         let refill = inner.refill.clone();
         drop(inner);
@@ -355,6 +357,14 @@ async fn refill_loop(weak: std::sync::Weak<Inner>) {
             let _ = tokio::time::timeout(wait, refill.notified()).await;
         }
     }
+}
+
+/// What one refill step did.
+enum Refill {
+    Created,
+    /// Nothing to do, or no room in the budgets.
+    Idle,
+    Failed,
 }
 
 impl Inner {
@@ -429,13 +439,13 @@ impl Inner {
     }
 
     /// Create one ready sandbox of `kind`, if the budgets allow without evicting anything.
-    async fn create_ready(self: &Arc<Self>, kind: SlotSpec) -> bool {
+    async fn create_ready(self: &Arc<Self>, kind: SlotSpec) -> Refill {
         {
             let mut st = self.lock();
             if st.committed_mb + SENTRY_OVERHEAD_MB > self.cfg.memory_budget_mb
                 || st.committed_disk_mb + kind.tmp_mb as u64 > self.cfg.disk_budget_mb
             {
-                return false;
+                return Refill::Idle;
             }
             st.committed_mb += SENTRY_OVERHEAD_MB;
             st.committed_disk_mb += kind.tmp_mb as u64;
@@ -452,19 +462,19 @@ impl Inner {
         match made {
             Ok(sandbox) if !self.closed.load(Ordering::SeqCst) => {
                 st.ready.entry(kind).or_default().push(sandbox);
-                true
+                Refill::Created
             }
             Ok(sandbox) => {
                 drop(st);
                 self.destroy_ready(sandbox);
-                false
+                Refill::Idle
             }
             Err(e) => {
                 st.committed_mb = st.committed_mb.saturating_sub(SENTRY_OVERHEAD_MB);
                 st.committed_disk_mb = st.committed_disk_mb.saturating_sub(kind.tmp_mb as u64);
                 drop(st);
                 tracing::warn!("creating a ready sandbox: {e}");
-                false
+                Refill::Failed
             }
         }
     }
