@@ -582,24 +582,9 @@ impl RunscEngine {
         if let Some(core) = core {
             self.cgroups.set_cpus(&sandbox.id, &core.to_string());
         }
-        let out = self
-            .runsc_async(sandbox.spec.net)
-            .args(["start", &sandbox.id])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| EngineError::Runsc {
-                op: "start",
-                id: sandbox.id.clone(),
-                detail: e.to_string(),
-            })?;
-        if !out.status.success() {
-            return Err(EngineError::Runsc {
-                op: "start",
-                id: sandbox.id.clone(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        let mut cmd = self.runsc_async(sandbox.spec.net);
+        cmd.args(["start", &sandbox.id]);
+        run_op(cmd, "start", &sandbox.id).await?;
         sandbox.phase = Phase::Running;
         Ok(())
     }
@@ -622,22 +607,7 @@ impl RunscEngine {
             .arg(&bundle)
             .arg(&sandbox.id);
         if self.caps.restore_into_created {
-            let out = cmd
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|e| EngineError::Runsc {
-                    op: "restore",
-                    id: sandbox.id.clone(),
-                    detail: e.to_string(),
-                })?;
-            if !out.status.success() {
-                return Err(EngineError::Runsc {
-                    op: "restore",
-                    id: sandbox.id.clone(),
-                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
+            run_op(cmd, "restore", &sandbox.id).await?;
         } else {
             // This runsc restores only into a new container: drop the created one (keeping
             // its directory, disk and network) and restore with new pipes.
@@ -666,28 +636,12 @@ impl RunscEngine {
     /// always stops it); destroy it to reap and clean up.
     pub async fn checkpoint(&self, sandbox: &Sandbox, image_dir: &Path) -> Result<(), EngineError> {
         std::fs::create_dir_all(image_dir).map_err(io_err(image_dir))?;
-        let out = self
-            .runsc_async(sandbox.spec.net)
-            .arg("checkpoint")
+        let mut cmd = self.runsc_async(sandbox.spec.net);
+        cmd.arg("checkpoint")
             .arg(format!("--image-path={}", image_dir.display()))
             .args(self.caps.checkpoint_flags())
-            .arg(&sandbox.id)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| EngineError::Runsc {
-                op: "checkpoint",
-                id: sandbox.id.clone(),
-                detail: e.to_string(),
-            })?;
-        if !out.status.success() {
-            return Err(EngineError::Runsc {
-                op: "checkpoint",
-                id: sandbox.id.clone(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+            .arg(&sandbox.id);
+        run_op(cmd, "checkpoint", &sandbox.id).await
     }
 
     /// Threads that wait for the sandbox and gofer processes (now children of this subreaper).
@@ -766,6 +720,28 @@ impl RunscEngine {
         if let Some(n) = &self.network {
             n.shutdown();
         }
+    }
+}
+
+/// Run a runsc command to completion; its stderr is the error's detail.
+async fn run_op(mut cmd: Command, op: &'static str, id: &str) -> Result<(), EngineError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| EngineError::Runsc {
+            op,
+            id: id.to_string(),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(EngineError::Runsc {
+            op,
+            id: id.to_string(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
