@@ -11,23 +11,135 @@ ROOT=$(pwd)
 TARGET=x86_64-unknown-linux-gnu
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-need_root() {
-  if [ "$(id -u)" != 0 ]; then
-    echo "hearth needs root: runsc creates sandboxes and cgroups, apt-get installs packages. Run: sudo $0 $*" >&2
-    exit 1
+# What hearth needs from Debian, as "command:package" pairs.
+PACKAGES=(
+  mmdebstrap:mmdebstrap curl:curl zip:zip cc:gcc # runtime images, downloads, packages, cargo's linker
+  ip:iproute2 nft:nftables                       # a network namespace, veth pair and NAT per sandbox
+  mkfs.ext4:e2fsprogs losetup:mount              # each sandbox's /tmp: a loop-mounted ext4 disk
+)
+# runsc comes from Debian's bookworm-backports (systrap); elsewhere at least this version.
+BACKPORTS=bookworm-backports
+BACKPORTS_SOURCES=/etc/apt/sources.list.d/$BACKPORTS.sources
+RUNSC_MIN=0.0~20240729
+SUITE=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release 2>/dev/null | tr -d '"' || true)
+APT_UPDATED=
+
+have() { # an executable on PATH or in the sbin directories (not on a user's PATH)
+  local d dirs
+  IFS=: read -ra dirs <<<"$PATH:/usr/sbin:/sbin"
+  for d in "${dirs[@]}"; do [ -f "$d/$1" ] && [ -x "$d/$1" ] && return 0; done
+  return 1
+}
+
+# Whether an apt source (one-line or deb822) already lists bookworm-backports.
+backports_listed() {
+  grep -qsE "^[^#]*[[:space:]]$BACKPORTS([[:space:]]|\$)" \
+    /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources
+}
+
+# The runsc version bookworm-backports offers, as apt's lists know it (empty if they know none).
+backports_runsc() {
+  apt-cache madison runsc 2>/dev/null \
+    | awk -F'|' -v suite=" $BACKPORTS/" 'index($3, suite) { gsub(/ /, "", $2); print $2; exit }'
+}
+
+# Why runsc must be installed (empty if it need not be). Reads dpkg's database and apt's lists
+# only: no root, no capabilities.
+runsc_missing() {
+  local installed want stamp
+  installed=$(dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' runsc 2>/dev/null | awk '$1 == "ii" { print $2 }')
+  if [ "$SUITE" != bookworm ]; then
+    have runsc || echo "runsc (not installed)"
+    return 0
+  fi
+  want=$(backports_runsc)
+  if [ -n "$installed" ]; then
+    if [ -n "$want" ]; then
+      dpkg --compare-versions "$installed" ge "$want" && return 0
+      echo "runsc (installed: $installed; $BACKPORTS has $want)"
+    else
+      dpkg --compare-versions "$installed" ge "$RUNSC_MIN" && return 0
+      echo "runsc (installed: $installed; hearth needs $BACKPORTS' $RUNSC_MIN or newer)"
+    fi
+  elif have runsc; then
+    # A runsc dpkg does not know (e.g. an upstream release) is kept if it is as recent.
+    stamp=$(runsc --version 2>/dev/null | grep -oE '20[0-9]{6}' | head -n1 || true)
+    [ -n "$stamp" ] && [ "$stamp" -ge "${RUNSC_MIN##*~}" ] && return 0
+    echo "runsc ($(command -v runsc) is from ${stamp:-an unknown date}; hearth needs $BACKPORTS' $RUNSC_MIN or newer)"
+  else
+    echo "runsc (not installed; from $BACKPORTS)"
   fi
 }
 
+# Everything missing, one "package (why)" per line.
+missing_report() {
+  local pair
+  for pair in "${PACKAGES[@]}"; do
+    have "${pair%%:*}" || echo "${pair#*:} (no ${pair%%:*})"
+  done
+  runsc_missing
+}
+
+need_root() { # the command line, for the message
+  [ "$(id -u)" = 0 ] && return 0
+  local missing
+  missing=$(missing_report)
+  echo "hearth needs root: runsc creates sandboxes and cgroups, each sandbox gets a network namespace and a loop-mounted /tmp, apt-get installs packages. Run: sudo $0 $*" >&2
+  if [ -n "$missing" ]; then
+    echo "missing (that command installs them):" >&2
+    sed 's/^/  /' <<<"$missing" >&2
+  fi
+  exit 1
+}
+
+apt_update() { # at most once per run
+  [ -n "$APT_UPDATED" ] && return 0
+  step "updating apt's package lists"
+  apt-get update -qq </dev/null
+  APT_UPDATED=1
+}
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 "$@" </dev/null >/dev/null
+}
+
 install_packages() {
-  local missing=()
-  command -v runsc >/dev/null || missing+=(runsc)
-  command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
-  command -v curl >/dev/null || missing+=(curl)
-  command -v zip >/dev/null || missing+=(zip)
+  local missing=() pair runsc_why
+  for pair in "${PACKAGES[@]}"; do
+    have "${pair%%:*}" || missing+=("${pair#*:}")
+  done
+  runsc_why=$(runsc_missing)
+  if [ -n "$runsc_why" ] && [ "$SUITE" = bookworm ] && ! backports_listed; then
+    step "adding Debian's $BACKPORTS to apt's sources: $BACKPORTS_SOURCES"
+    cat >"$BACKPORTS_SOURCES" <<EOF
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: $BACKPORTS
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  fi
+  if [ ${#missing[@]} -gt 0 ] || [ -n "$runsc_why" ]; then
+    apt_update
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing Debian packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
+  fi
+  if [ -n "$runsc_why" ]; then
+    if [ "$SUITE" = bookworm ]; then
+      step "installing $(runsc_missing)"
+      # -t applies to this command only: runsc (and what it needs) from backports, nothing else.
+      apt_install -t "$BACKPORTS" runsc
+    else
+      step "installing runsc"
+      apt_install runsc
+    fi
+    runsc_why=$(runsc_missing)
+    if [ -n "$runsc_why" ]; then
+      echo "runsc is still not what hearth needs after installing it: $runsc_why" >&2
+      exit 1
+    fi
   fi
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
   rustup target list --installed 2>/dev/null | grep -q "$TARGET" || rustup target add "$TARGET" 2>/dev/null || true
@@ -42,7 +154,7 @@ build_static() { # profile-flag, packages...
 }
 
 cmd_up() {
-  need_root "$@"
+  need_root up "$@"
   install_packages
   step "building hearth (release)"
   cargo build --release -p hearth
@@ -52,11 +164,18 @@ cmd_up() {
 }
 
 cmd_test() {
-  need_root "$@"
+  # The end-to-end tests need python3 and, for boto3, awscli and pytest, pip (nsenter is in
+  # util-linux, which every Debian has).
+  PACKAGES+=(python3:python3)
+  python3 -c 'import boto3, pytest, awscli' 2>/dev/null || python3 -m pip --version >/dev/null 2>&1 \
+    || PACKAGES+=(pip3:python3-pip)
+  need_root test "$@"
   install_packages
   step "installing Python test tools (boto3, awscli, pytest)"
+  # Debian's python3 is "externally managed": these go to /usr/local, beside Debian's packages.
   python3 -c 'import boto3, pytest, awscli' 2>/dev/null \
-    || python3 -m pip install --quiet --disable-pip-version-check boto3 awscli pytest
+    || PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
+      python3 -m pip install --quiet --disable-pip-version-check boto3 awscli pytest
   step "checking format"
   cargo fmt --all -- --check
   step "building (debug) and the static agent + Rust test function"
@@ -66,7 +185,8 @@ cmd_test() {
   export HEARTH_RUST_FIXTURE="$ROOT/target/$TARGET/debug/rust-echo"
   export HEARTH_IMAGE_CACHE="$ROOT/target/hearth-images"
   export HEARTH_BIN="$ROOT/target/debug/hearth"
-  step "building runtime images into $HEARTH_IMAGE_CACHE (cached after the first run)"
+  # Images record the digest of the recipe they were built from: a stale one is rebuilt here.
+  step "building runtime images into $HEARTH_IMAGE_CACHE (missing or stale ones; cached otherwise)"
   "$HEARTH_BIN" image build --image-cache "$HEARTH_IMAGE_CACHE"
   step "clippy"
   cargo clippy --workspace --all-targets -- -D warnings

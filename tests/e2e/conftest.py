@@ -22,9 +22,10 @@ def _bin():
 
 
 class Hearth:
-    def __init__(self, data_dir, extra_args=()):
+    def __init__(self, data_dir, extra_args=(), listen_host="127.0.0.1"):
         self.data_dir = Path(data_dir)
         self.extra_args = list(extra_args)
+        self.listen_host = listen_host
         self.proc = None
         self.port = 0
         self.env = {}
@@ -38,7 +39,7 @@ class Hearth:
         args = [
             _bin(), "up",
             "--data-dir", str(self.data_dir),
-            "--listen", f"127.0.0.1:{self.port}",
+            "--listen", f"{self.listen_host}:{self.port}",
             "--no-build-images",
             "--no-image-artifacts",
             "--keep-alive", "30",
