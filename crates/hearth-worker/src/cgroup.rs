@@ -192,39 +192,48 @@ impl Cgroups {
         }
     }
 
-    /// Peak memory use of a sandbox in bytes.
-    pub fn memory_peak(&self, id: &str) -> Option<u64> {
+    /// Memory a sandbox holds now, without the host's page cache of files it wrote (its `/tmp`
+    /// disk): anonymous and shared memory (gVisor keeps the application's memory in a memfd).
+    /// The kernel charges the cache of `/tmp` writes to the cgroup too, and reclaims it under
+    /// pressure; it is not the function's memory, so cgroup peaks (`memory.max_usage_in_bytes`,
+    /// `memory.peak`) overstate it. The worker samples this during invocations instead.
+    pub fn resident(&self, id: &str) -> Option<u64> {
+        let dir = self.controller_dir("memory")?.join(&self.parent).join(id);
+        let stat = fs::read_to_string(dir.join("memory.stat")).ok()?;
+        let names: &[&str] = if self.unified {
+            &["anon", "shmem"]
+        } else {
+            &["total_rss", "total_shmem"]
+        };
+        Some(
+            names
+                .iter()
+                .map(|n| {
+                    stat.lines()
+                        .find_map(|l| l.strip_prefix(n).and_then(|v| v.strip_prefix(' ')))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                })
+                .sum(),
+        )
+    }
+
+    /// The sandbox's memory limit in bytes.
+    pub fn memory_limit(&self, id: &str) -> Option<u64> {
         let dir = self.controller_dir("memory")?.join(&self.parent).join(id);
         let file = if self.unified {
-            "memory.peak"
+            "memory.max"
         } else {
-            "memory.max_usage_in_bytes"
+            "memory.limit_in_bytes"
         };
         fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
     }
 
-    /// Whether the sandbox's memory use reached its limit at some point (an allocation was
-    /// refused or reclaimed for it), or it was OOM-killed.
-    pub fn hit_memory_limit(&self, id: &str) -> bool {
-        if self.oom_killed(id) {
-            return true;
-        }
-        let Some(dir) = self.controller_dir("memory") else {
-            return false;
-        };
-        let dir = dir.join(&self.parent).join(id);
-        if self.unified {
-            let text = fs::read_to_string(dir.join("memory.events")).unwrap_or_default();
-            text.lines()
-                .find_map(|l| l.strip_prefix("max "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        } else {
-            fs::read_to_string(dir.join("memory.failcnt"))
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        }
+    /// Whether a sandbox whose resident memory peaked at `peak` bytes ran out of memory:
+    /// OOM-killed, or within 10 % of its limit (inside gVisor an allocation past the limit can
+    /// fail instead of being killed). Reclaim of `/tmp` page cache alone does not count.
+    pub fn out_of_memory(&self, id: &str, peak: u64) -> bool {
+        self.oom_killed(id) || self.memory_limit(id).is_some_and(|l| peak >= l / 10 * 9)
     }
 
     /// Whether the kernel OOM-killed something in the sandbox's cgroup.

@@ -1258,6 +1258,8 @@ impl Worker {
         req: &InvokeRequest,
         request_id: &str,
         log: &mut InvLog,
+        cgroups: &crate::cgroup::Cgroups,
+        peak: &mut u64,
     ) -> Outcome {
         let timeout = Duration::from_secs(req.spec.timeout_s as u64);
         let meta = InvokeMeta {
@@ -1280,10 +1282,19 @@ impl Worker {
             return Outcome::Died;
         }
         let deadline = tokio::time::Instant::now() + timeout;
+        // The function's memory is sampled while it runs (cgroup peaks count page cache).
+        let mut sample = tokio::time::interval(Duration::from_millis(50));
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let frame = tokio::select! {
                 f = env.frames.recv() => f,
                 _ = tokio::time::sleep_until(deadline) => return Outcome::Timeout,
+                _ = sample.tick() => {
+                    if let Some(now) = cgroups.resident(&env.sandbox.id) {
+                        *peak = (*peak).max(now);
+                    }
+                    continue;
+                }
             };
             match frame {
                 Some(Frame {
@@ -1411,7 +1422,7 @@ impl Worker {
                         log.push_str(&format!(
                             "REPORT RequestId: {request_id}\tDuration: 0.00 ms\tBilled Duration: 0 ms\tMemory Size: {} MB\tMax Memory Used: {} MB\tStatus: error\tError Type: {ty}\n",
                             req.spec.memory_mb,
-                            inner.engine.cgroups().memory_peak(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
+                            inner.engine.cgroups().resident(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
                         ));
                         inner.destroy(env);
                         return Ok(InvokeResult {
@@ -1431,14 +1442,12 @@ impl Worker {
             req.spec.version
         ));
         let started = Instant::now();
-        let outcome = Self::run(&mut env, &req, &request_id, &mut log).await;
+        let cgroups = inner.engine.cgroups();
+        let mut peak = cgroups.resident(&env.sandbox.id).unwrap_or(0);
+        let outcome = Self::run(&mut env, &req, &request_id, &mut log, cgroups, &mut peak).await;
         let duration = started.elapsed();
-        let peak_mb = inner
-            .engine
-            .cgroups()
-            .memory_peak(&env.sandbox.id)
-            .unwrap_or(0)
-            / (1024 * 1024);
+        peak = peak.max(cgroups.resident(&env.sandbox.id).unwrap_or(0));
+        let peak_mb = peak / (1024 * 1024);
         let timeout_s = req.spec.timeout_s;
         let note = |log: &mut InvLog, text: &str| {
             if !log.ends_with_newline() {
@@ -1460,7 +1469,7 @@ impl Worker {
             Outcome::Exit(status) => {
                 // A runtime that exits after its sandbox hit the memory limit ran out of memory
                 // (inside gVisor an allocation past the limit can fail instead of being killed).
-                let ty = if inner.engine.cgroups().hit_memory_limit(&env.sandbox.id) {
+                let ty = if cgroups.out_of_memory(&env.sandbox.id, peak) {
                     "Runtime.OutOfMemory"
                 } else {
                     "Runtime.ExitError"
@@ -1472,7 +1481,7 @@ impl Worker {
             }
             Outcome::Died => {
                 // Let the frame reader see the end, then ask the cgroup why the sandbox died.
-                let (msg, ty) = if inner.engine.cgroups().oom_killed(&env.sandbox.id) {
+                let (msg, ty) = if cgroups.out_of_memory(&env.sandbox.id, peak) {
                     (
                         format!(
                             "RequestId: {request_id} Error: Runtime exited with error: signal: killed"
