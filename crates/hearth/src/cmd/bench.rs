@@ -1,30 +1,45 @@
 //! `hearth bench`: measurements for `docs/perf.md`, each beside a baseline taken in the same run.
 //!
 //! - `hearth bench sandbox`: warm invoke latency through worker + agent against the same
-//!   Python handler called in a plain host process; cold start (boot + init + first response)
-//!   against a plain `runsc run` of python3 on the same image; density (idle sandboxes per GiB).
+//!   Python handler called in a plain host process; cold start by boot (request in → response
+//!   out) with the ready pool and with an empty pool, against a plain `runsc run` of python3
+//!   on the same image with the engine's runsc flags; density (idle sandboxes per GiB, the
+//!   ready pool counted).
+//! - `hearth bench snapstart`: cold starts by boot against restores of a snapshot (trivial and
+//!   heavy functions), how many chunks two snapshots on one runtime share, restore time by
+//!   snapshot size.
 //! - `hearth bench api`: concurrent signed `Invoke` calls against a running `hearth up`:
 //!   throughput and latency percentiles, failures counted.
-use std::collections::BTreeMap;
+//! - `hearth bench store`: what the chunk store keeps for N functions on one runtime.
+//!
+//! `sandbox` and `snapstart` measure each engine configuration in turn in one run
+//! (`--runsc PATH` repeated, `--pin on|off|both`) and end with a side-by-side table.
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use hearth_api::invoker::{FunctionSpec, InvokeRequest, Invoker};
 use hearth_worker::engine::default_runsc;
+use hearth_worker::netns::NetPolicy;
+use hearth_worker::pool::PoolStats;
+use hearth_worker::prewarm::PrewarmConfig;
+use hearth_worker::snapshots::SnapshotMeta;
 use hearth_worker::{EngineConfig, ImageStore, RunscEngine, Worker, WorkerConfig};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
-    /// Warm invoke, cold start and density of sandboxes (needs root, runsc, images, agent).
+    /// Warm invoke, cold start (ready pool and empty pool) and density of sandboxes (needs
+    /// root, runsc, images, agent).
     Sandbox(SandboxArgs),
     /// Concurrent invokes through the Lambda API of a running `hearth up`.
     Api(super::client::ApiBenchArgs),
-    /// Cold starts by boot versus by snapshot restore, and restore time by snapshot size.
+    /// Cold starts by boot versus by snapshot restore, snapshot chunk sharing, and restore
+    /// time by snapshot size.
     Snapstart(SnapArgs),
     /// Chunk store: bytes stored for N functions on one runtime against the naive sum.
     Store(StoreArgs),
@@ -43,14 +58,28 @@ pub struct StoreArgs {
     image_cache: PathBuf,
 }
 
+/// Whether sandboxes are pinned to one core each.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PinSel {
+    On,
+    Off,
+    /// Each engine measured pinned, then unpinned.
+    Both,
+}
+
+/// The engines to measure (one after the other, in one run) and what they need.
 #[derive(Args)]
-pub struct SnapArgs {
-    /// Cold starts to time per function and mode.
-    #[arg(long, default_value_t = 10)]
-    starts: usize,
-    /// Snapshot state sizes (MB) for the size sweep.
-    #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
-    sizes: Vec<usize>,
+pub struct EngineSel {
+    /// A runsc binary to measure; repeat the option to compare engines side by side in one
+    /// run (default: $HEARTH_RUNSC, else runsc on PATH). Each is probed as `hearth up` does.
+    #[arg(long = "runsc", value_name = "PATH")]
+    runsc: Vec<PathBuf>,
+    /// Pin each sandbox to one core: on, off, or both (each engine measured both ways).
+    #[arg(long, value_enum, default_value_t = PinSel::On)]
+    pin: PinSel,
+    /// Do not pin sandboxes to a core (the same as `--pin off`).
+    #[arg(long)]
+    no_pin: bool,
     /// Image cache directory.
     #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = ".hearth/images")]
     image_cache: PathBuf,
@@ -59,9 +88,130 @@ pub struct SnapArgs {
     agent: Option<PathBuf>,
 }
 
+/// One engine configuration to measure.
+struct Choice {
+    runsc: PathBuf,
+    pin: bool,
+}
+
+impl EngineSel {
+    fn choices(&self) -> Vec<Choice> {
+        let binaries = if self.runsc.is_empty() {
+            vec![default_runsc()]
+        } else {
+            self.runsc.clone()
+        };
+        let pins: &[bool] = match (self.no_pin, self.pin) {
+            (true, _) | (false, PinSel::Off) => &[false],
+            (false, PinSel::On) => &[true],
+            (false, PinSel::Both) => &[true, false],
+        };
+        binaries
+            .iter()
+            .flat_map(|r| {
+                pins.iter().map(|&pin| Choice {
+                    runsc: r.clone(),
+                    pin,
+                })
+            })
+            .collect()
+    }
+
+    fn agent(&self) -> PathBuf {
+        super::find_agent(self.agent.clone())
+    }
+}
+
+/// An engine for `choice` with everything under `dir` (its own runsc root, cgroups and
+/// network table, so engines in one run never see each other's sandboxes).
+fn make_engine(
+    dir: &Path,
+    choice: &Choice,
+    agent: &Path,
+    network: NetPolicy,
+) -> anyhow::Result<Arc<RunscEngine>> {
+    std::fs::create_dir_all(dir)?;
+    Ok(Arc::new(RunscEngine::new(EngineConfig {
+        pin_cores: choice.pin,
+        network,
+        ..EngineConfig::under(dir, choice.runsc.clone(), agent.to_path_buf())
+    })?))
+}
+
+/// A column heading: runsc version, platform, pinning.
+fn engine_label(engine: &RunscEngine, pin: bool) -> String {
+    let caps = engine.caps();
+    format!(
+        "{} {}{}",
+        caps.version.replace("runsc version ", ""),
+        caps.platform,
+        if pin { ", pinned" } else { ", unpinned" }
+    )
+}
+
+fn print_caps(engine: &RunscEngine, pin: bool) {
+    let c = engine.caps();
+    println!(
+        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, netstack {}, pinned {pin}",
+        c.version.replace("runsc version ", ""),
+        engine.config().runsc.display(),
+        c.platform,
+        c.uncompressed,
+        c.zero_pages,
+        c.restore_into_created,
+        c.netstack
+    );
+}
+
+/// Measures (rows) by engine configuration (columns), printed as a markdown table.
+#[derive(Default)]
+struct Table {
+    cols: Vec<String>,
+    rows: Vec<(String, Vec<String>)>,
+}
+
+impl Table {
+    fn col(&mut self, label: String) -> usize {
+        self.cols.push(label);
+        self.cols.len() - 1
+    }
+
+    fn set(&mut self, row: &str, col: usize, value: String) {
+        let i = match self.rows.iter().position(|(r, _)| r == row) {
+            Some(i) => i,
+            None => {
+                self.rows.push((row.to_string(), Vec::new()));
+                self.rows.len() - 1
+            }
+        };
+        let cells = &mut self.rows[i].1;
+        if cells.len() <= col {
+            cells.resize(col + 1, String::new());
+        }
+        cells[col] = value;
+    }
+
+    fn print(&self) {
+        println!();
+        println!("| measurement | {} |", self.cols.join(" | "));
+        println!("|---|{}", "---|".repeat(self.cols.len()));
+        for (row, cells) in &self.rows {
+            let mut cells = cells.clone();
+            cells.resize(self.cols.len(), "–".into());
+            for c in &mut cells {
+                if c.is_empty() {
+                    *c = "–".into();
+                }
+            }
+            println!("| {row} | {} |", cells.join(" | "));
+        }
+    }
+}
+
 /// A Python handler whose init imports modules, works `busy_s` seconds and builds `state_mb`
-/// MB of state; the response proves the state is there.
-fn heavy_handler(state_mb: usize, busy_s: f64) -> String {
+/// MB of state; the response proves the state is there. `tag` makes functions with otherwise
+/// equal code differ.
+fn heavy_handler(state_mb: usize, busy_s: f64, tag: &str) -> String {
     [
         "import os, time, hashlib".to_string(),
         "t0 = time.time()".to_string(),
@@ -69,8 +219,9 @@ fn heavy_handler(state_mb: usize, busy_s: f64) -> String {
         format!("STATE = [os.urandom(1024 * 1024) for _ in range({state_mb})]"),
         format!("while time.time() - t0 < {busy_s}:"),
         "    pass".to_string(),
+        format!("TAG = {tag:?}"),
         "def handler(event, context):".to_string(),
-        "    return {'init_type': os.environ['AWS_LAMBDA_INITIALIZATION_TYPE'], 'state_mb': len(STATE)}".to_string(),
+        "    return {'init_type': os.environ['AWS_LAMBDA_INITIALIZATION_TYPE'], 'state_mb': len(STATE), 'tag': TAG}".to_string(),
     ]
     .join("\n")
         + "\n"
@@ -81,21 +232,30 @@ pub struct SandboxArgs {
     /// Warm invocations to time.
     #[arg(long, default_value_t = 300)]
     warm: usize,
-    /// Cold starts to time.
+    /// Cold starts to time (each of: ready pool, empty pool, plain runsc baselines).
     #[arg(long, default_value_t = 10)]
     cold: usize,
     /// Idle sandboxes to start for the density figure.
     #[arg(long, default_value_t = 10)]
     density: usize,
-    /// Image cache directory.
-    #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = ".hearth/images")]
-    image_cache: PathBuf,
-    /// The static agent binary.
-    #[arg(long, env = "HEARTH_AGENT")]
-    agent: Option<PathBuf>,
-    /// Do not pin sandboxes to a core (to measure what pinning gives).
-    #[arg(long)]
-    no_pin: bool,
+    /// Network policy of the engine (`egress`, hearth's default, or `none`).
+    #[arg(long, default_value = "egress")]
+    network: NetPolicy,
+    #[command(flatten)]
+    engines: EngineSel,
+}
+
+#[derive(Args)]
+pub struct SnapArgs {
+    /// Cold starts to time per function and mode.
+    #[arg(long, default_value_t = 10)]
+    starts: usize,
+    /// Snapshot state sizes (MB) for the size sweep, comma-separated (measured with the first
+    /// engine only; "" for none).
+    #[arg(long, default_value = "10,100,500")]
+    sizes: String,
+    #[command(flatten)]
+    engines: EngineSel,
 }
 
 const HANDLER: &str =
@@ -122,84 +282,100 @@ pub fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
-fn summary(name: &str, mut d: Vec<Duration>) {
+/// Print one line of percentiles; returns the table cell (p50 / p90 / p99).
+fn summary(name: &str, mut d: Vec<Duration>) -> String {
     d.sort();
     println!(
-        "{name:<44} n={:<4} p50={:>9.2} ms  p90={:>9.2} ms  p99={:>9.2} ms",
+        "{name:<52} n={:<4} p50={:>9.2} ms  p90={:>9.2} ms  p99={:>9.2} ms",
         d.len(),
         pct(&d, 0.5),
         pct(&d, 0.9),
         pct(&d, 0.99)
     );
-}
-
-pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
-    match cmd {
-        BenchCmd::Sandbox(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(sandbox(a))
+    let f = |v: f64| {
+        if v < 10.0 {
+            format!("{v:.2}")
+        } else {
+            format!("{v:.0}")
         }
-        BenchCmd::Api(a) => super::client::api_bench(a),
-        BenchCmd::Store(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(store_bench(a))
-        }
-        BenchCmd::Snapstart(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(snapstart(a))
-        }
+    };
+    if d.len() >= 50 {
+        format!(
+            "p50 {} / p90 {} / p99 {} ms",
+            f(pct(&d, 0.5)),
+            f(pct(&d, 0.9)),
+            f(pct(&d, 0.99))
+        )
+    } else {
+        format!("p50 {} / p90 {} ms", f(pct(&d, 0.5)), f(pct(&d, 0.9)))
     }
 }
 
-async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
-    let dir = tempfile::tempdir()?;
-    let code = dir.path().join("code");
-    std::fs::create_dir_all(&code)?;
-    std::fs::write(code.join("app.py"), HANDLER)?;
-    let images = ImageStore::new(&a.image_cache);
-    let rootfs = images
-        .rootfs("python3.11")
-        .context("python3.11 image (hearth image build)")?;
-    let engine = Arc::new(RunscEngine::new(EngineConfig {
-        pin_cores: !a.no_pin,
-        ..EngineConfig::under(
-            dir.path(),
-            default_runsc(),
-            super::find_agent(a.agent.clone()),
-        )
-    })?);
-    let worker = Worker::new(
-        engine.clone(),
-        images,
-        WorkerConfig {
-            keep_alive: Duration::from_secs(600),
-            memory_budget_mb: 16 * 1024,
-            ..WorkerConfig::default()
-        },
-    );
-    let spec = |rev: String| FunctionSpec {
-        name: "bench".into(),
-        version: "$LATEST".into(),
-        arn: "arn:aws:lambda:us-east-1:000000000000:function:bench".into(),
+fn p50(d: &[Duration]) -> f64 {
+    let mut d = d.to_vec();
+    d.sort();
+    pct(&d, 0.5)
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match cmd {
+        BenchCmd::Sandbox(a) => rt()?.block_on(sandbox(a)),
+        BenchCmd::Api(a) => super::client::api_bench(a),
+        BenchCmd::Store(a) => rt()?.block_on(store_bench(a)),
+        BenchCmd::Snapstart(a) => rt()?.block_on(snapstart(a)),
+    }
+}
+
+/// A function of the benchmarks: python3.11, code in `code_dir`.
+fn bench_spec(name: &str, code_dir: &Path, revision: String, memory_mb: u32) -> FunctionSpec {
+    FunctionSpec {
+        name: name.into(),
+        version: "1".into(),
+        arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{name}"),
         runtime: "python3.11".into(),
         handler: "app.handler".into(),
-        memory_mb: 128,
-        timeout_s: 30,
+        memory_mb,
+        timeout_s: 60,
         env: BTreeMap::new(),
-        code_dir: code.clone(),
-        code_sha256: String::new(),
-        revision_id: rev,
+        code_dir: code_dir.to_path_buf(),
+        code_sha256: name.into(),
+        revision_id: revision,
         snap_start: false,
         ephemeral_storage_mb: 512,
         egress: true,
-    };
-    let req = |spec: FunctionSpec, n: usize| InvokeRequest {
+    }
+}
+
+/// One timed invocation.
+struct Timed {
+    /// Request in → response out, through the worker.
+    elapsed: Duration,
+    /// The response document.
+    doc: serde_json::Value,
+    /// The `Init Duration` (boot) or `Restore Duration` of the `REPORT` line, on cold starts.
+    init_ms: Option<f64>,
+}
+
+/// The init or restore duration a `REPORT` line gives.
+fn report_init_ms(log: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.starts_with("REPORT "))?;
+    line.split('\t').find_map(|f| {
+        let f = f.trim();
+        f.strip_prefix("Init Duration: ")
+            .or_else(|| f.strip_prefix("Restore Duration: "))
+            .and_then(|v| v.trim_end_matches(" ms").parse().ok())
+    })
+}
+
+/// One invocation through the worker, timed request in → response out; fails on a function
+/// error.
+async fn timed_invoke(worker: &Worker, spec: FunctionSpec, n: usize) -> anyhow::Result<Timed> {
+    let req = InvokeRequest {
         request_id: format!("bench-{n}-{:016x}", rand::random::<u64>()),
         invoked_arn: spec.arn.clone(),
         spec,
@@ -209,173 +385,53 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         unreserved_limit: 1000,
         log: None,
     };
-    println!(
-        "hearth bench sandbox (runsc {}, pinned: {})",
-        runsc_version(),
-        !a.no_pin
-    );
-
-    // Native baseline: the same handler in a plain host process, request/response over a pipe.
-    let mut child = Command::new("python3")
-        .args(["-c", NATIVE_HARNESS])
-        .arg(&code)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("python3 for the native baseline")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut native = Vec::new();
-    let mut line = String::new();
-    for n in 0..a.warm + 20 {
-        let t = Instant::now();
-        writeln!(stdin, "{{\"n\":{n}}}")?;
-        line.clear();
-        stdout.read_line(&mut line)?;
-        if n >= 20 {
-            native.push(t.elapsed());
-        }
-    }
-    drop(stdin);
-    let _ = child.wait();
-    summary("warm invoke, native process (baseline)", native);
-
-    // Warm invokes through worker + agent + awslambdaric.
-    let warm_spec = spec("warm".into());
-    let r = worker.invoke(req(warm_spec.clone(), 0)).await?;
+    let t = Instant::now();
+    let r = worker.invoke(req).await?;
+    let elapsed = t.elapsed();
     if r.function_error {
         bail!(
             "bench function failed: {}",
             String::from_utf8_lossy(&r.payload)
         );
     }
-    let mut warm = Vec::new();
-    for n in 0..a.warm + 20 {
-        let t = Instant::now();
-        let r = worker.invoke(req(warm_spec.clone(), n)).await?;
-        if r.function_error {
-            bail!(
-                "bench function failed: {}",
-                String::from_utf8_lossy(&r.payload)
-            );
-        }
-        if n >= 20 {
-            warm.push(t.elapsed());
-        }
-    }
-    summary("warm invoke, hearth worker + agent (runsc)", warm);
-
-    // Cold start baseline: plain `runsc run` of python3 printing one line, same image.
-    let mut plain = Vec::new();
-    for i in 0..a.cold {
-        plain.push(plain_runsc(&rootfs, dir.path(), i)?);
-    }
-    summary("cold: plain `runsc run python3 -c print` (baseline)", plain);
-
-    // Cold starts: a new revision each time forces a new sandbox (boot + init + invoke).
-    let mut cold = Vec::new();
-    for i in 0..a.cold {
-        let t = Instant::now();
-        let r = worker.invoke(req(spec(format!("cold{i}")), i)).await?;
-        if r.function_error {
-            bail!(
-                "bench function failed: {}",
-                String::from_utf8_lossy(&r.payload)
-            );
-        }
-        cold.push(t.elapsed());
-        worker.retire("bench");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    summary("cold start by boot, request in -> response out", cold);
-
-    // Density: idle sandboxes of a 128 MB function, memory charged to their cgroups.
-    worker.retire("bench");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut handles = Vec::new();
-    for i in 0..a.density {
-        let w = worker.clone();
-        let s = spec(format!("dense{i}"));
-        handles.push(tokio::spawn(async move { w.invoke(req(s, i)).await }));
-        if handles.len() == 2 {
-            for h in handles.drain(..) {
-                h.await??;
-            }
-        }
-    }
-    for h in handles {
-        h.await??;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut total = 0u64;
-    let dirs = engine.cgroups().sandbox_dirs();
-    for d in &dirs {
-        for f in ["memory.usage_in_bytes", "memory.current"] {
-            if let Ok(t) = std::fs::read_to_string(d.join(f)) {
-                total += t.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    let n = worker.stats().idle.max(1);
-    let per = total as f64 / n as f64 / (1024.0 * 1024.0);
-    println!(
-        "density: {n} idle python sandboxes, {per:.1} MiB each (cgroup memory) -> {:.1} idle sandboxes per GiB",
-        1024.0 / per
-    );
-    worker.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(Timed {
+        elapsed,
+        doc: serde_json::from_slice(&r.payload).unwrap_or_default(),
+        init_ms: report_init_ms(&r.log),
+    })
 }
 
-fn runsc_version() -> String {
-    Command::new(default_runsc())
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(|l| l.replace("runsc version ", "")))
-        .unwrap_or_default()
-}
-
-/// One `runsc run` (foreground) of python3 printing a line, on a bundle like hearth's.
-fn plain_runsc(
-    rootfs: &std::path::Path,
-    dir: &std::path::Path,
-    i: usize,
-) -> anyhow::Result<Duration> {
-    let bundle = dir.join(format!("plain{i}"));
-    std::fs::create_dir_all(&bundle)?;
-    let config = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": { "user": {"uid": 0, "gid": 0}, "args": ["/usr/bin/python3", "-c", "print('ready')"],
-                     "env": ["PATH=/usr/bin:/bin"], "cwd": "/" },
-        "root": { "path": rootfs, "readonly": true },
-        "mounts": [ { "destination": "/proc", "type": "proc", "source": "proc" } ],
-        "linux": { "namespaces": [ {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"} ] }
-    });
-    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
-    let id = format!("pl{:014x}", rand::random::<u64>() >> 8);
-    let t = Instant::now();
-    let out = Command::new(default_runsc())
-        .arg(format!("--root={}", dir.join("plain-root").display()))
-        .args(["--network=none", "run", "--bundle"])
-        .arg(&bundle)
-        .arg(&id)
-        .stdin(Stdio::null())
-        .output()?;
-    let elapsed = t.elapsed();
-    if !String::from_utf8_lossy(&out.stdout).contains("ready") {
-        bail!(
-            "plain runsc run failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+/// p50 of the worker's own init/restore durations, as a note for a cold-start cell.
+fn init_note(what: &str, ms: &[f64]) -> String {
+    if ms.is_empty() {
+        return String::new();
     }
-    Ok(elapsed)
+    let mut v = ms.to_vec();
+    v.sort_by(f64::total_cmp);
+    let p = v[(v.len() - 1) / 2];
+    println!("  (worker's {what} duration, p50: {p:.0} ms)");
+    format!("; {what} {p:.0}")
 }
 
-/// Wait until the worker has destroyed every sandbox (so cold starts do not overlap teardown).
+/// Wait (at most `limit`) until the ready pool holds `want` sandboxes, then a little longer so
+/// the last `runsc create` has settled; returns how many are ready.
+async fn wait_ready(worker: &Worker, want: usize, limit: Duration) -> usize {
+    let end = Instant::now() + limit;
+    loop {
+        let ready = worker.stats().ready;
+        if ready >= want || Instant::now() >= end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return worker.stats().ready;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the worker has destroyed every sandbox of `name` (so cold starts do not overlap
+/// teardown). Ready sandboxes are not live and stay.
 async fn drained(worker: &Worker, name: &str) {
     worker.retire(name);
-    for _ in 0..200 {
+    for _ in 0..400 {
         if worker.stats().live == 0 {
             break;
         }
@@ -384,137 +440,735 @@ async fn drained(worker: &Worker, name: &str) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
+fn delta(after: PoolStats, before: PoolStats) -> (usize, usize, usize) {
+    (
+        after.cold_starts - before.cold_starts,
+        after.restores - before.restores,
+        after.claimed_ready - before.claimed_ready,
+    )
+}
+
+/// Native baseline: the handler in a plain host process, request/response over a pipe.
+fn native_baseline(code: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut child = Command::new("python3")
+        .args(["-c", NATIVE_HARNESS])
+        .arg(code)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("python3 for the native baseline")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut native = Vec::new();
+    let mut line = String::new();
+    for i in 0..n + 20 {
+        let t = Instant::now();
+        writeln!(stdin, "{{\"n\":{i}}}")?;
+        line.clear();
+        stdout.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("the native baseline process ended");
+        }
+        if i >= 20 {
+            native.push(t.elapsed());
+        }
+    }
+    drop(stdin);
+    let _ = child.wait();
+    Ok(native)
+}
+
+async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
-    let engine = Arc::new(RunscEngine::new(EngineConfig {
-        pin_cores: true,
-        ..EngineConfig::under(
-            dir.path(),
-            default_runsc(),
-            super::find_agent(a.agent.clone()),
-        )
-    })?);
-    let worker = Worker::new(
-        engine,
-        ImageStore::new(&a.image_cache),
-        WorkerConfig {
-            keep_alive: Duration::from_secs(600),
-            memory_budget_mb: 16 * 1024,
-            snapshot_dir: Some(dir.path().join("snapshots")),
-            ..WorkerConfig::default()
-        },
-    );
-    let make = |name: &str, code: &str, memory_mb: u32| -> anyhow::Result<FunctionSpec> {
-        let code_dir = dir.path().join("code").join(name);
-        std::fs::create_dir_all(&code_dir)?;
-        std::fs::write(code_dir.join("app.py"), code)?;
-        Ok(FunctionSpec {
-            name: name.into(),
-            version: "1".into(),
-            arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{name}"),
-            runtime: "python3.11".into(),
-            handler: "app.handler".into(),
-            memory_mb,
-            timeout_s: 60,
-            env: BTreeMap::new(),
-            code_dir,
-            code_sha256: name.into(),
-            revision_id: "r1".into(),
-            snap_start: true,
-            ephemeral_storage_mb: 512,
-            egress: true,
-        })
-    };
-    let invoke = |spec: FunctionSpec| {
-        let w = worker.clone();
-        async move {
-            let t = Instant::now();
-            let r = w
-                .invoke(InvokeRequest {
-                    request_id: format!("bench-{:016x}", rand::random::<u64>()),
-                    invoked_arn: spec.arn.clone(),
-                    payload: b"{}".to_vec().into(),
-                    client_context: None,
-                    reserved_concurrency: None,
-                    unreserved_limit: 1000,
-                    log: None,
-                    spec,
-                })
-                .await?;
-            let elapsed = t.elapsed();
-            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
-            if r.function_error {
-                bail!(
-                    "bench function failed: {}",
-                    String::from_utf8_lossy(&r.payload)
-                );
-            }
-            Ok::<_, anyhow::Error>((elapsed, v["init_type"].as_str().unwrap_or("").to_string()))
-        }
-    };
+    let code = dir.path().join("code");
+    std::fs::create_dir_all(&code)?;
+    std::fs::write(code.join("app.py"), HANDLER)?;
+    let images = ImageStore::new(&a.engines.image_cache);
+    let rootfs = images
+        .rootfs("python3.11")
+        .context("python3.11 image (hearth image build)")?;
+    let agent = a.engines.agent();
     println!(
-        "hearth bench snapstart (runsc {}), {} cold starts each",
-        runsc_version(),
-        a.starts
+        "hearth bench sandbox: {} warm invokes, {} cold starts per mode, {} idle sandboxes; network {}; load average {}",
+        a.warm,
+        a.cold,
+        a.density,
+        a.network,
+        load_average()
     );
-    for (name, code, mem) in [
-        ("trivial", heavy_handler(0, 0.0), 256u32),
-        ("heavy", heavy_handler(100, 1.0), 1024),
-    ] {
-        let spec = make(name, &code, mem)?;
-        let meta = worker.create_snapshot(&spec).await?;
-        println!(
-            "{name}: snapshot {:.1} MB, init {:.0} ms, checkpoint {:.0} ms",
-            meta.image_bytes as f64 / 1e6,
-            meta.init_ms,
-            meta.checkpoint_ms
+    let mut table = Table::default();
+    let native = native_baseline(&code, a.warm)?;
+    let native_cell = summary("warm invoke, native process (baseline)", native);
+
+    for (ci, choice) in a.engines.choices().iter().enumerate() {
+        let cdir = dir.path().join(format!("engine{ci}"));
+        let engine = make_engine(&cdir.join("pool"), choice, &agent, a.network)?;
+        print_caps(&engine, choice.pin);
+        let col = table.col(engine_label(&engine, choice.pin));
+        table.set(
+            "warm invoke, native python process, same handler over a pipe (baseline)",
+            col,
+            native_cell.clone(),
         );
-        let (mut boot, mut restore) = (Vec::new(), Vec::new());
-        for _ in 0..a.starts {
-            let mut b = spec.clone();
-            b.snap_start = false;
-            let (d, kind) = invoke(b).await?;
-            if kind != "on-demand" {
-                bail!("expected a boot, got {kind}");
+        let prewarm = PrewarmConfig::default();
+        let worker = Worker::new(
+            engine.clone(),
+            images.clone(),
+            WorkerConfig {
+                keep_alive: Duration::from_secs(600),
+                memory_budget_mb: 16 * 1024,
+                prewarm,
+                ..WorkerConfig::default()
+            },
+        );
+        worker.prewarm("python3.11");
+        let want = prewarm.per_kind_max;
+        let spec = |rev: String| bench_spec("bench", &code, rev, 128);
+        // Whatever happens, the worker is shut down (no sandbox outlives the bench).
+        let measured = async {
+            // Warm invokes through worker + agent + awslambdaric, once the pool has settled.
+            timed_invoke(&worker, spec("warm".into()), 0).await?;
+            wait_ready(&worker, want, Duration::from_secs(10)).await;
+            let mut warm = Vec::new();
+            for n in 0..a.warm + 20 {
+                let t = timed_invoke(&worker, spec("warm".into()), n).await?;
+                if n >= 20 {
+                    warm.push(t.elapsed);
+                }
             }
-            boot.push(d);
-            drained(&worker, name).await;
-            let (d, kind) = invoke(spec.clone()).await?;
-            if kind != "snap-start" {
-                bail!("expected a restore, got {kind}");
+            table.set(
+                "warm invoke through worker + agent + awslambdaric in runsc",
+                col,
+                summary("warm invoke, hearth worker + agent (runsc)", warm),
+            );
+            drained(&worker, "bench").await;
+
+            // Cold start baselines: plain `runsc run` of python3, same image and runsc flags.
+            let (mut truth, mut pass, mut print) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..a.cold {
+                truth.push(plain_runsc(&engine, &rootfs, &cdir, i, None)?);
+                pass.push(plain_runsc(&engine, &rootfs, &cdir, i, Some("pass"))?);
+                print.push(plain_runsc(
+                    &engine,
+                    &rootfs,
+                    &cdir,
+                    i,
+                    Some("print('ready')"),
+                )?);
             }
-            restore.push(d);
-            drained(&worker, name).await;
+            table.set(
+                "cold: plain `runsc run /bin/true` (sandbox alone)",
+                col,
+                summary("cold: plain `runsc run /bin/true` (sandbox alone)", truth),
+            );
+            table.set(
+                "cold: plain `runsc run python3 -c pass` (baseline)",
+                col,
+                summary("cold: plain `runsc run python3 -c pass` (baseline)", pass),
+            );
+            table.set(
+                "cold: plain `runsc run python3 -c print` (baseline)",
+                col,
+                summary("cold: plain `runsc run python3 -c print` (baseline)", print),
+            );
+
+            // Idle CPU of ready (created, never started) sandboxes alone.
+            let ready = wait_ready(&worker, want, Duration::from_secs(10)).await;
+            let ready_cpu = idle_cpu(&engine, ready).await;
+            println!("idle CPU: {ready} ready sandboxes, {ready_cpu:.2} % of a core each");
+            table.set(
+                "idle CPU of a ready (created, unstarted) sandbox",
+                col,
+                format!("{ready_cpu:.2} % of a core"),
+            );
+
+            // Cold starts from the ready pool: a new revision each time forces a new sandbox; the
+            // pool is refilled (`want` ready) before each, so each start measures a claim.
+            let before = worker.stats();
+            let (mut cold, mut inits, mut min_ready) = (Vec::new(), Vec::new(), usize::MAX);
+            for i in 0..a.cold {
+                let ready = wait_ready(&worker, want, Duration::from_secs(10)).await;
+                min_ready = min_ready.min(ready);
+                let t = timed_invoke(&worker, spec(format!("cold{i}")), i).await?;
+                cold.push(t.elapsed);
+                inits.extend(t.init_ms);
+                drained(&worker, "bench").await;
+            }
+            let (_, _, claimed) = delta(worker.stats(), before);
+            println!(
+                "  (ready pool held >= {min_ready} before each start; {claimed} of {} starts claimed a ready sandbox)",
+                a.cold
+            );
+            table.set(
+                "cold start by boot from the ready pool, request in → response out",
+                col,
+                format!(
+                    "{} ({claimed}/{} claimed{})",
+                    summary("cold start by boot, ready pool", cold),
+                    a.cold,
+                    init_note("init", &inits)
+                ),
+            );
+
+            // Density: idle sandboxes of a 128 MB function plus the refilled ready pool, memory
+            // charged to their cgroups.
+            wait_ready(&worker, want, Duration::from_secs(10)).await;
+            let mut handles = Vec::new();
+            for i in 0..a.density {
+                let w = worker.clone();
+                let s = spec(format!("dense{i}"));
+                handles.push(tokio::spawn(async move { timed_invoke(&w, s, i).await }));
+                if handles.len() == 2 {
+                    for h in handles.drain(..) {
+                        h.await??;
+                    }
+                }
+            }
+            for h in handles {
+                h.await??;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            wait_ready(&worker, want, Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let stats = worker.stats();
+            let usage: Vec<u64> = engine
+                .cgroups()
+                .sandbox_dirs()
+                .iter()
+                .filter_map(|d| {
+                    ["memory.usage_in_bytes", "memory.current"]
+                        .iter()
+                        .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                })
+                .collect();
+            let n = usage.len().max(1);
+            let idle_cpu = idle_cpu(&engine, n).await;
+            println!("idle CPU: {n} idle + ready sandboxes, {idle_cpu:.2} % of a core each");
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            let per = mib(usage.iter().sum::<u64>()) / n as f64;
+            let (lo, hi) = (
+                mib(usage.iter().copied().min().unwrap_or(0)),
+                mib(usage.iter().copied().max().unwrap_or(0)),
+            );
+            println!(
+                "density: {} sandboxes ({} idle + {} ready), {per:.1} MiB each on average (cgroup memory; {lo:.1}..{hi:.1}) -> {:.1} sandboxes per GiB",
+                usage.len(),
+                stats.idle,
+                stats.ready,
+                1024.0 / per
+            );
+            table.set(
+                "density: idle + ready sandboxes (cgroup memory, sentry included)",
+                col,
+                format!(
+                    "{} + {} ready: {per:.1} MiB each → **{:.0} per GiB**",
+                    stats.idle,
+                    stats.ready,
+                    1024.0 / per
+                ),
+            );
+            table.set(
+                "idle CPU per sandbox, idle + ready (sentry + gofer)",
+                col,
+                format!("{idle_cpu:.2} % of a core each"),
+            );
+            Ok::<(), anyhow::Error>(())
         }
-        boot.sort();
-        restore.sort();
-        let ratio = pct(&boot, 0.5) / pct(&restore, 0.5);
-        summary(&format!("{name}: cold start by boot"), boot);
-        summary(&format!("{name}: cold start by restore"), restore);
-        println!("{name}: restore is {ratio:.1}x faster than boot (p50)");
+        .await;
+        worker.shutdown().await;
+        measured?;
+
+        // Cold starts with an empty pool: every start creates its sandbox inline.
+        let engine = make_engine(&cdir.join("empty"), choice, &agent, a.network)?;
+        let worker = Worker::new(
+            engine,
+            images.clone(),
+            WorkerConfig {
+                keep_alive: Duration::from_secs(600),
+                memory_budget_mb: 16 * 1024,
+                prewarm: PrewarmConfig::disabled(),
+                ..WorkerConfig::default()
+            },
+        );
+        let measured = async {
+            let before = worker.stats();
+            let (mut empty, mut inits) = (Vec::new(), Vec::new());
+            for i in 0..a.cold {
+                let t = timed_invoke(&worker, spec(format!("empty{i}")), i).await?;
+                empty.push(t.elapsed);
+                inits.extend(t.init_ms);
+                drained(&worker, "bench").await;
+            }
+            let (_, _, claimed) = delta(worker.stats(), before);
+            table.set(
+                "cold start by boot, empty pool (PrewarmConfig::disabled())",
+                col,
+                format!(
+                    "{} ({claimed} claimed{})",
+                    summary("cold start by boot, empty pool", empty),
+                    init_note("init", &inits)
+                ),
+            );
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        worker.shutdown().await;
+        measured?;
     }
-    for mb in &a.sizes {
-        let name = format!("state{mb}");
-        let spec = make(&name, &heavy_handler(*mb, 0.0), (*mb as u32 + 256).max(512))?;
-        let meta = worker.create_snapshot(&spec).await?;
-        let mut restore = Vec::new();
-        for _ in 0..a.starts.min(5) {
-            let (d, kind) = invoke(spec.clone()).await?;
-            if kind != "snap-start" {
-                bail!("expected a restore, got {kind}");
-            }
-            restore.push(d);
-            drained(&worker, &name).await;
+    table.print();
+    println!("\nload average at the end: {}", load_average());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// CPU used over 5 s by the engine's sandbox and gofer processes, in % of a core per sandbox
+/// (`sandboxes` of them; USER_HZ is 100, so a tick is 10 ms).
+async fn idle_cpu(engine: &RunscEngine, sandboxes: usize) -> f64 {
+    let root = engine.config().state_root.display().to_string();
+    let (_, t0) = cpu_ticks(&root);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, t1) = cpu_ticks(&root);
+    t1.saturating_sub(t0) as f64 * 10.0 / 5000.0 * 100.0 / sandboxes.max(1) as f64
+}
+
+/// Processes whose command line contains `needle` (a runsc state root), and their CPU time
+/// so far in ticks (user + system).
+fn cpu_ticks(needle: &str) -> (usize, u64) {
+    let (mut n, mut ticks) = (0, 0u64);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmd).contains(needle) {
+            continue;
         }
-        summary(
-            &format!(
-                "restore, {mb} MB state ({:.0} MB image)",
-                meta.image_bytes as f64 / 1e6
-            ),
-            restore,
+        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += get(11) + get(12);
+        n += 1;
+    }
+    (n, ticks)
+}
+
+/// `/proc/loadavg`'s three averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// One `runsc run` (foreground) of `python3 -c CODE` (`None`: `/bin/true`), on a bundle like
+/// hearth's, with the engine's runsc binary and the platform its probe chose.
+fn plain_runsc(
+    engine: &RunscEngine,
+    rootfs: &Path,
+    dir: &Path,
+    i: usize,
+    code: Option<&str>,
+) -> anyhow::Result<Duration> {
+    let bundle = dir.join(format!("plain{i}-{}", code.map_or(0, str::len)));
+    std::fs::create_dir_all(&bundle)?;
+    let args = match code {
+        Some(c) => vec!["/usr/bin/python3", "-c", c],
+        None => vec!["/bin/true"],
+    };
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": { "user": {"uid": 0, "gid": 0}, "args": args,
+                     "env": ["PATH=/usr/bin:/bin"], "cwd": "/" },
+        "root": { "path": rootfs, "readonly": true },
+        "mounts": [ { "destination": "/proc", "type": "proc", "source": "proc" } ],
+        "linux": { "namespaces": [ {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"} ] }
+    });
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
+    let id = format!("pl{:014x}", rand::random::<u64>() >> 8);
+    let t = Instant::now();
+    let out = Command::new(&engine.config().runsc)
+        .arg(format!("--root={}", dir.join("plain-root").display()))
+        .arg(format!("--platform={}", engine.caps().platform))
+        .args(["--network=none", "run", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .output()?;
+    let elapsed = t.elapsed();
+    let _ = std::fs::remove_dir_all(&bundle);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success()
+        || (code.is_some_and(|c| c.contains("print")) && !printed.contains("ready"))
+    {
+        bail!(
+            "plain runsc run failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
         );
     }
-    worker.shutdown().await;
+    Ok(elapsed)
+}
+
+/// The chunk store artifact of one version's snapshot (as the worker names it).
+fn snapshot_artifact(spec: &FunctionSpec) -> String {
+    format!(
+        "snapshot/{}/{}-{}",
+        spec.name, spec.version, spec.revision_id
+    )
+}
+
+/// How many chunks of one snapshot were already stored by others.
+struct Shared {
+    /// Chunks of the page file (`pages.img`; the whole image for compressed checkpoints).
+    pages: usize,
+    /// Of those, chunks whose id an earlier snapshot's artifact already has.
+    pages_stored: usize,
+    /// Of those, all-zero chunks (shared trivially).
+    zero_stored: usize,
+    /// The whole artifact: chunks, and chunks already stored.
+    all: usize,
+    all_stored: usize,
+    file: String,
+    /// The same file by 4 KiB page (what page-sized chunks could share): non-zero pages, and
+    /// those whose contents an earlier snapshot's file also has.
+    pages_4k: usize,
+    pages_4k_found: usize,
+}
+
+/// 64-bit hashes of the non-zero 4 KiB pages of `bytes`.
+fn page_hashes(bytes: &[u8]) -> Vec<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    bytes
+        .chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .map(|p| {
+            let mut h = DefaultHasher::new();
+            p.hash(&mut h);
+            h.finish()
+        })
+        .collect()
+}
+
+/// Compare the chunk ids of `spec`'s snapshot artifact with those of the artifacts of
+/// `earlier` (snapshots stored before it), by reading the manifests; and the page file's
+/// 4 KiB pages with the earlier snapshots' local page files.
+async fn shared_chunks(
+    chunks: &hearth_store::ChunkStore,
+    earlier: &[&FunctionSpec],
+    spec: &FunctionSpec,
+    snapshot_dir: &Path,
+) -> anyhow::Result<Shared> {
+    let local_dir = |s: &FunctionSpec| {
+        snapshot_dir
+            .join(&s.name)
+            .join(format!("{}-{}", s.version, s.revision_id))
+    };
+    let scope = hearth_store::Scope::Owner("000000000000".into());
+    let mut stored = HashSet::new();
+    for e in earlier {
+        let m = chunks.manifest(&scope, &snapshot_artifact(e)).await?;
+        stored.extend(m.chunks.iter().map(|c| c.id));
+    }
+    let m = chunks.manifest(&scope, &snapshot_artifact(spec)).await?;
+    let meta: SnapshotMeta = serde_json::from_str(
+        m.meta
+            .get("snapshot")
+            .context("snapshot manifest without metadata")?,
+    )?;
+    let cs = hearth_store::CHUNK_SIZE as u64;
+    let file = meta
+        .files
+        .iter()
+        .find(|f| f.name == "pages.img")
+        .or_else(|| meta.files.iter().find(|f| f.name == "checkpoint.img"))
+        .context("snapshot manifest lists no image files")?;
+    let first = (file.offset / cs) as usize;
+    let end = ((file.offset + file.len).div_ceil(cs) as usize).min(m.chunks.len());
+    let region = &m.chunks[first.min(end)..end];
+    let local = std::fs::read(local_dir(spec).join(&file.name)).unwrap_or_default();
+    let mut seen = HashSet::new();
+    for e in earlier {
+        let bytes = std::fs::read(local_dir(e).join(&file.name)).unwrap_or_default();
+        seen.extend(page_hashes(&bytes));
+    }
+    let mine = page_hashes(&local);
+    let pages_4k_found = mine.iter().filter(|h| seen.contains(h)).count();
+    let mut pages_stored = 0;
+    let mut zero_stored = 0;
+    for (i, c) in region.iter().enumerate() {
+        if stored.contains(&c.id) {
+            pages_stored += 1;
+            let at = i * cs as usize;
+            let bytes = local.get(at..(at + cs as usize).min(local.len()));
+            if bytes.is_some_and(|b| b.iter().all(|&x| x == 0)) {
+                zero_stored += 1;
+            }
+        }
+    }
+    Ok(Shared {
+        pages: region.len(),
+        pages_stored,
+        zero_stored,
+        all: m.chunks.len(),
+        all_stored: m.chunks.iter().filter(|c| stored.contains(&c.id)).count(),
+        file: file.name.clone(),
+        pages_4k: mine.len(),
+        pages_4k_found,
+    })
+}
+
+fn pct_of(part: usize, whole: usize) -> f64 {
+    100.0 * part as f64 / whole.max(1) as f64
+}
+
+async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
+    use hearth_store::{ChunkStore, Secrets};
+    let dir = tempfile::tempdir()?;
+    let agent = a.engines.agent();
+    let images = ImageStore::new(&a.engines.image_cache);
+    println!(
+        "hearth bench snapstart: {} cold starts per function and mode; load average {}",
+        a.starts,
+        load_average()
+    );
+    let mut table = Table::default();
+    for (ci, choice) in a.engines.choices().iter().enumerate() {
+        let cdir = dir.path().join(format!("engine{ci}"));
+        let engine = make_engine(&cdir, choice, &agent, NetPolicy::Egress)?;
+        print_caps(&engine, choice.pin);
+        let col = table.col(engine_label(&engine, choice.pin));
+        let chunks = ChunkStore::local(&cdir.join("origin"), None, Secrets::generate()?)?;
+        let snapshot_dir = cdir.join("snapshots");
+        let prewarm = PrewarmConfig::default();
+        let want = prewarm.per_kind_max;
+        let worker = Worker::new(
+            engine,
+            images.clone(),
+            WorkerConfig {
+                keep_alive: Duration::from_secs(600),
+                memory_budget_mb: 16 * 1024,
+                snapshot_dir: Some(snapshot_dir.clone()),
+                chunk_store: Some(chunks.clone()),
+                prewarm,
+                ..WorkerConfig::default()
+            },
+        );
+        let measured = async {
+            let make = |name: &str, code: &str, memory_mb: u32| -> anyhow::Result<FunctionSpec> {
+                let code_dir = cdir.join("code").join(name);
+                std::fs::create_dir_all(&code_dir)?;
+                std::fs::write(code_dir.join("app.py"), code)?;
+                let mut spec = bench_spec(name, &code_dir, "r1".into(), memory_mb);
+                // Boots and restores use the same kind of sandbox (a snapshot sandbox has no
+                // network on an engine without netstack).
+                spec.snap_start = true;
+                spec.egress = false;
+                Ok(spec)
+            };
+            let trivial = make("trivial", &heavy_handler(0, 0.0, "a"), 256)?;
+            let trivial_b = make("trivialb", &heavy_handler(0, 0.0, "b"), 256)?;
+            let heavy = make("heavy", &heavy_handler(100, 1.0, "h"), 1024)?;
+
+            // Snapshots, and what each adds to the chunk store.
+            let mut taken: Vec<&FunctionSpec> = Vec::new();
+            for spec in [&trivial, &trivial_b, &heavy] {
+                let before = chunks.usage().await?.chunks;
+                let meta = worker.create_snapshot(spec).await?;
+                let added = chunks.usage().await?.chunks - before;
+                println!(
+                    "{}: snapshot {:.1} MB, init {:.0} ms, checkpoint {:.0} ms, {added} new chunks stored",
+                    spec.name,
+                    meta.image_bytes as f64 / 1e6,
+                    meta.init_ms,
+                    meta.checkpoint_ms
+                );
+                if spec.name != "trivialb" {
+                    table.set(
+                        &format!("{}: snapshot image, checkpoint time", spec.name),
+                        col,
+                        format!(
+                            "{:.1} MB, {:.0} ms",
+                            meta.image_bytes as f64 / 1e6,
+                            meta.checkpoint_ms
+                        ),
+                    );
+                }
+                if !taken.is_empty() {
+                    let s = shared_chunks(&chunks, &taken, spec, &snapshot_dir).await?;
+                    let earlier: Vec<&str> = taken.iter().map(|t| t.name.as_str()).collect();
+                    println!(
+                        "  dedup: {} of {} chunks of {}'s {} ({:.1} %) were already stored by {} ({} of them all-zero); whole image {} of {} ({:.1} %); by 4 KiB page: {} of {} non-zero pages ({:.1} %) also in the earlier",
+                        s.pages_stored,
+                        s.pages,
+                        spec.name,
+                        s.file,
+                        pct_of(s.pages_stored, s.pages),
+                        earlier.join(" + "),
+                        s.zero_stored,
+                        s.all_stored,
+                        s.all,
+                        pct_of(s.all_stored, s.all),
+                        s.pages_4k_found,
+                        s.pages_4k,
+                        pct_of(s.pages_4k_found, s.pages_4k)
+                    );
+                    table.set(
+                        &format!(
+                            "dedup: chunks of {}'s page file already stored by {}",
+                            spec.name,
+                            earlier.join(" + ")
+                        ),
+                        col,
+                        format!(
+                            "{} of {} chunks ({:.0} %; {} all-zero) of {}; by 4 KiB page {:.0} %",
+                            s.pages_stored,
+                            s.pages,
+                            pct_of(s.pages_stored, s.pages),
+                            s.zero_stored,
+                            s.file,
+                            pct_of(s.pages_4k_found, s.pages_4k)
+                        ),
+                    );
+                }
+                taken.push(spec);
+            }
+
+            // Boots and restores alternate; the ready pool is refilled before each start. A
+            // restore the worker could not do (it boots instead) is counted, not timed.
+            for spec in [&trivial, &heavy] {
+                let name = spec.name.as_str();
+                let (mut boot, mut restore) = (Vec::new(), Vec::new());
+                let (mut boot_ms, mut restore_ms) = (Vec::new(), Vec::new());
+                let (mut boot_claimed, mut restore_claimed, mut fell_back) = (0, 0, 0);
+                let mut min_ready = usize::MAX;
+                for i in 0..a.starts {
+                    let mut b = spec.clone();
+                    b.snap_start = false;
+                    let ready = wait_ready(&worker, want, Duration::from_secs(10)).await;
+                    min_ready = min_ready.min(ready);
+                    let before = worker.stats();
+                    let t = timed_invoke(&worker, b, i).await?;
+                    if t.doc["init_type"] != "on-demand" {
+                        bail!("expected a boot, got {}", t.doc["init_type"]);
+                    }
+                    boot_claimed += delta(worker.stats(), before).2;
+                    boot.push(t.elapsed);
+                    boot_ms.extend(t.init_ms);
+                    drained(&worker, name).await;
+                    let ready = wait_ready(&worker, want, Duration::from_secs(10)).await;
+                    min_ready = min_ready.min(ready);
+                    let before = worker.stats();
+                    let t = timed_invoke(&worker, spec.clone(), i).await?;
+                    let (_, restores, claimed) = delta(worker.stats(), before);
+                    if t.doc["init_type"] != "snap-start" || restores != 1 {
+                        fell_back += 1;
+                    } else {
+                        restore_claimed += claimed;
+                        restore.push(t.elapsed);
+                        restore_ms.extend(t.init_ms);
+                    }
+                    drained(&worker, name).await;
+                }
+                println!(
+                    "  (ready pool held >= {min_ready} before each start; claimed: {boot_claimed}/{} boots, {restore_claimed}/{} restores; {fell_back} restores failed and booted)",
+                    a.starts,
+                    restore.len()
+                );
+                let ratio = p50(&boot) / p50(&restore);
+                let cell = summary(&format!("{name}: cold start by boot"), boot);
+                table.set(
+                    &format!("{name}: cold start by boot"),
+                    col,
+                    format!(
+                        "{cell} ({boot_claimed}/{} claimed{})",
+                        a.starts,
+                        init_note("init", &boot_ms)
+                    ),
+                );
+                let cell = if restore.is_empty() {
+                    println!("{name}: no restore succeeded");
+                    format!("all {fell_back} restores failed (booted instead)")
+                } else {
+                    let cell = summary(&format!("{name}: cold start by restore"), restore.clone());
+                    format!(
+                        "{cell} ({restore_claimed}/{} claimed{}{})",
+                        restore.len(),
+                        init_note("restore", &restore_ms),
+                        if fell_back > 0 {
+                            format!("; {fell_back} of {} failed and booted", a.starts)
+                        } else {
+                            String::new()
+                        }
+                    )
+                };
+                table.set(&format!("{name}: cold start by restore"), col, cell);
+                if !restore.is_empty() {
+                    println!("{name}: restore is {ratio:.1}x faster than boot (p50)");
+                    table.set(
+                        &format!("{name}: restore speed-up over boot (p50)"),
+                        col,
+                        format!("{ratio:.1}×"),
+                    );
+                }
+            }
+
+            if ci == 0 {
+                let sizes = a
+                    .sizes
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| {
+                        t.parse::<usize>()
+                            .with_context(|| format!("--sizes: {t:?}"))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                for mb in &sizes {
+                    let spec = make(
+                        &format!("state{mb}"),
+                        &heavy_handler(*mb, 0.0, "s"),
+                        (*mb as u32 + 256).max(512),
+                    )?;
+                    let meta = worker.create_snapshot(&spec).await?;
+                    let mut restore = Vec::new();
+                    for i in 0..a.starts.min(5) {
+                        wait_ready(&worker, want, Duration::from_secs(10)).await;
+                        let t = timed_invoke(&worker, spec.clone(), i).await?;
+                        if t.doc["init_type"] == "snap-start" {
+                            restore.push(t.elapsed);
+                        }
+                        drained(&worker, &spec.name).await;
+                    }
+                    let cell = summary(
+                        &format!(
+                            "restore, {mb} MB state ({:.0} MB image)",
+                            meta.image_bytes as f64 / 1e6
+                        ),
+                        restore,
+                    );
+                    table.set(
+                        &format!("restore, {mb} MB state"),
+                        col,
+                        format!("{cell} ({:.0} MB image)", meta.image_bytes as f64 / 1e6),
+                    );
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        worker.shutdown().await;
+        measured?;
+    }
+    table.print();
+    println!("\nload average at the end: {}", load_average());
     Ok(ExitCode::SUCCESS)
 }
 
