@@ -833,7 +833,14 @@ pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<Str
             .iter()
             .any(|(k, _)| kv.split('=').next() == Some(*k))
     });
-    env.extend(platform.iter().map(|(k, v)| format!("{k}={v}")));
+    // Lambda sets no AWS_EXECUTION_ENV for OS-only (custom) runtimes.
+    let os_only = spec.runtime.starts_with("provided");
+    env.extend(
+        platform
+            .iter()
+            .filter(|(k, _)| !(os_only && *k == "AWS_EXECUTION_ENV"))
+            .map(|(k, v)| format!("{k}={v}")),
+    );
     env
 }
 
@@ -1676,6 +1683,15 @@ mod tests {
         assert!(!env.contains(&"AWS_REGION=evil".to_string()));
         assert!(env.contains(&"AWS_LAMBDA_FUNCTION_MEMORY_SIZE=256".to_string()));
         assert!(env.contains(&"AWS_EXECUTION_ENV=AWS_Lambda_python3.11".to_string()));
+        let mut custom = spec.clone();
+        custom.runtime = "provided.al2023".into();
+        let custom_env = lambda_env(&custom, "eu-west-1", "on-demand");
+        assert!(
+            !custom_env
+                .iter()
+                .any(|e| e.starts_with("AWS_EXECUTION_ENV="))
+        );
+        assert!(custom_env.contains(&"LAMBDA_TASK_ROOT=/var/task".to_string()));
         assert!(
             env.iter()
                 .any(|e| e.starts_with("AWS_LAMBDA_LOG_STREAM_NAME=") && e.contains("[$LATEST]"))

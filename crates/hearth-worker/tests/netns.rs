@@ -95,7 +95,8 @@ impl Drop for ChildGuard {
 }
 
 /// Another host: a network namespace with a veth pair to the host namespace and an HTTP server
-/// on port 8080 that answers with the client's address. It also holds 169.254.77.77, routed
+/// on port 8080 that answers with the client's address. It also holds a link-local address
+/// (169.254.x.y, one per test host so that tests in parallel processes do not collide), routed
 /// to it from the host, so a sandbox reaching link-local addresses would reach it.
 struct TestHost {
     netns: String,
@@ -104,10 +105,10 @@ struct TestHost {
     host_addr: Ipv4Addr,
     /// The test host's address.
     addr: Ipv4Addr,
+    /// Its link-local address.
+    link_local: Ipv4Addr,
     server: Option<ChildGuard>,
 }
-
-const LINK_LOCAL_TEST_ADDR: &str = "169.254.77.77";
 
 impl TestHost {
     fn new(n: u32) -> TestHost {
@@ -119,12 +120,13 @@ impl TestHost {
             host_if: format!("ht{:05}{n}", pid % 100_000),
             host_addr: Ipv4Addr::from(base + 1),
             addr: Ipv4Addr::from(base + 2),
+            link_local: Ipv4Addr::new(169, 254, (idx / 250 % 250 + 1) as u8, (idx % 250 + 1) as u8),
             server: None,
         };
         let (ns, hif) = (th.netns.as_str(), th.host_if.as_str());
         let host_cidr = format!("{}/30", th.host_addr);
         let cidr = format!("{}/30", th.addr);
-        let ll = format!("{LINK_LOCAL_TEST_ADDR}/32");
+        let ll = format!("{}/32", th.link_local);
         sh("ip", &["netns", "add", ns]);
         sh(
             "ip",
@@ -421,14 +423,15 @@ fn a_sandbox_reaches_other_hosts_but_not_the_worker_host_or_other_sandboxes() {
 
     // Link-local: routed to the test host from the worker host (control: the host reaches it),
     // rejected from the sandbox. Only then the metadata address.
-    let ll: SocketAddr = format!("{LINK_LOCAL_TEST_ADDR}:8080")
-        .parse()
-        .expect("addr");
+    let ll = SocketAddr::from((test_host.link_local, 8080));
     assert!(
         TcpStream::connect_timeout(&ll, Duration::from_secs(2)).is_ok(),
         "control: worker host → {ll}"
     );
-    assert_eq!(probe(&a.netns_path, LINK_LOCAL_TEST_ADDR, 8080), REJECTED);
+    assert_eq!(
+        probe(&a.netns_path, &test_host.link_local.to_string(), 8080),
+        REJECTED
+    );
     assert_eq!(probe(&a.netns_path, "169.254.169.254", 80), REJECTED);
 
     // Another sandbox: a listener in b, reachable from b itself, not from a.
