@@ -38,7 +38,8 @@ def test_warm_reuse_and_clean_shutdown(fresh_hearth):
     _create(lam, "counter")
     assert _invoke(lam, "counter")["count"] == 1
     assert _invoke(lam, "counter")["count"] == 2, "second call reuses the warm sandbox"
-    assert len(fresh_hearth.runsc_containers()) == 1
+    # The sandbox that ran, plus ready ones the pool created ahead of demand.
+    assert len(fresh_hearth.runsc_containers()) >= 1
     fresh_hearth.stop()
     assert fresh_hearth.runsc_containers() == []
 
@@ -48,17 +49,18 @@ def test_restart_after_sigkill_removes_leftover_sandboxes(fresh_hearth):
     _create(lam, "leftover")
     _invoke(lam, "leftover")
     before = fresh_hearth.runsc_containers()
-    assert len(before) == 1
+    assert len(before) >= 1  # the sandbox that ran, and ready ones
     fresh_hearth.proc.send_signal(signal.SIGKILL)
     fresh_hearth.proc.wait()
     fresh_hearth.proc = None
     assert fresh_hearth.runsc_containers() == before, "a killed server leaves its sandbox behind"
     fresh_hearth.start()
-    assert fresh_hearth.runsc_containers() == [], "restart removes what the killed run left"
+    left = set(before) & set(fresh_hearth.runsc_containers())
+    assert not left, "restart removes what the killed run left"
     lam = fresh_hearth.client()
     assert _invoke(lam, "leftover")["count"] == 1, "the function survives and starts fresh"
-    bundles = Path(fresh_hearth.data_dir, "sandboxes")
-    assert len(list(bundles.iterdir())) == 1
+    bundles = {p.name for p in Path(fresh_hearth.data_dir, "sandboxes").iterdir()}
+    assert not bundles & set(before), "no bundle of the killed run is left"
 
 
 def test_hearth_cli_deploy_invoke_ls_logs(fresh_hearth, tmp_path):
