@@ -618,6 +618,15 @@ impl RunscEngine {
             for r in sandbox.reapers.drain(..) {
                 let _ = r.join();
             }
+            // The new container's cgroup comes from the bundle: give it the claim's limit.
+            let config = bundle.join("config.json");
+            if let Ok(bytes) = std::fs::read(&config)
+                && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            {
+                let mem = (claim.memory_mb as u64 + SENTRY_OVERHEAD_MB) * 1024 * 1024;
+                v["linux"]["resources"]["memory"]["limit"] = json!(mem);
+                std::fs::write(&config, v.to_string()).map_err(io_err(&config))?;
+            }
             let (stdin, stdout, tail) = self.spawn_with_pipes(cmd, "restore", &sandbox.id).await?;
             sandbox.stdin = stdin;
             sandbox.stdout = Some(stdout);
