@@ -262,6 +262,8 @@ fn serve_worker(shared: &Shared, runtime_pid: Option<i32>, mut input: io::StdinL
 /// The worker broke the protocol: kill the runtime and exit 1 (the worker then destroys us).
 fn protocol_failure(runtime_pid: Option<i32>, why: &str) -> ! {
     eprintln!("hearth-agent: {why}");
+    // Before the kill: the runtime's exit makes the pump exit, and it must exit 1 as well.
+    output::PROTOCOL_FAILED.store(true, Ordering::SeqCst);
     if let Some(pid) = runtime_pid {
         process::signal_group(pid, libc::SIGKILL);
     }

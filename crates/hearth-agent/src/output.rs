@@ -23,6 +23,19 @@ const DRAIN_CAP: usize = 4 * 1024 * 1024;
 /// Set once a shutdown starts: a worker that hung up then is no error.
 pub static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 
+/// Set when the worker broke the protocol: the agent exits 1 whichever thread exits first
+/// (killing the runtime makes the pump report its exit and exit too).
+pub static PROTOCOL_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// `code`, or 1 once the protocol failed.
+pub fn exit_code(code: i32) -> i32 {
+    if PROTOCOL_FAILED.load(Ordering::SeqCst) {
+        1
+    } else {
+        code
+    }
+}
+
 enum Cmd {
     Frame(AgentMsg, Vec<u8>),
     Exit(i32),
@@ -191,7 +204,7 @@ impl Pump {
                     Cmd::Frame(msg, body) => self.write(out, &msg, &body),
                     Cmd::Exit(code) => {
                         let _ = out.flush();
-                        std::process::exit(code);
+                        std::process::exit(exit_code(code));
                     }
                 }
             }
@@ -251,7 +264,7 @@ impl Pump {
         if let Some(pid) = self.runtime_pid {
             crate::process::signal_group(pid, libc::SIGKILL);
         }
-        std::process::exit(if shutting_down { 0 } else { 1 });
+        std::process::exit(exit_code(if shutting_down { 0 } else { 1 }));
     }
 }
 

@@ -694,7 +694,20 @@ fn a_failed_create_leaves_nothing() {
         Err(NetError::Command { cmd, .. }) => assert!(cmd.contains("nft"), "{cmd}"),
         other => panic!("expected a command error, got {other:?}"),
     }
-    let new: Vec<String> = hearth_names().difference(&before).cloned().collect();
+    // Other test processes create sandboxes meanwhile: a new name counts only while it exists
+    // and its slot is not held by another instance.
+    let new: Vec<String> = hearth_names()
+        .difference(&before)
+        .filter(|n| {
+            let slot_owner = n
+                .get(2..)
+                .and_then(|d| d.parse::<u32>().ok())
+                .and_then(|slot| owner(&Path::new(LOCK_DIR).join(format!("slot-{slot:05}"))));
+            slot_owner.is_none_or(|o| o == inst)
+        })
+        .filter(|n| iface_exists(n) || Path::new("/run/netns").join(n).exists())
+        .cloned()
+        .collect();
     assert_eq!(new, Vec::<String>::new(), "left by the failed create");
     let left = leftovers(&inst, &[], state.path());
     assert_eq!(left, [format!("instance lock of {inst}")]);
