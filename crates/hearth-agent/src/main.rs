@@ -24,6 +24,21 @@
 //! process start for a direct start, from the receipt of `Configure` for a deferred one. From
 //! there on both behave the same. A `Configure` at any other time is a protocol error.
 //!
+//! # Prestarted runtimes
+//!
+//! In a deferred start, if the runtime directory (`LAMBDA_RUNTIME_DIR`, default `/var/runtime`)
+//! holds an executable `prestart` (and `HEARTH_AGENT_PRESTART` is not `0`), the agent starts it
+//! right after `Hello`, with the agent's own variables (`HEARTH_*` and `HOME` dropped,
+//! `AWS_LAMBDA_RUNTIME_API` added), in `/`, in a process group of its own: an interpreter that
+//! loads what it can before any function is known. On `Configure`, if the bootstrap that
+//! would run is the runtime directory's own, the agent writes the function's environment to
+//! the prestart's fd 3 (NUL-terminated `KEY=VALUE` entries, then end of file) and reads its
+//! fd 4: `y` means it became the runtime (from here on exactly as a spawned bootstrap); `n`
+//! and a reason (logged on the agent's stderr), end of file, or a task or layer `bootstrap`
+//! that takes precedence, and the prestart is killed and reaped and the bootstrap spawned as
+//! usual. Init is timed from
+//! `Configure` either way.
+//!
 //! # Threads
 //!
 //! - **main**: reads `HostMsg` frames from stdin. `Invoke` queues an invocation, `Restore`
@@ -132,11 +147,19 @@ fn run() -> Result<(), AgentError> {
     let mut input = io::stdin().lock();
 
     let deferred = std::env::var_os("HEARTH_AGENT_DEFER").is_some_and(|v| v == "1");
+    let mut prestarted = None;
     let (config, started) = if deferred {
         pump.write_now(&hello, &[]);
-        match await_configure(&mut input, &pump, &api_addr)? {
-            Some(configured) => configured,
-            None => return Ok(()), // shut down before it was ever configured
+        prestarted = start_prestart(&api_addr);
+        match await_configure(&mut input, &pump, &api_addr) {
+            Ok(Some(configured)) => configured,
+            other => {
+                if let Some(p) = prestarted.take() {
+                    p.discard();
+                }
+                // None: shut down before it was ever configured.
+                return other.map(drop);
+            }
         }
     } else {
         let started = Instant::now();
@@ -147,7 +170,21 @@ fn run() -> Result<(), AgentError> {
     };
 
     let candidates = process::candidates(&config.task_root, &config.runtime_dir);
-    let runtime = process::spawn(&candidates, &config.task_root, config.env);
+    let runtime = match prestarted {
+        // The prestarted runtime stands for the runtime directory's bootstrap only.
+        Some(p) if process::chosen(&candidates) == Some(config.runtime_dir.join("bootstrap")) => {
+            p.hand_over(&config.env).or_else(|why| {
+                eprintln!("hearth-agent: {why}; starting the bootstrap");
+                process::spawn(&candidates, &config.task_root, config.env)
+            })
+        }
+        other => {
+            if let Some(p) = other {
+                p.discard();
+            }
+            process::spawn(&candidates, &config.task_root, config.env)
+        }
+    };
     if !deferred {
         // Written before the pump runs, so it precedes any runtime output.
         pump.write_now(&hello, &[]);
@@ -179,6 +216,28 @@ fn run() -> Result<(), AgentError> {
     spawn_thread("accept", move || api::serve(sh, listener))?;
 
     serve_worker(&shared, runtime_pid, input)
+}
+
+/// In a deferred start, the runtime directory's `prestart` (if the image has one), started
+/// now with the agent's own platform variables so it can load before a function is known.
+fn start_prestart(api_addr: &str) -> Option<process::Prestart> {
+    if own_var("HEARTH_AGENT_PRESTART", "1") == "0" {
+        return None;
+    }
+    let dir = own_var("LAMBDA_RUNTIME_DIR", "/var/runtime");
+    // Without HOME: OCI runtimes (runsc too) add it when the bundle sets none, and a runtime
+    // spawned with a function's environment has none.
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !k.as_encoded_bytes().starts_with(b"HEARTH_") && k != "HOME")
+        .collect();
+    env.push(("AWS_LAMBDA_RUNTIME_API".into(), api_addr.into()));
+    match process::prestart(&std::path::Path::new(&dir).join("prestart"), env)? {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("hearth-agent: prestart: {e}");
+            None
+        }
+    }
 }
 
 /// The first frame of a deferred start: the configuration a `Configure` carries and when it

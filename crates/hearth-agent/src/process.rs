@@ -27,6 +27,11 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The bootstrap [`spawn`] would start.
+pub fn chosen(candidates: &[PathBuf]) -> Option<PathBuf> {
+    candidates.iter().find(|p| is_executable(p)).cloned()
+}
+
 /// Start the first executable bootstrap. The runtime gets `env`, runs in `cwd` in a process
 /// group of its own, reads /dev/null and writes to two pipes. The error is a message for an
 /// `Runtime.InvalidEntrypoint` init error.
@@ -63,6 +68,128 @@ pub fn spawn(
         stdout: stdout.into(),
         stderr: stderr.into(),
     })
+}
+
+/// A runtime started before its function is known (`<runtime dir>/prestart`): it loads what
+/// it can and waits for a function's environment on fd 3, then answers on fd 4 whether it
+/// takes it (`y`) or exits.
+pub struct Prestart {
+    runtime: Runtime,
+    config: std::fs::File,
+    answer: std::fs::File,
+}
+
+/// Start `path` as a prestarted runtime, if it is an executable file. `env` is what it starts
+/// with (the agent's own platform variables); it runs in `/` until configured.
+pub fn prestart(path: &Path, env: Vec<(OsString, OsString)>) -> Option<Result<Prestart, String>> {
+    if !is_executable(path) {
+        return None;
+    }
+    Some(start_prestart(path, env))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn start_prestart(path: &Path, env: Vec<(OsString, OsString)>) -> Result<Prestart, String> {
+    use std::os::fd::AsRawFd;
+    let (config_read, config_write) = pipe()?;
+    let (answer_read, answer_write) = pipe()?;
+    let (cr, aw) = (config_read.as_raw_fd(), answer_write.as_raw_fd());
+    let mut cmd = Command::new(path);
+    cmd.current_dir("/")
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec. The two ends
+    // are first moved above 9 so that placing one at 3 cannot overwrite the other.
+    unsafe {
+        cmd.pre_exec(move || {
+            let high_c = libc::fcntl(cr, libc::F_DUPFD, 10);
+            let high_a = libc::fcntl(aw, libc::F_DUPFD, 10);
+            if high_c < 0 || high_a < 0 || libc::dup2(high_c, 3) < 0 || libc::dup2(high_a, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(high_c);
+            libc::close(high_a);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("fork/exec {}: {e}", path.display()))?;
+    drop((config_read, answer_write));
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err("prestart pipes missing".into());
+    };
+    Ok(Prestart {
+        runtime: Runtime {
+            pid: child.id() as i32,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        },
+        config: config_write.into(),
+        answer: answer_read.into(),
+    })
+}
+
+impl Prestart {
+    /// Give it the function's environment. `Ok` with the runtime if it took it; `Err` if it
+    /// declined or died (it is killed and reaped, its output dropped).
+    pub fn hand_over(mut self, env: &[(OsString, OsString)]) -> Result<Runtime, String> {
+        use std::io::{Read, Write};
+        let mut bytes = Vec::new();
+        for (k, v) in env {
+            bytes.extend_from_slice(k.as_encoded_bytes());
+            bytes.push(b'=');
+            bytes.extend_from_slice(v.as_encoded_bytes());
+            bytes.push(0);
+        }
+        let sent = self.config.write_all(&bytes);
+        drop(self.config);
+        // "y", or "n" and a reason up to end of file; nothing if it died.
+        let mut first = [0u8; 1];
+        let got = sent.is_ok() && matches!(self.answer.read(&mut first), Ok(1));
+        if got && first[0] == b'y' {
+            return Ok(self.runtime);
+        }
+        let mut why = Vec::new();
+        if got && first[0] == b'n' {
+            let _ = (&mut self.answer).take(512).read_to_end(&mut why);
+        }
+        discard(self.runtime.pid);
+        Err(if got {
+            format!(
+                "the prestarted runtime declined the configuration: {}",
+                String::from_utf8_lossy(&why)
+            )
+        } else {
+            "the prestarted runtime had exited".into()
+        })
+    }
+
+    /// Stop it unused.
+    pub fn discard(self) {
+        discard(self.runtime.pid);
+    }
+}
+
+fn discard(pid: i32) {
+    signal_group(pid, libc::SIGKILL);
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`; `pid` is our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
 /// Send `sig` to the runtime's process group (it and whatever it started).

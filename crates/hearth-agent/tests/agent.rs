@@ -1097,3 +1097,164 @@ fn deferred_snap_start_mode_comes_from_the_configured_environment() {
     assert_eq!(c_next(&agent), "s-1");
     agent.expect_init_done();
 }
+
+/// A prestart that records its pid and start, reads the configuration from fd 3, declines it
+/// when it has `DECLINE=1`, and otherwise answers `y` and becomes the runtime directory's
+/// bootstrap with exactly the configured environment.
+const TEST_PRESTART: &str = r#"#!/bin/bash
+echo $$ > "$PRESTART_MARK/pid"
+echo "$AWS_LAMBDA_RUNTIME_API" > "$PRESTART_MARK/api"
+mapfile -d '' -t vars <&3
+for kv in "${vars[@]}"; do
+  [ "$kv" = DECLINE=1 ] && { printf 'nthe test says so' >&4; exit 0; }
+done
+printf y >&4
+exec 3<&- 4>&-
+echo "prestart took over: pid=$$"
+exec env -i "${vars[@]}" "$(dirname "$0")/bootstrap"
+"#;
+
+impl Agent {
+    /// A deferred agent whose runtime directory holds [`TEST_PRESTART`] and, as its bootstrap,
+    /// [`configured_bootstrap`]; the task root holds `task_bootstrap` if given.
+    fn start_prestarted(task_bootstrap: Option<&str>) -> (Agent, PathBuf) {
+        let (dir, task_root) = task_dir(task_bootstrap, 0o755);
+        let runtime = dir.path().join("runtime");
+        let mark = dir.path().join("mark");
+        std::fs::create_dir_all(&mark).expect("mark dir");
+        std::fs::create_dir_all(&runtime).expect("runtime dir");
+        for (name, script) in [
+            ("prestart", TEST_PRESTART.to_string()),
+            ("bootstrap", configured_bootstrap()),
+        ] {
+            let path = runtime.join(name);
+            std::fs::write(&path, script).expect("write script");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-agent"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HEARTH_AGENT_DEFER", "1")
+            .env("LAMBDA_RUNTIME_DIR", &runtime)
+            .env("PRESTART_MARK", &mark)
+            .env("PROCESS_ONLY", "from the agent's own environment");
+        (Agent::launch(cmd, dir, task_root), mark)
+    }
+}
+
+/// The prestart's pid, once it has started (before any configuration).
+fn prestart_pid(mark: &std::path::Path) -> i32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(mark.join("pid"))
+            && let Ok(pid) = text.trim().parse()
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the prestart did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` is gone (or a zombie nobody waits for: not ours to reap, so count it gone).
+fn gone(pid: i32) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'));
+        if state.is_empty() || zombie {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_prestarted_runtime_starts_before_configure_and_becomes_the_runtime() {
+    let (mut agent, mark) = Agent::start_prestarted(None);
+    agent.expect_hello();
+    // Started with the agent's own platform variables and the API address, before Configure.
+    let pid = prestart_pid(&mark);
+    let api = std::fs::read_to_string(mark.join("api")).expect("api file");
+    assert_eq!(api.trim(), agent.addr);
+    assert!(!agent.task_root.join("started").exists());
+
+    agent.configure(&[("GREETING", "hello prestart")]);
+    let logs = agent.expect_init_done();
+    // The same process took over, and runs with the configured environment only.
+    assert!(
+        logs.contains(&format!("prestart took over: pid={pid}")),
+        "{logs}"
+    );
+    let root = agent.task_root.display().to_string();
+    assert!(
+        logs.contains(&format!(
+            "configured: greeting=hello prestart own=unset root={root}"
+        )),
+        "{logs}"
+    );
+    assert!(logs.contains("hearth_vars=0"), "{logs}");
+    let event = json!({"mode": "echo", "id": "p-1"});
+    agent.invoke("p-1", &event);
+    let (frame, _) = agent.next_event();
+    assert_eq!(
+        frame.msg,
+        AgentMsg::Response {
+            request_id: "p-1".into()
+        }
+    );
+    agent.send(HostMsg::Shutdown, b"");
+    let (frame, _) = agent.next_event();
+    assert!(matches!(frame.msg, AgentMsg::RuntimeExit { .. }));
+    assert!(agent.expect_end().success());
+    assert!(gone(pid));
+}
+
+#[test]
+fn a_declined_or_overridden_prestart_is_killed_and_the_bootstrap_starts_fresh() {
+    // Declined: the runtime directory's bootstrap starts as a new process.
+    let (mut agent, mark) = Agent::start_prestarted(None);
+    agent.expect_hello();
+    let pid = prestart_pid(&mark);
+    agent.configure(&[("GREETING", "fresh"), ("DECLINE", "1")]);
+    let logs = agent.expect_init_done();
+    assert!(!logs.contains("prestart took over"), "{logs}");
+    assert!(
+        logs.contains("configured: greeting=fresh own=unset"),
+        "{logs}"
+    );
+    assert!(gone(pid), "the declined prestart is still running");
+    agent.send(HostMsg::Shutdown, b"");
+    let (frame, _) = agent.next_event();
+    assert!(matches!(frame.msg, AgentMsg::RuntimeExit { .. }));
+    assert!(agent.expect_end().success());
+
+    // A bootstrap in the task root takes precedence: the prestart is not asked at all.
+    let task_bootstrap =
+        configured_bootstrap().replacen("#!/bin/sh\n", "#!/bin/sh\necho \"task bootstrap\"\n", 1);
+    let (mut agent, mark) = Agent::start_prestarted(Some(&task_bootstrap));
+    agent.expect_hello();
+    let pid = prestart_pid(&mark);
+    agent.configure(&[("GREETING", "task")]);
+    let logs = agent.expect_init_done();
+    assert!(logs.contains("task bootstrap"), "{logs}");
+    assert!(!logs.contains("prestart took over"), "{logs}");
+    assert!(gone(pid), "the unused prestart is still running");
+    agent.send(HostMsg::Shutdown, b"");
+    let (frame, _) = agent.next_event();
+    assert!(matches!(frame.msg, AgentMsg::RuntimeExit { .. }));
+    assert!(agent.expect_end().success());
+
+    // Shut down before any configuration: the prestart goes with the agent.
+    let (mut agent, mark) = Agent::start_prestarted(None);
+    agent.expect_hello();
+    let pid = prestart_pid(&mark);
+    agent.send(HostMsg::Shutdown, b"");
+    assert!(agent.expect_end().success());
+    assert!(gone(pid), "the prestart outlived its agent");
+}

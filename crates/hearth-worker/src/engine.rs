@@ -147,6 +147,10 @@ pub struct SlotSpec {
     pub net: NetMode,
     pub tmp_mb: u32,
     pub pids_limit: i64,
+    /// Started at create (`runsc start`): the agent runs and waits for its function's
+    /// `Configure`, and a runtime with a `prestart` loads meanwhile. What boots use; restores
+    /// need a sandbox that was created only.
+    pub started: bool,
 }
 
 /// What a claim gives a created sandbox.
@@ -155,6 +159,23 @@ pub struct Claim {
     pub code_dir: PathBuf,
     pub memory_mb: u32,
 }
+
+/// The variables Lambda gives every runtime that do not depend on the function: a sandbox's
+/// agent starts with them, so that a prestarted runtime starts as it would for any function.
+pub const PLATFORM_ENV: &[(&str, &str)] = &[
+    ("TZ", ":UTC"),
+    ("LANG", "C.UTF-8"),
+    (
+        "PATH",
+        "/var/lang/bin:/usr/local/bin:/usr/bin:/bin:/opt/bin",
+    ),
+    (
+        "LD_LIBRARY_PATH",
+        "/var/lang/lib:/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:/var/task:/var/task/lib:/opt/lib",
+    ),
+    ("LAMBDA_TASK_ROOT", "/var/task"),
+    ("LAMBDA_RUNTIME_DIR", "/var/runtime"),
+];
 
 /// Extra memory allowed above the function's memory size for gVisor's own kernel (the sentry's
 /// memory is charged to the sandbox's cgroup).
@@ -409,12 +430,14 @@ impl RunscEngine {
             mounts.push(json!({ "destination": "/etc/resolv.conf", "type": "bind",
                                 "source": n.resolv_conf, "options": ["bind", "ro"] }));
         }
+        let mut env = vec!["HEARTH_AGENT_DEFER=1".to_string()];
+        env.extend(PLATFORM_ENV.iter().map(|(k, v)| format!("{k}={v}")));
         json!({
             "ociVersion": "1.0.2",
             "process": {
                 "user": { "uid": 993, "gid": 990 },
                 "args": ["/hearth/agent"],
-                "env": ["HEARTH_AGENT_DEFER=1", "PATH=/usr/local/bin:/usr/bin:/bin"],
+                "env": env,
                 "cwd": "/",
                 "noNewPrivileges": true,
                 "capabilities": { "bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": [] },
@@ -488,6 +511,11 @@ impl RunscEngine {
             let mut cmd = self.runsc_async(spec.net);
             cmd.args(["create", "--bundle"]).arg(&bundle).arg(&id);
             let (stdin, stdout, stderr_tail) = self.spawn_with_pipes(cmd, "create", &id).await?;
+            if spec.started {
+                let mut cmd = self.runsc_async(spec.net);
+                cmd.args(["start", &id]);
+                run_op(cmd, "start", &id).await?;
+            }
             Ok::<_, EngineError>((stdin, stdout, stderr_tail))
         }
         .await;
@@ -501,7 +529,11 @@ impl RunscEngine {
                     reapers,
                     stderr_tail,
                     spec: spec.clone(),
-                    phase: Phase::Created,
+                    phase: if spec.started {
+                        Phase::Running
+                    } else {
+                        Phase::Created
+                    },
                     created_at: Instant::now(),
                     dir,
                     tmp: owned.tmp.take(),
@@ -575,12 +607,15 @@ impl RunscEngine {
             .then(|| self.next_core.fetch_add(1, Ordering::Relaxed) % self.cores))
     }
 
-    /// Claim a created sandbox for a function and boot its agent. The agent then waits for
-    /// the function's environment (`Configure`) as its first frame.
+    /// Claim a sandbox for a function and boot its agent (unless it was started at create).
+    /// The agent then waits for the function's environment (`Configure`) as its first frame.
     pub async fn start(&self, sandbox: &mut Sandbox, claim: &Claim) -> Result<(), EngineError> {
         let core = self.claim(sandbox, claim)?;
         if let Some(core) = core {
             self.cgroups.set_cpus(&sandbox.id, &core.to_string());
+        }
+        if sandbox.phase == Phase::Running {
+            return Ok(());
         }
         let mut cmd = self.runsc_async(sandbox.spec.net);
         cmd.args(["start", &sandbox.id]);
@@ -598,6 +633,13 @@ impl RunscEngine {
         claim: &Claim,
         image_dir: &Path,
     ) -> Result<(), EngineError> {
+        if sandbox.phase == Phase::Running {
+            return Err(EngineError::Runsc {
+                op: "restore",
+                id: sandbox.id.clone(),
+                detail: "the sandbox was started already; a restore needs a created one".into(),
+            });
+        }
         let core = self.claim(sandbox, claim)?;
         let bundle = self.cfg.bundles.join(&sandbox.id);
         let mut cmd = self.runsc_async(sandbox.spec.net);
@@ -655,33 +697,7 @@ impl RunscEngine {
 
     /// Threads that wait for the sandbox and gofer processes (now children of this subreaper).
     fn reap_threads(&self, id: &str) -> Vec<std::thread::JoinHandle<()>> {
-        let state = self.cfg.state_root.join(format!("{id}_sandbox:{id}.state"));
-        let pids = std::fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .map(|v| {
-                let mut pids = Vec::new();
-                if let Some(p) = v.pointer("/sandbox/pid").and_then(|p| p.as_i64()) {
-                    pids.push(p as i32);
-                }
-                if let Some(p) = v.get("goferPid").and_then(|p| p.as_i64()) {
-                    pids.push(p as i32);
-                }
-                pids
-            })
-            .unwrap_or_default();
-        pids.into_iter()
-            .filter(|p| *p > 1)
-            .map(|pid| {
-                std::thread::spawn(move || {
-                    let mut status = 0;
-                    // SAFETY: waitpid on a specific pid with a valid pointer to a local int.
-                    unsafe {
-                        libc::waitpid(pid, &mut status, 0);
-                    }
-                })
-            })
-            .collect()
+        reap_threads(&self.cfg.state_root, id)
     }
 
     fn release_owned(&self, owned: Owned) {
@@ -733,6 +749,39 @@ impl RunscEngine {
 }
 
 /// Run a runsc command to completion; its stderr is the error's detail.
+/// Threads that wait for a detached sandbox's sandbox and gofer processes (read from its
+/// state file under `state_root`). A child subreaper must reap them: until it does they stay
+/// zombies, and `runsc delete` waits for them to be gone.
+pub(crate) fn reap_threads(state_root: &Path, id: &str) -> Vec<std::thread::JoinHandle<()>> {
+    let state = state_root.join(format!("{id}_sandbox:{id}.state"));
+    let pids = std::fs::read(&state)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| {
+            let mut pids = Vec::new();
+            if let Some(p) = v.pointer("/sandbox/pid").and_then(|p| p.as_i64()) {
+                pids.push(p as i32);
+            }
+            if let Some(p) = v.get("goferPid").and_then(|p| p.as_i64()) {
+                pids.push(p as i32);
+            }
+            pids
+        })
+        .unwrap_or_default();
+    pids.into_iter()
+        .filter(|p| *p > 1)
+        .map(|pid| {
+            std::thread::spawn(move || {
+                let mut status = 0;
+                // SAFETY: waitpid on a specific pid with a valid pointer to a local int.
+                unsafe {
+                    libc::waitpid(pid, &mut status, 0);
+                }
+            })
+        })
+        .collect()
+}
+
 async fn run_op(mut cmd: Command, op: &'static str, id: &str) -> Result<(), EngineError> {
     let out = cmd
         .stdin(Stdio::null())

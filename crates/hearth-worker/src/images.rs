@@ -140,6 +140,9 @@ pub struct Recipe {
     pub wheels: &'static [&'static str],
     /// Contents of `/var/runtime/bootstrap`, if the runtime brings its own.
     pub bootstrap: Option<&'static str>,
+    /// Contents of `/var/runtime/prestart`: the runtime started before its function is known,
+    /// which the agent hands the function's environment at claim time (see hearth-agent).
+    pub prestart: Option<&'static str>,
     /// `AWS_EXECUTION_ENV` value.
     pub execution_env: &'static str,
 }
@@ -149,6 +152,8 @@ const PYTHON_BOOTSTRAP: &str = "#!/bin/sh\n\
 export PYTHONPATH=\"/var/runtime${PYTHONPATH:+:$PYTHONPATH}\"\n\
 exec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n";
 
+const PYTHON_PRESTART: &str = include_str!("runtimes/python-prestart.py");
+
 /// The runtimes hearth builds.
 pub const RECIPES: &[Recipe] = &[
     Recipe {
@@ -156,6 +161,7 @@ pub const RECIPES: &[Recipe] = &[
         packages: &["python3", "libstdc++6"],
         wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
         bootstrap: Some(PYTHON_BOOTSTRAP),
+        prestart: Some(PYTHON_PRESTART),
         execution_env: "AWS_Lambda_python3.11",
     },
     Recipe {
@@ -163,6 +169,7 @@ pub const RECIPES: &[Recipe] = &[
         packages: &[],
         wheels: &[],
         bootstrap: None,
+        prestart: None,
         execution_env: "AWS_Lambda_provided",
     },
 ];
@@ -190,6 +197,7 @@ impl Recipe {
             "packages": self.all_packages(),
             "wheels": self.wheels,
             "bootstrap": self.bootstrap,
+            "prestart": self.prestart,
             "layout": LAYOUT_DIRS,
             "tools": USERLAND_TOOLS,
             "hosts": HOSTS,
@@ -542,7 +550,11 @@ fn finish_build(
         })?;
     }
     amazon_linux_userland(rootfs)?;
-    finish_rootfs(rootfs, recipe.bootstrap, true)
+    finish_rootfs(rootfs, recipe.bootstrap, true)?;
+    if let Some(script) = recipe.prestart {
+        runtime_script(rootfs, "prestart", script)?;
+    }
+    Ok(())
 }
 
 /// Add the layout, mount points and bootstrap every sandbox root needs. `neutral` (built
@@ -568,12 +580,17 @@ fn finish_rootfs(rootfs: &Path, bootstrap: Option<&str>, neutral: bool) -> Resul
         regular_file(&path, contents.as_bytes(), neutral)?;
     }
     if let Some(script) = bootstrap {
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir_in(rootfs, "var/runtime")?.join("bootstrap");
-        fs::write(&path, script).map_err(io_err(&path))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).map_err(io_err(&path))?;
+        runtime_script(rootfs, "bootstrap", script)?;
     }
     Ok(())
+}
+
+/// An executable script in the image's `/var/runtime`.
+fn runtime_script(rootfs: &Path, name: &str, script: &str) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir_in(rootfs, "var/runtime")?.join(name);
+    fs::write(&path, script).map_err(io_err(&path))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).map_err(io_err(&path))
 }
 
 /// Make `path` a regular file: written with `contents` if missing, not a regular file (a

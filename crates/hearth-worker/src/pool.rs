@@ -309,6 +309,7 @@ impl Worker {
             },
             tmp_mb: 512,
             pids_limit: PIDS_LIMIT,
+            started: true,
         };
         self.inner
             .lock()
@@ -810,24 +811,29 @@ pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<Str
     let platform = [
         ("_HANDLER", spec.handler.clone()),
         ("AWS_LAMBDA_FUNCTION_NAME", spec.name.clone()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string()),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            spec.memory_mb.to_string(),
+        ),
         ("AWS_LAMBDA_FUNCTION_VERSION", spec.version.clone()),
         ("AWS_LAMBDA_INITIALIZATION_TYPE", init_type.to_string()),
-        ("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{}", spec.name)),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME",
+            format!("/aws/lambda/{}", spec.name),
+        ),
         ("AWS_LAMBDA_LOG_STREAM_NAME", stream),
         ("AWS_REGION", region.to_string()),
         ("AWS_DEFAULT_REGION", region.to_string()),
         ("AWS_EXECUTION_ENV", exec_env.to_string()),
-        ("LAMBDA_TASK_ROOT", "/var/task".into()),
-        ("LAMBDA_RUNTIME_DIR", "/var/runtime".into()),
-        ("TZ", ":UTC".into()),
-        ("LANG", "C.UTF-8".into()),
-        ("PATH", "/var/lang/bin:/usr/local/bin:/usr/bin:/bin:/opt/bin".into()),
-        (
-            "LD_LIBRARY_PATH",
-            "/var/lang/lib:/lib64:/usr/lib64:/var/runtime:/var/runtime/lib:/var/task:/var/task/lib:/opt/lib".into(),
-        ),
     ];
+    let platform: Vec<(&str, String)> = platform
+        .into_iter()
+        .chain(
+            crate::engine::PLATFORM_ENV
+                .iter()
+                .map(|(k, v)| (*k, v.to_string())),
+        )
+        .collect();
     env.retain(|kv| {
         !platform
             .iter()
@@ -915,8 +921,8 @@ impl Worker {
         }
     }
 
-    /// The kind of sandbox one function version runs in.
-    fn slot_spec(&self, spec: &FunctionSpec) -> Result<SlotSpec, InvokeError> {
+    /// The kind of sandbox one function version boots in (`started`) or restores into.
+    fn slot_spec(&self, spec: &FunctionSpec, started: bool) -> Result<SlotSpec, InvokeError> {
         let rootfs = self
             .inner
             .images
@@ -927,6 +933,7 @@ impl Worker {
             net: self.net_mode(spec),
             tmp_mb: spec.ephemeral_storage_mb,
             pids_limit: PIDS_LIMIT,
+            started,
         })
     }
 
@@ -945,7 +952,7 @@ impl Worker {
                 .await
                 .map_err(|e| InvokeError::NotReady(e.to_string()))?;
         }
-        let kind = self.slot_spec(spec)?;
+        let kind = self.slot_spec(spec, image.is_none())?;
         let mut sandbox = inner.claim_sandbox(&kind, spec.memory_mb).await?;
         let claim = Claim {
             code_dir,

@@ -310,6 +310,9 @@ impl Probe {
         let (a, adir) = self.bundle(None).map_err(|e| e.to_string())?;
         let (b, bdir) = self.bundle(None).map_err(|e| e.to_string())?;
         let image = self.work.join("image");
+        // This process may be a child subreaper (an engine made earlier in it): detached
+        // sandboxes are then its children and must be reaped, or `runsc delete` waits forever.
+        let mut reapers = Vec::new();
         let result = (|| {
             // The agent waits on its stdin (a pipe held open here) until checkpointed.
             let mut first = self
@@ -327,6 +330,7 @@ impl Probe {
             if !status.success() {
                 return Err(format!("run: {status}"));
             }
+            reapers.extend(crate::engine::reap_threads(&self.state(), &a));
             // Wait for the agent's hello, so the checkpoint sees a running agent; its stdout
             // stays open until the checkpoint is done (a closed pipe would end the agent).
             let mut first_out = first.stdout.take();
@@ -365,6 +369,7 @@ impl Probe {
             if !status.success() {
                 return Err(format!("create: {status}"));
             }
+            reapers.extend(crate::engine::reap_threads(&self.state(), &b));
             let out = self
                 .cmd(platform, "none")
                 .arg("restore")
@@ -391,6 +396,9 @@ impl Probe {
                 .cmd(platform, "none")
                 .args(["delete", "--force", id])
                 .output();
+        }
+        for r in reapers {
+            let _ = r.join();
         }
         result
     }
