@@ -28,7 +28,7 @@
 //!
 //! In a deferred start, if the runtime directory (`LAMBDA_RUNTIME_DIR`, default `/var/runtime`)
 //! holds an executable `prestart` (and `HEARTH_AGENT_PRESTART` is not `0`), the agent starts it
-//! right after `Hello`, with the agent's own variables (`HEARTH_*` and `HOME` dropped,
+//! first and says `Hello` once it has loaded (it writes `r` on its fd 4; at most 10 s), with the agent's own variables (`HEARTH_*` and `HOME` dropped,
 //! `AWS_LAMBDA_RUNTIME_API` added), in `/`, in a process group of its own: an interpreter that
 //! loads what it can before any function is known. On `Configure`, if the bootstrap that
 //! would run is the runtime directory's own, the agent writes the function's environment to
@@ -87,6 +87,9 @@ const GRACE: Duration = Duration::from_millis(500);
 
 /// The error type of an `InitError` refusing a deferred start.
 const NOT_CONFIGURED: &str = "Sandbox.NotConfigured";
+
+/// How long `Hello` waits for a prestarted runtime to say it has loaded.
+const PRESTART_LOAD_LIMIT: Duration = Duration::from_secs(10);
 
 /// Startup failures (everything later is reported to the worker as frames).
 #[derive(Debug)]
@@ -149,8 +152,13 @@ fn run() -> Result<(), AgentError> {
     let deferred = std::env::var_os("HEARTH_AGENT_DEFER").is_some_and(|v| v == "1");
     let mut prestarted = None;
     let (config, started) = if deferred {
-        pump.write_now(&hello, &[]);
+        // Hello once a prestart has loaded (or failed to): a worker counts the sandbox ready
+        // from Hello on.
         prestarted = start_prestart(&api_addr);
+        if let Some(p) = &prestarted {
+            p.wait_loaded(PRESTART_LOAD_LIMIT);
+        }
+        pump.write_now(&hello, &[]);
         match await_configure(&mut input, &pump, &api_addr) {
             Ok(Some(configured)) => configured,
             other => {

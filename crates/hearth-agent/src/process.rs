@@ -71,8 +71,8 @@ pub fn spawn(
 }
 
 /// A runtime started before its function is known (`<runtime dir>/prestart`): it loads what
-/// it can and waits for a function's environment on fd 3, then answers on fd 4 whether it
-/// takes it (`y`) or exits.
+/// it can, says so on fd 4 (`r`), waits for a function's environment on fd 3, then answers on
+/// fd 4 whether it takes it (`y`) or not (`n` and why) and exits.
 pub struct Prestart {
     runtime: Runtime,
     config: std::fs::File,
@@ -145,6 +145,35 @@ fn start_prestart(path: &Path, env: Vec<(OsString, OsString)>) -> Result<Prestar
 }
 
 impl Prestart {
+    /// Wait until it says it has loaded (`r` on fd 4), exits, or `limit` passes.
+    pub fn wait_loaded(&self, limit: std::time::Duration) {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.answer.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes one pollfd we own.
+            let n =
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
+                return; // timed out: hand over later all the same
+            }
+            let mut byte = [0u8; 1];
+            // SAFETY: reads at most one byte into a live buffer from a descriptor we own.
+            let got = unsafe { libc::read(pfd.fd, byte.as_mut_ptr().cast(), 1) };
+            if got != 1 || byte[0] == b'r' {
+                return; // loaded, or gone (hand_over finds out)
+            }
+        }
+    }
+
     /// Give it the function's environment. `Ok` with the runtime if it took it; `Err` if it
     /// declined or died (it is killed and reaped, its output dropped).
     pub fn hand_over(mut self, env: &[(OsString, OsString)]) -> Result<Runtime, String> {

@@ -1104,6 +1104,8 @@ fn deferred_snap_start_mode_comes_from_the_configured_environment() {
 const TEST_PRESTART: &str = r#"#!/bin/bash
 echo $$ > "$PRESTART_MARK/pid"
 echo "$AWS_LAMBDA_RUNTIME_API" > "$PRESTART_MARK/api"
+sleep 0.3
+printf r >&4
 mapfile -d '' -t vars <&3
 for kv in "${vars[@]}"; do
   [ "$kv" = DECLINE=1 ] && { printf 'nthe test says so' >&4; exit 0; }
@@ -1178,8 +1180,13 @@ fn gone(pid: i32) -> bool {
 fn a_prestarted_runtime_starts_before_configure_and_becomes_the_runtime() {
     let (mut agent, mark) = Agent::start_prestarted(None);
     agent.expect_hello();
-    // Started with the agent's own platform variables and the API address, before Configure.
-    let pid = prestart_pid(&mark);
+    // Hello came once the prestart had loaded; it started with the agent's own platform
+    // variables and the API address, before Configure.
+    let pid: i32 = std::fs::read_to_string(mark.join("pid"))
+        .expect("the prestart ran before Hello")
+        .trim()
+        .parse()
+        .expect("pid");
     let api = std::fs::read_to_string(mark.join("api")).expect("api file");
     assert_eq!(api.trim(), agent.addr);
     assert!(!agent.task_root.join("started").exists());

@@ -39,11 +39,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hearth_proto::{AgentMsg, Frame};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 
 use crate::cgroup::Cgroups;
+use crate::frames;
 use crate::netns::{NetPolicy, Network, SandboxNet};
 use crate::probe::Caps;
 use crate::tmpdisk::TmpDisk;
@@ -176,6 +178,9 @@ pub const PLATFORM_ENV: &[(&str, &str)] = &[
     ("LAMBDA_TASK_ROOT", "/var/task"),
     ("LAMBDA_RUNTIME_DIR", "/var/runtime"),
 ];
+
+/// How long a started sandbox's agent may take to say Hello.
+const HELLO_LIMIT: Duration = Duration::from_secs(20);
 
 /// Extra memory allowed above the function's memory size for gVisor's own kernel (the sentry's
 /// memory is charged to the sandbox's cgroup).
@@ -519,6 +524,38 @@ impl RunscEngine {
             Ok::<_, EngineError>((stdin, stdout, stderr_tail))
         }
         .await;
+        // A started sandbox is ready once its agent says Hello (after a prestarted runtime
+        // has loaded).
+        let made = match made {
+            Ok((stdin, mut stdout, tail)) if spec.started => {
+                match tokio::time::timeout(
+                    HELLO_LIMIT,
+                    frames::read_frame::<_, AgentMsg>(&mut stdout),
+                )
+                .await
+                {
+                    Ok(Ok(Frame {
+                        msg: AgentMsg::Hello { protocol, .. },
+                        ..
+                    })) if protocol == hearth_proto::PROTOCOL_VERSION => Ok((stdin, stdout, tail)),
+                    other => Err(EngineError::Runsc {
+                        op: "start",
+                        id: id.clone(),
+                        detail: match other {
+                            Ok(Ok(f)) => format!(
+                                "the agent's first frame was {:?}, not a matching Hello",
+                                f.msg
+                            ),
+                            Ok(Err(e)) => {
+                                format!("no Hello from the agent: {e}; {}", tail_text(&tail))
+                            }
+                            Err(_) => format!("no Hello from the agent in {HELLO_LIMIT:?}"),
+                        },
+                    }),
+                }
+            }
+            other => other,
+        };
         match made {
             Ok((stdin, stdout, stderr_tail)) => {
                 let reapers = self.reap_threads(&id);
@@ -541,7 +578,12 @@ impl RunscEngine {
                 })
             }
             Err(e) => {
+                // Reap what `runsc create` left (if it got that far): `delete` waits for it.
+                let reapers = self.reap_threads(&id);
                 let _ = self.runsc().args(["delete", "--force", &id]).output();
+                for r in reapers {
+                    let _ = r.join();
+                }
                 let _ = std::fs::remove_dir_all(self.cfg.bundles.join(&id));
                 self.cgroups.remove_sandbox(&id);
                 self.release_owned(owned);

@@ -109,6 +109,11 @@ impl Harness {
         std::fs::create_dir_all(&dir).expect("code dir");
         for (path, text) in files {
             let p = dir.join(path);
+            if let Some(parent) = p.parent().filter(|d| *d != dir) {
+                std::fs::create_dir_all(parent).expect("code subdirectory");
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod");
+            }
             std::fs::write(&p, text).expect("write code");
             let mode = if *path == "bootstrap" { 0o755 } else { 0o644 };
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -1248,5 +1253,61 @@ async fn restores_go_into_pre_created_sandboxes_and_other_engines_snapshots_mean
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
     assert!(r.log.contains("Restore Duration"), "{}", r.log);
     assert_eq!(h.worker.stats().restores, 3);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_boots_take_over_the_prestarted_interpreter_unless_startup_variables_differ() {
+    let h = Harness::new(Duration::from_secs(60));
+    h.worker.prewarm("python3.11");
+    let app = "import os, sys\n\
+               def handler(event, context):\n    \
+                   import helper\n    \
+                   return {'argv': sys.orig_argv, 'path': sys.path[:2], 'pythonpath': os.environ.get('PYTHONPATH'), \
+                           'greeting': os.environ.get('GREETING'), 'home': os.environ.get('HOME'), \
+                           'helper': helper.WHERE, 'cwd': os.getcwd()}\n";
+    let files = [("app.py", app), ("helper.py", "WHERE = 'task'\n")];
+    let mut a = h.spec("prestarted", "python3.11", "app.handler", &files);
+    a.env.insert("GREETING".into(), "hi".into());
+    wait_ready(&h, 1).await;
+    let r = h.invoke(&a, json!({})).await.expect("invoke");
+    let v = json_of(&r);
+    // The interpreter the pool had started, with exactly what a fresh one would see.
+    assert_eq!(
+        v["argv"],
+        json!(["/usr/bin/python3", "/var/runtime/prestart"]),
+        "{v}"
+    );
+    assert_eq!(v["path"], json!(["/var/task", "/var/runtime"]), "{v}");
+    assert_eq!(v["pythonpath"], "/var/runtime", "{v}");
+    assert_eq!(v["greeting"], "hi", "{v}");
+    assert_eq!(v["home"], Value::Null, "{v}");
+    assert_eq!(v["helper"], "task", "{v}");
+    assert_eq!(v["cwd"], "/var/task", "{v}");
+    assert_eq!(h.worker.stats().claimed_ready, 1);
+
+    // PYTHONPATH is read when Python starts: a fresh interpreter, which honours it.
+    let mut b = h.spec(
+        "fresh",
+        "python3.11",
+        "app.handler",
+        &[
+            ("app.py", app),
+            ("helper.py", "WHERE = 'task'\n"),
+            ("extra/helper.py", "WHERE = 'extra'\n"),
+        ],
+    );
+    b.env.insert("PYTHONPATH".into(), "/var/task/extra".into());
+    wait_ready(&h, 1).await;
+    let r = h.invoke(&b, json!({})).await.expect("invoke");
+    let v = json_of(&r);
+    assert_eq!(
+        v["argv"],
+        json!(["/usr/bin/python3", "-m", "awslambdaric", "app.handler"]),
+        "{v}"
+    );
+    assert_eq!(v["pythonpath"], "/var/runtime:/var/task/extra", "{v}");
+    assert_eq!(v["helper"], "task", "the task root still comes first: {v}");
+    assert_eq!(h.worker.stats().claimed_ready, 2);
     h.finish().await;
 }

@@ -4,7 +4,8 @@
 # agent then hands over one function's environment and this process becomes that function's
 # runtime, exactly as `/var/runtime/bootstrap` (python3 -m awslambdaric "$_HANDLER") would.
 #
-# Protocol with the agent: fd 3 carries the function's environment (NUL-terminated KEY=VALUE
+# Protocol with the agent: this process writes "r" on fd 4 once loaded; fd 3 then carries the
+# function's environment (NUL-terminated KEY=VALUE
 # entries, then end of file); this process answers on fd 4: "y" (it takes the configuration
 # and runs the client) or "n" and the reason (it exits, and the agent starts the bootstrap
 # instead). It declines whenever it could not behave exactly like a fresh interpreter: a
@@ -52,6 +53,7 @@ def main():
     for name in [n for n in sys.modules if n == "awslambdaric" or n.startswith("awslambdaric.")]:
         del sys.modules[name]
 
+    os.write(4, b"r")
     env = _read_config(3)
     os.close(3)
     why = _refusal(env, started_with)
