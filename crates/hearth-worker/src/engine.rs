@@ -691,7 +691,9 @@ impl RunscEngine {
             .arg(&bundle)
             .arg(&sandbox.id);
         if self.caps.restore_into_created {
+            let t = Instant::now();
             run_op(cmd, "restore", &sandbox.id).await?;
+            tracing::debug!(sandbox = %sandbox.id, ms = t.elapsed().as_secs_f64() * 1000.0, "runsc restore");
         } else {
             // This runsc restores only into a new container: drop the created one (keeping
             // its directory, disk and network) and restore with new pipes.

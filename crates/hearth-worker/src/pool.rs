@@ -1201,6 +1201,7 @@ impl Worker {
                 return None;
             }
         };
+        tracing::debug!(function = %spec.name, ms = t.elapsed().as_secs_f64() * 1000.0, "restored; resuming the runtime");
         if meta.point == RestorePoint::RestoreNext {
             if frames::write_frame(&mut env.sandbox.stdin, &HostMsg::Restore, b"")
                 .await
@@ -1222,6 +1223,7 @@ impl Worker {
             }
         }
         self.inner.lock().restores += 1;
+        tracing::debug!(function = %spec.name, ms = t.elapsed().as_secs_f64() * 1000.0, "restore done");
         Some((env, t.elapsed().as_secs_f64() * 1000.0))
     }
 

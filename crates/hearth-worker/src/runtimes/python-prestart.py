@@ -52,6 +52,9 @@ def main():
     import awslambdaric.__main__  # noqa: F401
     for name in [n for n in sys.modules if n == "awslambdaric" or n.startswith("awslambdaric.")]:
         del sys.modules[name]
+    import gc
+
+    gc.collect()  # the dropped modules' cycles, before the pool counts this sandbox
 
     os.write(4, b"r")
     env = _read_config(3)
