@@ -579,11 +579,9 @@ impl RunscEngine {
             }
             Err(e) => {
                 // Reap what `runsc create` left (if it got that far): `delete` waits for it.
-                let reapers = self.reap_threads(&id);
+                let reapers = reapers(&self.cfg.state_root, &id);
                 let _ = self.runsc().args(["delete", "--force", &id]).output();
-                for r in reapers {
-                    let _ = r.join();
-                }
+                join_reapers(reapers, Duration::from_secs(3));
                 let _ = std::fs::remove_dir_all(self.cfg.bundles.join(&id));
                 self.cgroups.remove_sandbox(&id);
                 self.release_owned(owned);
@@ -797,6 +795,31 @@ impl RunscEngine {
 /// state file under `state_root`). A child subreaper must reap them: until it does they stay
 /// zombies, and `runsc delete` waits for them to be gone.
 pub(crate) fn reap_threads(state_root: &Path, id: &str) -> Vec<std::thread::JoinHandle<()>> {
+    reapers(state_root, id)
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect()
+}
+
+/// Wait for [`reapers`] at most `limit`; a process still there then (one runsc could not stop,
+/// e.g. an old runsc after a failed restore) is killed, never waited for forever.
+pub(crate) fn join_reapers(reapers: Vec<(i32, std::thread::JoinHandle<()>)>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    for (pid, r) in reapers {
+        while !r.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !r.is_finished() {
+            // SAFETY: kill has no memory effects; `pid` is our unreaped child (its reaper
+            // thread has not returned), so it cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = r.join();
+    }
+}
+
+/// [`reap_threads`] with the pid each thread waits for.
+pub(crate) fn reapers(state_root: &Path, id: &str) -> Vec<(i32, std::thread::JoinHandle<()>)> {
     let state = state_root.join(format!("{id}_sandbox:{id}.state"));
     let pids = std::fs::read(&state)
         .ok()
@@ -815,13 +838,14 @@ pub(crate) fn reap_threads(state_root: &Path, id: &str) -> Vec<std::thread::Join
     pids.into_iter()
         .filter(|p| *p > 1)
         .map(|pid| {
-            std::thread::spawn(move || {
+            let h = std::thread::spawn(move || {
                 let mut status = 0;
                 // SAFETY: waitpid on a specific pid with a valid pointer to a local int.
                 unsafe {
                     libc::waitpid(pid, &mut status, 0);
                 }
-            })
+            });
+            (pid, h)
         })
         .collect()
 }

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pool;
 pub mod prewarm;
 pub mod probe;
+pub mod scaling;
 pub mod snapshots;
 pub mod tmpdisk;
 

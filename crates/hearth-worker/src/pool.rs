@@ -33,12 +33,13 @@ use hearth_api::invoker::{
     LOG_TAIL_BYTES, LogTarget,
 };
 use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, SandboxConfig};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::{Claim, NetMode, RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
 use crate::frames;
 use crate::images::{ImageStore, recipe_for};
 use crate::prewarm::{self, PrewarmConfig};
+use crate::scaling;
 use crate::snapshots::{RestorePoint, SnapshotError, SnapshotMeta, SnapshotMiss, SnapshotStore};
 
 /// Worker settings.
@@ -63,6 +64,9 @@ pub struct WorkerConfig {
     pub chunk_store: Option<hearth_store::ChunkStore>,
     /// The worker's cache of unpacked code fetched from the chunk store (survives restarts).
     pub code_cache: Option<PathBuf>,
+    /// Cold starts the worker runs at once; further misses wait for a sandbox or a free start
+    /// (see [`crate::scaling`]). Default: the number of cores.
+    pub start_limit: usize,
 }
 
 impl Default for WorkerConfig {
@@ -77,6 +81,9 @@ impl Default for WorkerConfig {
             snapshot_dir: None,
             chunk_store: None,
             code_cache: None,
+            start_limit: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -111,6 +118,8 @@ pub struct PoolStats {
     pub ready: usize,
     /// Cold starts that claimed a ready sandbox (the rest created one inline).
     pub claimed_ready: usize,
+    /// Invocations that waited for a sandbox instead of starting one (cold-start pacing).
+    pub paced: usize,
 }
 
 /// One execution environment owned by the pool.
@@ -120,6 +129,23 @@ struct Env {
     function: String,
     memory_mb: u32,
     last_used: Instant,
+}
+
+/// One revision's load, timings and waiting invocations (oldest first).
+#[derive(Default)]
+struct Revision {
+    busy: usize,
+    starting: usize,
+    invoke_ms: Option<f64>,
+    cold_ms: Option<f64>,
+    waiters: VecDeque<(u64, oneshot::Sender<Env>)>,
+    next_waiter: u64,
+}
+
+impl Revision {
+    fn unused(&self) -> bool {
+        self.busy == 0 && self.starting == 0 && self.waiters.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -141,6 +167,12 @@ struct State {
     resnapshots: std::collections::HashSet<String>,
     inflight: HashMap<String, u32>,
     inflight_unreserved: u32,
+    /// Per revision: how loaded it is, and the invocations waiting for one of its sandboxes.
+    revisions: HashMap<String, Revision>,
+    /// Cold starts running now (all revisions).
+    starts_in_flight: usize,
+    /// Misses that waited for a sandbox instead of starting one.
+    paced: usize,
     cold_starts: usize,
     warm_starts: usize,
     restores: usize,
@@ -157,6 +189,8 @@ struct Inner {
     destroyed: Notify,
     /// Wakes the refill task (a cold start claimed or missed a ready sandbox).
     refill: Arc<Notify>,
+    /// Wakes waiting invocations to decide again (a start finished, an invocation ended).
+    changed: Notify,
 }
 
 /// The in-process worker: implements [`Invoker`] over runsc sandboxes.
@@ -221,6 +255,7 @@ impl Worker {
             destroying: AtomicUsize::new(0),
             destroyed: Notify::new(),
             refill: Arc::new(Notify::new()),
+            changed: Notify::new(),
         });
         tokio::spawn(refill_loop(Arc::downgrade(&inner)));
         let weak = Arc::downgrade(&inner);
@@ -249,6 +284,7 @@ impl Worker {
             restores: st.restores,
             ready: st.ready.values().map(Vec::len).sum(),
             claimed_ready: st.claimed_ready,
+            paced: st.paced,
         }
     }
 
@@ -522,6 +558,66 @@ impl Inner {
         }
     }
 
+    /// An idle sandbox for an invocation of `key`, counted busy; `None` (and destroyed) if its
+    /// runtime died meanwhile (a background thread exited, it ran out of memory): an idle
+    /// sandbox that died is replaced, never handed an invocation.
+    fn take_if_alive(self: &Arc<Self>, key: &str, mut env: Env, log: &mut InvLog) -> Option<Env> {
+        if still_alive(&mut env, log) {
+            let mut st = self.lock();
+            st.warm_starts += 1;
+            st.revisions.entry(key.to_string()).or_default().busy += 1;
+            return Some(env);
+        }
+        tracing::info!(sandbox = %env.sandbox.id, "idle sandbox died; replacing it");
+        self.destroy(env);
+        self.changed.notify_waiters();
+        None
+    }
+
+    /// A cold start of `key` ended: it no longer counts as starting; if it succeeded its
+    /// invocation now counts busy.
+    fn start_done(&self, key: &str, ok: bool, took: Duration) {
+        let mut st = self.lock();
+        st.starts_in_flight = st.starts_in_flight.saturating_sub(1);
+        let rev = st.revisions.entry(key.to_string()).or_default();
+        rev.starting = rev.starting.saturating_sub(1);
+        if ok {
+            rev.busy += 1;
+            rev.cold_ms = scaling::ewma(rev.cold_ms, took);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// An invocation of `key` ended (`ran`: how long it ran, if it reached the function).
+    fn finish_busy(&self, key: &str, ran: Option<Duration>) {
+        let mut st = self.lock();
+        if let Some(rev) = st.revisions.get_mut(key) {
+            rev.busy = rev.busy.saturating_sub(1);
+            if let Some(d) = ran {
+                rev.invoke_ms = scaling::ewma(rev.invoke_ms, d);
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Return a sandbox after an invocation: to the oldest invocation waiting for its
+    /// revision, else to the idle stack.
+    fn give_back(&self, key: &str, mut env: Env) {
+        let mut st = self.lock();
+        if let Some(rev) = st.revisions.get_mut(key) {
+            while let Some((_, tx)) = rev.waiters.pop_front() {
+                // The waiter counts it busy once it has checked it (`take_if_alive`).
+                match tx.send(env) {
+                    Ok(()) => return,
+                    Err(back) => env = back,
+                }
+            }
+        }
+        st.idle.entry(key.to_string()).or_default().push(env);
+    }
+
     /// Kill a sandbox whose memory is already released from the accounting.
     fn teardown(self: &Arc<Self>, env: Env) {
         let Env {
@@ -544,6 +640,11 @@ impl Inner {
                 out.extend(old);
             }
             st.idle.retain(|_, v| !v.is_empty());
+            // Load records of revisions with nothing running, starting, waiting or idle.
+            let State {
+                revisions, idle, ..
+            } = &mut *st;
+            revisions.retain(|k, r| !r.unused() || idle.contains_key(k));
             out
         };
         for env in expired {
@@ -1374,6 +1475,100 @@ impl Invoker for Worker {
 }
 
 impl Worker {
+    /// A sandbox of revision `key` for one invocation: an idle one (`Some`), or `None` when
+    /// this invocation is to start one (counted as a start in flight). Misses are paced by
+    /// [`scaling::on_miss`]: an invocation may wait, oldest first, for one of the revision's
+    /// sandboxes to come free instead of starting another, and waits when the worker runs
+    /// as many starts as it may.
+    async fn acquire(&self, key: &str, log: &mut InvLog) -> Option<Env> {
+        let inner = &self.inner;
+        let mut queued: Option<(u64, oneshot::Receiver<Env>)> = None;
+        loop {
+            // Handed over by a finishing invocation?
+            if let Some((_, rx)) = queued.as_mut()
+                && let Ok(env) = rx.try_recv()
+            {
+                queued = None;
+                if let Some(env) = inner.take_if_alive(key, env, log) {
+                    return Some(env);
+                }
+                continue;
+            }
+            let changed = inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let waiting = {
+                let mut st = inner.lock();
+                if queued.is_none()
+                    && let Some(env) = st.idle.get_mut(key).and_then(Vec::pop)
+                {
+                    drop(st);
+                    if let Some(env) = inner.take_if_alive(key, env, log) {
+                        return Some(env);
+                    }
+                    continue;
+                }
+                let (starts, limit) = (st.starts_in_flight, inner.cfg.start_limit);
+                let rev = st.revisions.entry(key.to_string()).or_default();
+                let position = match &queued {
+                    None => rev.waiters.len(),
+                    Some((id, _)) => match rev.waiters.iter().position(|(w, _)| w == id) {
+                        Some(p) => p,
+                        // Taken off the queue: a sandbox was handed over just now.
+                        None => continue,
+                    },
+                };
+                let load = scaling::RevisionLoad {
+                    busy: rev.busy,
+                    starting: rev.starting,
+                    waiting: position,
+                    invoke_ms: rev.invoke_ms,
+                    cold_ms: rev.cold_ms,
+                };
+                match scaling::on_miss(&load, starts, limit) {
+                    scaling::Miss::Start => {
+                        if let Some((id, _)) = &queued {
+                            rev.waiters.retain(|(w, _)| w != id);
+                        }
+                        rev.starting += 1;
+                        st.starts_in_flight += 1;
+                        false
+                    }
+                    scaling::Miss::Wait => {
+                        if queued.is_none() {
+                            let (tx, rx) = oneshot::channel();
+                            let id = rev.next_waiter;
+                            rev.next_waiter += 1;
+                            rev.waiters.push_back((id, tx));
+                            st.paced += 1;
+                            queued = Some((id, rx));
+                        }
+                        true
+                    }
+                }
+            };
+            if !waiting {
+                return None;
+            }
+            let Some((_, rx)) = queued.as_mut() else {
+                continue;
+            };
+            // Decide again when something changes, and at least every 100 ms.
+            tokio::select! {
+                got = rx => {
+                    queued = None;
+                    if let Ok(env) = got
+                        && let Some(env) = inner.take_if_alive(key, env, log)
+                    {
+                        return Some(env);
+                    }
+                }
+                _ = &mut changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
     async fn run_invocation(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
@@ -1383,28 +1578,18 @@ impl Worker {
         let key = pool_key(&req.spec);
         let request_id = req.request_id.clone();
         let mut log = InvLog::new(req.log.clone());
-        // An idle sandbox whose runtime died meanwhile (a background thread exited, it ran out
-        // of memory) is replaced, never handed an invocation.
-        let warm = loop {
-            let env = inner.lock().idle.get_mut(&key).and_then(Vec::pop);
-            match env {
-                Some(mut env) => {
-                    if still_alive(&mut env, &mut log) {
-                        inner.lock().warm_starts += 1;
-                        break Some(env);
-                    }
-                    tracing::info!(sandbox = %env.sandbox.id, "idle sandbox died; replacing it");
-                    inner.destroy(env);
-                }
-                None => break None,
-            }
-        };
+        let warm = self.acquire(&key, &mut log).await;
+        // Counted busy from here (or starting, counted by `acquire`) until `finish_busy`.
+        let cold_started = Instant::now();
         let (mut env, init_ms) = match warm {
             Some(env) => (env, None),
             None => {
-                let (env, init, start) = match self.create(&req.spec, &mut log).await {
+                let created = self.create(&req.spec, &mut log).await;
+                inner.start_done(&key, created.is_ok(), cold_started.elapsed());
+                let (env, init, start) = match created {
                     Ok(created) => created,
                     Err(e) => {
+                        inner.finish_busy(&key, None);
                         log.finish();
                         return Err(e);
                     }
@@ -1412,6 +1597,7 @@ impl Worker {
                 match init {
                     Init::Ready { init_ms } => (env, Some((init_ms, start))),
                     Init::RestoreReady => {
+                        inner.finish_busy(&key, None);
                         inner.destroy(env);
                         log.finish();
                         return Err(InvokeError::Service(
@@ -1440,6 +1626,7 @@ impl Worker {
                             req.spec.memory_mb,
                             inner.engine.cgroups().resident(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
                         ));
+                        inner.finish_busy(&key, None);
                         inner.destroy(env);
                         return Ok(InvokeResult {
                             payload: doc,
@@ -1535,9 +1722,10 @@ impl Worker {
         }
         report.push('\n');
         log.push_str(&report);
+        inner.finish_busy(&key, Some(duration));
         if keep && !inner.closed.load(Ordering::SeqCst) {
             env.last_used = Instant::now();
-            inner.lock().idle.entry(key).or_default().push(env);
+            inner.give_back(&key, env);
         } else {
             inner.destroy(env);
         }

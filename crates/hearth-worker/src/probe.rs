@@ -330,7 +330,7 @@ impl Probe {
             if !status.success() {
                 return Err(format!("run: {status}"));
             }
-            reapers.extend(crate::engine::reap_threads(&self.state(), &a));
+            reapers.extend(crate::engine::reapers(&self.state(), &a));
             // Wait for the agent's hello, so the checkpoint sees a running agent; its stdout
             // stays open until the checkpoint is done (a closed pipe would end the agent).
             let mut first_out = first.stdout.take();
@@ -369,7 +369,7 @@ impl Probe {
             if !status.success() {
                 return Err(format!("create: {status}"));
             }
-            reapers.extend(crate::engine::reap_threads(&self.state(), &b));
+            reapers.extend(crate::engine::reapers(&self.state(), &b));
             let out = self
                 .cmd(platform, "none")
                 .arg("restore")
@@ -397,9 +397,7 @@ impl Probe {
                 .args(["delete", "--force", id])
                 .output();
         }
-        for r in reapers {
-            let _ = r.join();
-        }
+        crate::engine::join_reapers(reapers, Duration::from_secs(3));
         result
     }
 

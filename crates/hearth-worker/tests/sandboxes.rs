@@ -81,6 +81,14 @@ impl Harness {
     }
 
     fn with_engine(keep_alive: Duration, adjust: impl FnOnce(&mut EngineConfig)) -> Self {
+        Self::with_configs(keep_alive, adjust, |_| {})
+    }
+
+    fn with_configs(
+        keep_alive: Duration,
+        adjust: impl FnOnce(&mut EngineConfig),
+        adjust_worker: impl FnOnce(&mut WorkerConfig),
+    ) -> Self {
         // `RUST_LOG=hearth_worker=debug` shows what the worker does.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -92,15 +100,13 @@ impl Harness {
         images
             .rootfs("python3.11")
             .expect("python3.11 image missing: run `hearth image build`");
-        let worker = Worker::new(
-            Arc::new(engine),
-            images,
-            WorkerConfig {
-                keep_alive,
-                memory_budget_mb: 8192,
-                ..WorkerConfig::default()
-            },
-        );
+        let mut cfg = WorkerConfig {
+            keep_alive,
+            memory_budget_mb: 8192,
+            ..WorkerConfig::default()
+        };
+        adjust_worker(&mut cfg);
+        let worker = Worker::new(Arc::new(engine), images, cfg);
         Harness { worker, dir }
     }
 
@@ -1310,4 +1316,67 @@ async fn python_boots_take_over_the_prestarted_interpreter_unless_startup_variab
     assert_eq!(v["helper"], "task", "the task root still comes first: {v}");
     assert_eq!(h.worker.stats().claimed_ready, 2);
     h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_waits_for_sandboxes_that_come_free_instead_of_starting_one_each() {
+    let h = Arc::new(Harness::with_configs(
+        Duration::from_secs(60),
+        |_| {},
+        |w| w.start_limit = 1,
+    ));
+    let spec = h.spec("burst", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    // One call first: the pool learns how long a call and a cold start take.
+    h.invoke(&spec, json!({})).await.expect("first call");
+    let before = h.worker.stats();
+    let calls: Vec<_> = (0..24)
+        .map(|i| {
+            let (h, spec) = (h.clone(), spec.clone());
+            tokio::spawn(async move { h.invoke(&spec, json!({ "n": i })).await })
+        })
+        .collect();
+    for c in calls {
+        let r = c.await.expect("task").expect("invoke");
+        assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    }
+    let after = h.worker.stats();
+    // Every call ran; most waited for a sandbox of the burst rather than starting their own.
+    assert_eq!(after.warm_starts + after.cold_starts, 25, "{after:?}");
+    let new_sandboxes = after.cold_starts - before.cold_starts;
+    assert!(
+        new_sandboxes < 12,
+        "{new_sandboxes} cold starts for 24 short calls: {after:?}"
+    );
+    assert!(after.paced >= 12, "{after:?}");
+
+    // Slow calls are not waited for: concurrent 1 s calls each get a sandbox, the start limit
+    // only takes them one at a time.
+    let slow = h.spec(
+        "slowburst",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
+    h.invoke(&slow, json!({"sleep": 1}))
+        .await
+        .expect("slow call");
+    let before = h.worker.stats();
+    let (a, b, c) = tokio::join!(
+        h.invoke(&slow, json!({"sleep": 1})),
+        h.invoke(&slow, json!({"sleep": 1})),
+        h.invoke(&slow, json!({"sleep": 1}))
+    );
+    for r in [a, b, c] {
+        assert!(!r.expect("slow").function_error);
+    }
+    let after = h.worker.stats();
+    assert_eq!(
+        after.cold_starts - before.cold_starts,
+        2,
+        "one warm, two new: {after:?}"
+    );
+    match Arc::try_unwrap(h) {
+        Ok(h) => h.finish().await,
+        Err(_) => panic!("harness still shared"),
+    }
 }

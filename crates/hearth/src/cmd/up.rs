@@ -87,6 +87,10 @@ pub struct UpArgs {
     /// Most sandboxes kept created ahead of demand in all.
     #[arg(long, env = "HEARTH_PREWARM_TOTAL", default_value_t = 4)]
     pub prewarm_total: usize,
+    /// Cold starts run at once (default: the number of cores); further invocations that find
+    /// no idle sandbox wait for one to come free or for a start to finish.
+    #[arg(long, env = "HEARTH_START_LIMIT", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub start_limit: Option<u64>,
 }
 
 /// Credentials kept in the data directory so restarts keep working clients.
@@ -262,6 +266,10 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 },
                 ..Default::default()
             },
+            start_limit: args
+                .start_limit
+                .map(|n| n as usize)
+                .unwrap_or(WorkerConfig::default().start_limit),
             ..WorkerConfig::default()
         },
     );

@@ -1,0 +1,183 @@
+//! Pacing cold starts (sans-IO): what an invocation that found no idle sandbox of its revision
+//! does, start one or wait for one.
+//!
+//! A burst of concurrent calls must not become a pile of parallel cold starts that starve each
+//! other on a few cores. Two rules, both pure functions of counts and recent timings:
+//!
+//! - **Wait for a sandbox that will be free sooner than a new one would be ready.** The
+//!   revision's sandboxes that are busy or starting will each serve the waiters in turn (oldest
+//!   first); the `k`-th waiter (0-based) among `coming` such sandboxes expects to wait about
+//!   `(k / coming + 1)` invocation durations, plus what is left of a start in progress when
+//!   nothing is busy yet. If that is less than a cold start takes, it waits.
+//! - **Start no more sandboxes at once than the worker can start** (`start_limit`); past it,
+//!   the invocation waits for an idle sandbox or a free start.
+//!
+//! Timings are exponentially weighted averages of this worker's own invocations and cold
+//! starts of the revision. Before an invocation of the revision has finished, nothing waits
+//! for a busy sandbox (a burst of slow first calls starts as many sandboxes as the start limit
+//! lets through); before a cold start has finished one is assumed to take
+//! [`DEFAULT_COLD_MS`].
+
+use std::time::Duration;
+
+/// A revision's load and timings, as the pool counts them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RevisionLoad {
+    /// Invocations running in the revision's sandboxes.
+    pub busy: usize,
+    /// Cold starts of the revision in progress.
+    pub starting: usize,
+    /// Invocations already waiting for one of its sandboxes (ahead of this one).
+    pub waiting: usize,
+    /// Average invocation duration, once one has finished.
+    pub invoke_ms: Option<f64>,
+    /// Average cold start (claim to ready), once one has finished.
+    pub cold_ms: Option<f64>,
+}
+
+impl RevisionLoad {
+    pub const fn idle() -> Self {
+        RevisionLoad {
+            busy: 0,
+            starting: 0,
+            waiting: 0,
+            invoke_ms: None,
+            cold_ms: None,
+        }
+    }
+}
+
+/// Before any measurement: a cold start is assumed to take this long.
+pub const DEFAULT_COLD_MS: f64 = 1000.0;
+
+/// Weight of a new measurement in the averages.
+const EWMA_WEIGHT: f64 = 0.2;
+
+/// What to do on a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// Start a new sandbox now.
+    Start,
+    /// Wait for a sandbox of the revision to come free (or for a start to be allowed).
+    Wait,
+}
+
+/// The decision for an invocation that found no idle sandbox of its revision.
+pub fn on_miss(load: &RevisionLoad, starts_in_flight: usize, start_limit: usize) -> Miss {
+    let cold = load.cold_ms.unwrap_or(DEFAULT_COLD_MS);
+    let coming = load.busy + load.starting;
+    // Until one invocation has finished nobody knows how long they take: never wait for one.
+    if let Some(invoke) = load.invoke_ms
+        && coming > 0
+    {
+        let rounds = (load.waiting / coming) as f64 + 1.0;
+        // With nothing busy yet, the first sandboxes come free after their start finishes
+        // (at most a whole cold start from now) and their first invocation.
+        let head = if load.busy == 0 { cold } else { 0.0 };
+        if head + rounds * invoke < cold {
+            return Miss::Wait;
+        }
+    }
+    if starts_in_flight < start_limit.max(1) {
+        Miss::Start
+    } else {
+        Miss::Wait
+    }
+}
+
+/// Fold one measurement into an average.
+pub fn ewma(avg: Option<f64>, sample: Duration) -> Option<f64> {
+    let ms = sample.as_secs_f64() * 1000.0;
+    Some(match avg {
+        None => ms,
+        Some(a) => a + EWMA_WEIGHT * (ms - a),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(busy: usize, starting: usize, waiting: usize) -> RevisionLoad {
+        RevisionLoad {
+            busy,
+            starting,
+            waiting,
+            invoke_ms: Some(2.0),
+            cold_ms: Some(60.0),
+        }
+    }
+
+    #[test]
+    fn nothing_running_means_a_start_while_starts_are_free() {
+        assert_eq!(on_miss(&RevisionLoad::idle(), 0, 2), Miss::Start);
+        assert_eq!(on_miss(&load(0, 0, 0), 1, 2), Miss::Start);
+        // The worker is starting as much as it can: wait.
+        assert_eq!(on_miss(&load(0, 0, 0), 2, 2), Miss::Wait);
+        // A limit of 0 is taken as 1, so nothing waits forever.
+        assert_eq!(on_miss(&load(0, 0, 0), 0, 0), Miss::Start);
+    }
+
+    #[test]
+    fn a_short_queue_behind_busy_sandboxes_waits_a_long_one_starts() {
+        // One busy sandbox, 2 ms invocations, 60 ms cold starts: up to 28 waiters ahead still
+        // expect less than a cold start ((28 / 1 + 1) * 2 = 58 ms).
+        assert_eq!(on_miss(&load(1, 0, 0), 0, 2), Miss::Wait);
+        assert_eq!(on_miss(&load(1, 0, 28), 0, 2), Miss::Wait);
+        assert_eq!(on_miss(&load(1, 0, 29), 0, 2), Miss::Start);
+        // More sandboxes share the queue.
+        assert_eq!(on_miss(&load(4, 0, 100), 0, 2), Miss::Wait);
+        assert_eq!(on_miss(&load(4, 0, 120), 0, 2), Miss::Start);
+        // Past the start limit it waits all the same.
+        assert_eq!(on_miss(&load(1, 0, 29), 2, 2), Miss::Wait);
+    }
+
+    #[test]
+    fn slow_invocations_are_not_waited_for() {
+        let slow = RevisionLoad {
+            invoke_ms: Some(500.0),
+            ..load(1, 0, 0)
+        };
+        assert_eq!(on_miss(&slow, 0, 2), Miss::Start);
+    }
+
+    #[test]
+    fn a_start_in_progress_is_not_waited_for_when_a_new_one_would_be_as_quick() {
+        // Nothing busy yet: a waiter would wait for the start and its first invocation, which
+        // is no quicker than starting another.
+        assert_eq!(on_miss(&load(0, 1, 0), 0, 2), Miss::Start);
+        assert_eq!(on_miss(&load(0, 1, 0), 2, 2), Miss::Wait);
+    }
+
+    #[test]
+    fn before_an_invocation_finished_only_the_start_limit_paces() {
+        let first = RevisionLoad {
+            busy: 1,
+            starting: 1,
+            ..RevisionLoad::idle()
+        };
+        assert_eq!(on_miss(&first, 1, 2), Miss::Start);
+        assert_eq!(on_miss(&first, 2, 2), Miss::Wait);
+        // Once one has finished (1 s cold start assumed, 100 ms calls): nine waiters queue
+        // behind one busy sandbox, the tenth starts another.
+        let known = RevisionLoad {
+            busy: 1,
+            invoke_ms: Some(100.0),
+            ..RevisionLoad::idle()
+        };
+        assert_eq!(on_miss(&known, 0, 2), Miss::Wait);
+        let long = RevisionLoad {
+            waiting: 9,
+            ..known
+        };
+        assert_eq!(on_miss(&long, 0, 2), Miss::Start);
+    }
+
+    #[test]
+    fn averages_follow_measurements() {
+        let a = ewma(None, Duration::from_millis(100));
+        assert_eq!(a, Some(100.0));
+        let b = ewma(a, Duration::from_millis(200)).unwrap_or_default();
+        assert!((b - 120.0).abs() < 1e-9, "{b}");
+    }
+}
