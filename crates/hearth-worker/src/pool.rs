@@ -296,6 +296,8 @@ impl Worker {
     /// Busy sandboxes are destroyed as their invocations end.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
+        // Waiting invocations see the flag and give up.
+        self.inner.changed.notify_waiters();
         let (idle, ready): (Vec<Env>, Vec<Sandbox>) = {
             let mut st = self.inner.lock();
             (
@@ -1480,17 +1482,25 @@ impl Worker {
     /// [`scaling::on_miss`]: an invocation may wait, oldest first, for one of the revision's
     /// sandboxes to come free instead of starting another, and waits when the worker runs
     /// as many starts as it may.
-    async fn acquire(&self, key: &str, log: &mut InvLog) -> Option<Env> {
+    async fn acquire(&self, key: &str, log: &mut InvLog) -> Result<Option<Env>, InvokeError> {
         let inner = &self.inner;
         let mut queued: Option<(u64, oneshot::Receiver<Env>)> = None;
         loop {
+            if inner.closed.load(Ordering::SeqCst) {
+                if let Some((id, _)) = &queued
+                    && let Some(rev) = inner.lock().revisions.get_mut(key)
+                {
+                    rev.waiters.retain(|(w, _)| w != id);
+                }
+                return Err(InvokeError::NotReady("the worker is shutting down".into()));
+            }
             // Handed over by a finishing invocation?
             if let Some((_, rx)) = queued.as_mut()
                 && let Ok(env) = rx.try_recv()
             {
                 queued = None;
                 if let Some(env) = inner.take_if_alive(key, env, log) {
-                    return Some(env);
+                    return Ok(Some(env));
                 }
                 continue;
             }
@@ -1504,7 +1514,7 @@ impl Worker {
                 {
                     drop(st);
                     if let Some(env) = inner.take_if_alive(key, env, log) {
-                        return Some(env);
+                        return Ok(Some(env));
                     }
                     continue;
                 }
@@ -1548,7 +1558,7 @@ impl Worker {
                 }
             };
             if !waiting {
-                return None;
+                return Ok(None);
             }
             let Some((_, rx)) = queued.as_mut() else {
                 continue;
@@ -1560,7 +1570,7 @@ impl Worker {
                     if let Ok(env) = got
                         && let Some(env) = inner.take_if_alive(key, env, log)
                     {
-                        return Some(env);
+                        return Ok(Some(env));
                     }
                 }
                 _ = &mut changed => {}
@@ -1578,7 +1588,13 @@ impl Worker {
         let key = pool_key(&req.spec);
         let request_id = req.request_id.clone();
         let mut log = InvLog::new(req.log.clone());
-        let warm = self.acquire(&key, &mut log).await;
+        let warm = match self.acquire(&key, &mut log).await {
+            Ok(warm) => warm,
+            Err(e) => {
+                log.finish();
+                return Err(e);
+            }
+        };
         // Counted busy from here (or starting, counted by `acquire`) until `finish_busy`.
         let cold_started = Instant::now();
         let (mut env, init_ms) = match warm {
