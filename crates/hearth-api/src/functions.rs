@@ -50,10 +50,7 @@ fn check_revision(given: Option<&str>, current: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The chunk-store name of a deployment package.
-pub fn code_artifact(sha256_hex: &str) -> String {
-    format!("code/{sha256_hex}")
-}
+pub use hearth_core::code::code_artifact;
 
 /// `SnapStart.ApplyOn` value that turns snapshots on.
 pub(crate) const SNAP_START_PUBLISHED: &str = "PublishedVersions";
@@ -416,10 +413,10 @@ pub async fn create_function(
     validate::runtime(&runtime)?;
     if let Some(h) = &req.handler {
         validate::handler(h)?;
-    } else if runtime == "python3.11" {
-        return Err(ApiError::invalid(
-            "Handler is required for runtime python3.11",
-        ));
+    } else if hearth_core::runtimes::lookup(&runtime).is_some_and(|r| r.needs_handler) {
+        return Err(ApiError::invalid(format!(
+            "Handler is required for runtime {runtime}"
+        )));
     }
     let role = req
         .role
@@ -909,10 +906,13 @@ pub async fn update_function_configuration(
                 if let Some(h) = req.handler {
                     v.handler = Some(h);
                 }
-                if v.runtime == "python3.11" && v.handler.is_none() {
-                    return Err(ApiError::invalid(
-                        "Handler is required for runtime python3.11",
-                    ));
+                if v.handler.is_none()
+                    && hearth_core::runtimes::lookup(&v.runtime).is_some_and(|r| r.needs_handler)
+                {
+                    return Err(ApiError::invalid(format!(
+                        "Handler is required for runtime {}",
+                        v.runtime
+                    )));
                 }
                 if let Some(r) = req.role {
                     v.role = r;

@@ -209,6 +209,10 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         InvokeError::NotReady(message) => {
             ApiError::new(crate::error::ErrorKind::ResourceNotReady, message)
         }
+        // The embedded invoker is always the leader; a networked front end forwards first.
+        e @ InvokeError::NotLeader { .. } => {
+            ApiError::new(crate::error::ErrorKind::ResourceNotReady, e.to_string())
+        }
         InvokeError::Service(detail) => ApiError::internal(format!("invoker: {detail}")),
     })?;
 

@@ -19,12 +19,12 @@
 //! Everything lives under one data directory: `meta.redb`, `code/<sha256>/`,
 //! `logs/<function>.log`, `download.key` (and `packages/<sha256>.zip` when no chunk store
 //! keeps the zips).
-pub mod code;
+pub use hearth_core::code;
 pub mod download;
 pub mod error;
 pub mod functions;
 pub mod invoke;
-pub mod invoker;
+pub use hearth_core::invoker;
 pub mod logs;
 pub mod model;
 pub mod router;

@@ -48,16 +48,7 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into())
 }
 
-/// Where a version's code lives and what it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CodeRef {
-    /// Base64 SHA-256 of the zip (`CodeSha256`).
-    pub sha256_b64: String,
-    /// Hex SHA-256 of the zip: the code directory's name.
-    pub sha256_hex: String,
-    /// Zip length in bytes (`CodeSize`).
-    pub size: u64,
-}
+pub use hearth_core::code::CodeRef;
 
 /// One function version's code and configuration: `$LATEST` (mutable) or a published version
 /// (an immutable copy).

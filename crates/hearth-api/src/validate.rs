@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 
 use crate::error::ApiError;
 
-/// Runtimes hearth can run.
-pub const RUNTIMES: [&str; 4] = ["python3.11", "provided", "provided.al2", "provided.al2023"];
 /// Environment variables Lambda sets itself; a function may not override them.
 pub const RESERVED_ENV: [&str; 17] = [
     "_HANDLER",
@@ -166,11 +164,13 @@ pub fn merge_qualifier(
 }
 
 pub fn runtime(runtime: &str) -> Result<(), ApiError> {
-    if !RUNTIMES.contains(&runtime) {
+    if hearth_core::runtimes::lookup(runtime).is_none() {
         return Err(ApiError::invalid(format!(
             "Value {runtime} at 'runtime' failed to satisfy constraint: Member must satisfy \
              enum value set: [{}] or be a valid ARN",
-            RUNTIMES.join(", ")
+            hearth_core::runtimes::names()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     Ok(())

@@ -143,8 +143,6 @@ pub struct Recipe {
     /// Contents of `/var/runtime/prestart`: the runtime started before its function is known,
     /// which the agent hands the function's environment at claim time (see hearth-agent).
     pub prestart: Option<&'static str>,
-    /// `AWS_EXECUTION_ENV` value.
-    pub execution_env: &'static str,
 }
 
 const PYTHON_BOOTSTRAP: &str = "#!/bin/sh\n\
@@ -162,7 +160,6 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
         bootstrap: Some(PYTHON_BOOTSTRAP),
         prestart: Some(PYTHON_PRESTART),
-        execution_env: "AWS_Lambda_python3.11",
     },
     Recipe {
         name: "provided",
@@ -170,7 +167,6 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &[],
         bootstrap: None,
         prestart: None,
-        execution_env: "AWS_Lambda_provided",
     },
 ];
 
@@ -208,11 +204,9 @@ impl Recipe {
 
 /// The recipe serving a runtime identifier as given in `CreateFunction`.
 pub fn recipe_for(runtime: &str) -> Result<&'static Recipe, ImageError> {
-    let name = match runtime {
-        "python3.11" => "python3.11",
-        "provided" | "provided.al2" | "provided.al2023" => "provided",
-        other => return Err(ImageError::UnknownRuntime(other.to_string())),
-    };
+    let name = hearth_core::runtimes::lookup(runtime)
+        .map(|r| r.image)
+        .ok_or_else(|| ImageError::UnknownRuntime(runtime.to_string()))?;
     RECIPES
         .iter()
         .find(|r| r.name == name)
@@ -942,10 +936,7 @@ mod tests {
             ..r
         };
         assert_ne!(more.digest("bookworm"), r.digest("bookworm"));
-        let other_env = Recipe {
-            execution_env: "x",
-            ..r
-        };
+        let other_env = Recipe { ..r };
         assert_eq!(other_env.digest("bookworm"), r.digest("bookworm"));
     }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::collections::VecDeque;
 
-use hearth_api::invoker::{
+use hearth_core::invoker::{
     FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker, LOG_FLUSH_BYTES,
     LOG_TAIL_BYTES, LogTarget,
 };
@@ -37,7 +37,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::{Claim, NetMode, RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
 use crate::frames;
-use crate::images::{ImageStore, recipe_for};
+use crate::images::ImageStore;
 use crate::prewarm::{self, PrewarmConfig};
 use crate::scaling;
 use crate::snapshots::{RestorePoint, SnapshotError, SnapshotMeta, SnapshotMiss, SnapshotStore};
@@ -905,9 +905,7 @@ fn epoch_ms() -> u64 {
 
 /// The environment Lambda gives a runtime, for one function version.
 pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<String> {
-    let exec_env = recipe_for(&spec.runtime)
-        .map(|r| r.execution_env)
-        .unwrap_or("AWS_Lambda_provided");
+    let exec_env = hearth_core::runtimes::lookup(&spec.runtime).and_then(|r| r.execution_env);
     let day = chrono_day();
     let stream = format!("{day}/[{}]{}", spec.version, uuid::Uuid::new_v4().simple());
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -927,7 +925,10 @@ pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<Str
         ("AWS_LAMBDA_LOG_STREAM_NAME", stream),
         ("AWS_REGION", region.to_string()),
         ("AWS_DEFAULT_REGION", region.to_string()),
-        ("AWS_EXECUTION_ENV", exec_env.to_string()),
+        (
+            "AWS_EXECUTION_ENV",
+            exec_env.unwrap_or_default().to_string(),
+        ),
     ];
     let platform: Vec<(&str, String)> = platform
         .into_iter()
@@ -943,11 +944,10 @@ pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<Str
             .any(|(k, _)| kv.split('=').next() == Some(*k))
     });
     // Lambda sets no AWS_EXECUTION_ENV for OS-only (custom) runtimes.
-    let os_only = spec.runtime.starts_with("provided");
     env.extend(
         platform
             .iter()
-            .filter(|(k, _)| !(os_only && *k == "AWS_EXECUTION_ENV"))
+            .filter(|(k, _)| !(exec_env.is_none() && *k == "AWS_EXECUTION_ENV"))
             .map(|(k, v)| format!("{k}={v}")),
     );
     env
@@ -986,7 +986,7 @@ impl Worker {
             .decode(&spec.code_sha256)
             .map_err(|_| InvokeError::Service(format!("bad CodeSha256 {:?}", spec.code_sha256)))?;
         let hex_sha = hex::encode(&digest);
-        let store = hearth_api::code::CodeStore::new(cache.clone(), Default::default());
+        let store = hearth_core::code::CodeStore::new(cache.clone(), Default::default());
         let dir = store.dir_for(&hex_sha);
         if dir.is_dir() {
             return Ok(dir);
@@ -994,7 +994,7 @@ impl Worker {
         let zip = chunks
             .get_bytes(
                 &crate::snapshots::owner_scope(spec),
-                &hearth_api::functions::code_artifact(&hex_sha),
+                &hearth_core::code::code_artifact(&hex_sha),
             )
             .await
             .map_err(|e| InvokeError::NotReady(format!("fetching the function's code: {e}")))?;
@@ -1763,7 +1763,7 @@ impl Worker {
     }
 
     fn forget_function(&self, function_arn: &str) {
-        let name = hearth_api::invoker::function_name_of(function_arn).to_string();
+        let name = hearth_core::invoker::function_name_of(function_arn).to_string();
         self.retire(&name);
         if let Some(s) = self.inner.snapshots.clone() {
             s.evict_local(&name);
@@ -1774,7 +1774,7 @@ impl Worker {
 
     fn forget_function_version(&self, function_arn: &str, version: &str) {
         if let Some(s) = self.inner.snapshots.clone() {
-            let name = hearth_api::invoker::function_name_of(function_arn).to_string();
+            let name = hearth_core::invoker::function_name_of(function_arn).to_string();
             let (arn, version) = (function_arn.to_string(), version.to_string());
             tokio::spawn(async move { s.remove(&arn, &name, Some(&version)).await });
         }
@@ -1819,7 +1819,7 @@ mod tests {
 
     struct Collect(Mutex<(Vec<u8>, usize)>);
 
-    impl hearth_api::invoker::LogSink for Collect {
+    impl hearth_core::invoker::LogSink for Collect {
         fn write(&self, bytes: &[u8]) {
             let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
             assert!(bytes.len() <= LOG_FLUSH_BYTES, "pieces are bounded");

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use hearth_api::invoker::FunctionSpec;
+use hearth_core::invoker::FunctionSpec;
 use hearth_store::{ChunkStore, Scope, StoreError};
 use serde::{Deserialize, Serialize};
 

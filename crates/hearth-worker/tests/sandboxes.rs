@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_api::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
+use hearth_core::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
 use hearth_worker::engine::default_runsc;
 use hearth_worker::{EngineConfig, ImageStore, RunscEngine, Worker, WorkerConfig};
 use serde_json::{Value, json};
@@ -323,7 +323,7 @@ async fn a_function_that_opts_out_has_no_network_but_loopback() {
     let h = Harness::new(Duration::from_secs(60));
     let mut spec = h.spec("pynet", "python3.11", "app.handler", &[("app.py", PY_APP)]);
     spec.env.insert("HEARTH_NETWORK".into(), "none".into());
-    spec.egress = hearth_api::invoker::egress_wanted(&spec.env);
+    spec.egress = hearth_core::invoker::egress_wanted(&spec.env);
     let r = h.invoke(&spec, json!({"net": true})).await.expect("invoke");
     let v = json_of(&r);
     assert_eq!(v["1.1.1.1"], "blocked", "{v}");

@@ -1,4 +1,5 @@
 //! The boundary between the front end and the worker side (assignment + sandboxes).
+//! Both sides depend on this crate, not on each other.
 //!
 //! The front end resolves a request to a [`FunctionSpec`] (one immutable version of a
 //! function's code and configuration) and hands it to an [`Invoker`]. In `hearth up` the
@@ -128,9 +129,36 @@ pub enum InvokeError {
     /// The platform cannot run this function right now (e.g. its runtime image is missing).
     #[error("{0}")]
     NotReady(String),
+    /// This member does not decide for the function (a follower of its partition); `leader`
+    /// is the one that does, when known.
+    #[error("not the leader{}", leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
     /// An internal fault; the message is for logs, not for the caller.
     #[error("service error: {0}")]
     Service(String),
+}
+
+/// What a caller of an [`Invoker`] does about an [`InvokeError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextStep {
+    /// Try again later: the limit or condition may pass (the front end answers 429 or 502,
+    /// which SDKs retry).
+    Retry,
+    /// Send the request to this member instead (or find the leader, when `None`).
+    Forward(Option<String>),
+    /// Nothing will change by retrying here: report the failure.
+    GiveUp,
+}
+
+impl InvokeError {
+    /// What to do about this error.
+    pub fn next_step(&self) -> NextStep {
+        match self {
+            InvokeError::TooManyRequests { .. } | InvokeError::NotReady(_) => NextStep::Retry,
+            InvokeError::NotLeader { leader } => NextStep::Forward(leader.clone()),
+            InvokeError::Service(_) => NextStep::GiveUp,
+        }
+    }
 }
 
 /// Runs invocations. Implemented by the worker side.
@@ -167,4 +195,37 @@ pub trait Invoker: Send + Sync + 'static {
 /// The function name in an unqualified function ARN (`...:function:<name>`).
 pub fn function_name_of(function_arn: &str) -> &str {
     function_arn.rsplit(':').next().unwrap_or(function_arn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_says_what_to_do() {
+        let throttled = InvokeError::TooManyRequests {
+            reason: "ConcurrentInvocationLimitExceeded".into(),
+        };
+        assert_eq!(throttled.next_step(), NextStep::Retry);
+        assert_eq!(
+            InvokeError::NotReady("image".into()).next_step(),
+            NextStep::Retry
+        );
+        let follower = InvokeError::NotLeader {
+            leader: Some("10.0.0.2:7000".into()),
+        };
+        assert_eq!(
+            follower.next_step(),
+            NextStep::Forward(Some("10.0.0.2:7000".into()))
+        );
+        assert_eq!(
+            follower.to_string(),
+            "not the leader (the leader is 10.0.0.2:7000)"
+        );
+        assert_eq!(
+            InvokeError::Service("bug".into()).next_step(),
+            NextStep::GiveUp
+        );
+        assert_eq!(function_name_of("arn:aws:lambda:r:1:function:f"), "f");
+    }
 }

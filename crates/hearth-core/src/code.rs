@@ -38,7 +38,23 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use zip::ZipArchive;
 
-use crate::store::CodeRef;
+use serde::{Deserialize, Serialize};
+
+/// Where a version's code lives and what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRef {
+    /// Base64 SHA-256 of the zip (`CodeSha256`).
+    pub sha256_b64: String,
+    /// Hex SHA-256 of the zip: the code directory's name.
+    pub sha256_hex: String,
+    /// Zip length in bytes (`CodeSize`).
+    pub size: u64,
+}
+
+/// The chunk-store artifact holding the package whose SHA-256 is `sha256_hex`.
+pub fn code_artifact(sha256_hex: &str) -> String {
+    format!("code/{sha256_hex}")
+}
 
 /// Lambda's deployment package limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
