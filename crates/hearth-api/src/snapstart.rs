@@ -31,7 +31,6 @@ impl AppState {
             memory_mb: v.memory_mb,
             timeout_s: v.timeout_s,
             env: v.environment.clone(),
-            code_dir: self.code().dir_for(&v.code.sha256_hex),
             code_sha256: v.code.sha256_b64.clone(),
             revision_id: v.revision_id.clone(),
             snap_start: self.uses_snapshot(label, v) && v.state.is_none(),

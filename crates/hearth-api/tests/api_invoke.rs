@@ -47,11 +47,11 @@ async fn invoke_passes_the_right_spec_and_echoes() {
     assert_eq!(c.spec.memory_mb, 256);
     assert_eq!(c.spec.timeout_s, 7);
     assert_eq!(c.spec.env.get("K").map(String::as_str), Some("v"));
-    assert!(
-        c.spec.code_dir.join("app.py").is_file(),
-        "{:?}",
-        c.spec.code_dir
-    );
+    // The spec names the package; no host path crosses the boundary. The front end keeps
+    // the unpacked package under that name.
+    let hex = hearth_core::code::CodeRef::hex_of(&c.spec.code_sha256).expect("a SHA-256");
+    let unpacked = api.data_dir().join("code").join(&hex);
+    assert!(unpacked.join("app.py").is_file(), "{unpacked:?}");
     let conf = api
         .get(&format!("{}/configuration", fpath("echo")))
         .await

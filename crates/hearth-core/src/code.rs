@@ -51,6 +51,27 @@ pub struct CodeRef {
     pub size: u64,
 }
 
+impl CodeRef {
+    /// The reference of a package with these bytes.
+    pub fn of(zip: &[u8]) -> CodeRef {
+        let digest = Sha256::digest(zip);
+        CodeRef {
+            sha256_hex: hex::encode(digest),
+            sha256_b64: base64::engine::general_purpose::STANDARD.encode(digest),
+            size: zip.len() as u64,
+        }
+    }
+
+    /// The hex digest behind a `CodeSha256` (base64) value, if it is one.
+    pub fn hex_of(sha256_b64: &str) -> Option<String> {
+        base64::engine::general_purpose::STANDARD
+            .decode(sha256_b64)
+            .ok()
+            .filter(|d| d.len() == 32)
+            .map(hex::encode)
+    }
+}
+
 /// The chunk-store artifact holding the package whose SHA-256 is `sha256_hex`.
 pub fn code_artifact(sha256_hex: &str) -> String {
     format!("code/{sha256_hex}")
@@ -209,12 +230,7 @@ impl CodeStore {
                 limit: self.limits.max_zipped_bytes,
             });
         }
-        let digest = Sha256::digest(zip);
-        Ok(CodeRef {
-            sha256_hex: hex::encode(digest),
-            sha256_b64: base64::engine::general_purpose::STANDARD.encode(digest),
-            size,
-        })
+        Ok(CodeRef::of(zip))
     }
 
     /// Apply every rule [`CodeStore::store_zip`] applies, writing nothing. Synchronous and

@@ -6,7 +6,6 @@
 //! invoker is in-process (no RPC); a networked implementation can sit behind the same trait.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,9 +24,10 @@ pub struct FunctionSpec {
     pub memory_mb: u32,
     pub timeout_s: u32,
     pub env: BTreeMap<String, String>,
-    /// Directory holding the unpacked code; mounted read-only at `/var/task`.
-    pub code_dir: PathBuf,
-    /// Base64 SHA-256 of the deployment package, as Lambda reports `CodeSha256`.
+    /// Base64 SHA-256 of the deployment package, as Lambda reports `CodeSha256`: it names the
+    /// package (the chunk-store artifact [`crate::code::code_artifact`] of its hex form), which
+    /// a worker unpacks into its own code cache and mounts read-only at `/var/task`. No host
+    /// path crosses this boundary.
     pub code_sha256: String,
     /// Changes whenever code or configuration changes; sandboxes are pooled per revision.
     pub revision_id: String,

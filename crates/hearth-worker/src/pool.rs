@@ -59,10 +59,12 @@ pub struct WorkerConfig {
     pub init_timeout: Duration,
     /// Where snapshots are kept; `None` disables snapshots.
     pub snapshot_dir: Option<PathBuf>,
-    /// The chunk store artifacts (code, snapshots) are kept in; `None`: code is read from the
-    /// directory the front end names, snapshots stay local.
+    /// The chunk store artifacts (code, snapshots) are kept in; `None`: code must be in the
+    /// code cache already, snapshots stay local.
     pub chunk_store: Option<hearth_store::ChunkStore>,
-    /// The worker's cache of unpacked code fetched from the chunk store (survives restarts).
+    /// The worker's content-addressed cache of unpacked code (`<cache>/<sha256-hex>/`, as
+    /// [`hearth_core::code::CodeStore`] lays it out), filled from the chunk store; survives
+    /// restarts. `None`: the worker cannot run code.
     pub code_cache: Option<PathBuf>,
     /// Cold starts the worker runs at once; further misses wait for a sandbox or a free start
     /// (see [`crate::scaling`]). Default: the number of cores.
@@ -974,23 +976,29 @@ fn error_doc(message: &str, error_type: &str) -> Vec<u8> {
 }
 
 impl Worker {
-    /// The unpacked code of a version, from the worker's code cache, fetched from the chunk
-    /// store (verified chunk by chunk, then checked against `CodeSha256`) when missing.
+    /// The unpacked code of a version (named by its `CodeSha256`), from the worker's code
+    /// cache, fetched from the chunk store (verified chunk by chunk, then checked against
+    /// `CodeSha256`) when missing.
     async fn code_dir(&self, spec: &FunctionSpec) -> Result<PathBuf, InvokeError> {
-        let (Some(chunks), Some(cache)) = (&self.inner.cfg.chunk_store, &self.inner.cfg.code_cache)
-        else {
-            return Ok(spec.code_dir.clone());
+        let hex_sha = hearth_core::code::CodeRef::hex_of(&spec.code_sha256).ok_or_else(|| {
+            InvokeError::Service(format!("bad CodeSha256 {:?}", spec.code_sha256))
+        })?;
+        let Some(cache) = &self.inner.cfg.code_cache else {
+            return Err(InvokeError::NotReady(
+                "this worker has no code cache to unpack the function's code into".into(),
+            ));
         };
-        use base64::Engine;
-        let digest = base64::engine::general_purpose::STANDARD
-            .decode(&spec.code_sha256)
-            .map_err(|_| InvokeError::Service(format!("bad CodeSha256 {:?}", spec.code_sha256)))?;
-        let hex_sha = hex::encode(&digest);
         let store = hearth_core::code::CodeStore::new(cache.clone(), Default::default());
         let dir = store.dir_for(&hex_sha);
         if dir.is_dir() {
             return Ok(dir);
         }
+        let Some(chunks) = &self.inner.cfg.chunk_store else {
+            return Err(InvokeError::NotReady(format!(
+                "the code of {} (CodeSha256 {}) is not on this worker, which has no chunk store to fetch it from",
+                spec.name, spec.code_sha256
+            )));
+        };
         let zip = chunks
             .get_bytes(
                 &crate::snapshots::owner_scope(spec),
@@ -1881,7 +1889,6 @@ mod tests {
             memory_mb: 256,
             timeout_s: 3,
             env: Default::default(),
-            code_dir: "/x".into(),
             code_sha256: String::new(),
             revision_id: "r".into(),
             snap_start: false,

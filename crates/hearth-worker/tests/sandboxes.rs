@@ -70,6 +70,11 @@ fn engine_with(dir: &Path, adjust: impl FnOnce(&mut EngineConfig)) -> RunscEngin
     RunscEngine::new(cfg).expect("runsc engine (is runsc installed?)")
 }
 
+/// The worker's code cache in a test directory.
+fn code_root(dir: &Path) -> PathBuf {
+    dir.join("code")
+}
+
 struct Harness {
     worker: Worker,
     dir: tempfile::TempDir,
@@ -103,6 +108,7 @@ impl Harness {
         let mut cfg = WorkerConfig {
             keep_alive,
             memory_budget_mb: 8192,
+            code_cache: Some(code_root(dir.path())),
             ..WorkerConfig::default()
         };
         adjust_worker(&mut cfg);
@@ -110,8 +116,15 @@ impl Harness {
         Harness { worker, dir }
     }
 
-    fn code(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = self.dir.path().join("code").join(name);
+    /// Unpack a "package" into the worker's code cache, as the chunk store fetch would: under
+    /// the hex of its id (derived from `name` and `files`); returns the id (`CodeSha256`).
+    fn code(&self, name: &str, files: &[(&str, &str)]) -> String {
+        let mut id = name.as_bytes().to_vec();
+        for (path, text) in files {
+            id.extend_from_slice(format!("\0{path}\0{text}").as_bytes());
+        }
+        let code = hearth_core::code::CodeRef::of(&id);
+        let dir = code_root(self.dir.path()).join(&code.sha256_hex);
         std::fs::create_dir_all(&dir).expect("code dir");
         for (path, text) in files {
             let p = dir.join(path);
@@ -125,7 +138,13 @@ impl Harness {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
         }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        dir
+        code.sha256_b64
+    }
+
+    /// Where the worker finds `spec`'s code.
+    fn code_path(&self, spec: &FunctionSpec) -> PathBuf {
+        let hex = hearth_core::code::CodeRef::hex_of(&spec.code_sha256).expect("a code id");
+        code_root(self.dir.path()).join(hex)
     }
 
     fn spec(
@@ -144,8 +163,7 @@ impl Harness {
             memory_mb: 256,
             timeout_s: 10,
             env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
-            code_dir: self.code(name, files),
-            code_sha256: "x".into(),
+            code_sha256: self.code(name, files),
             revision_id: "r1".into(),
             snap_start: false,
             ephemeral_storage_mb: 512,
@@ -509,7 +527,7 @@ async fn rust_lambda_runtime_bootstrap() {
     );
     let h = Harness::new(Duration::from_secs(60));
     let mut spec = h.spec("rusty", "provided.al2023", "bootstrap", &[]);
-    std::fs::copy(&bin, spec.code_dir.join("bootstrap")).expect("copy fixture");
+    std::fs::copy(&bin, h.code_path(&spec).join("bootstrap")).expect("copy fixture");
     spec.memory_mb = 128;
     let r = h
         .invoke(&spec, json!({"name": "ferris"}))
@@ -702,6 +720,7 @@ fn snap_worker(dir: tempfile::TempDir, shared: Option<&Path>) -> Harness {
             memory_budget_mb: 8192,
             snapshot_dir: Some(dir.path().join("snapshots")),
             chunk_store: Some(chunk_store(&origin)),
+            code_cache: Some(code_root(dir.path())),
             ..WorkerConfig::default()
         },
     );
@@ -886,7 +905,8 @@ async fn stale_or_corrupt_snapshots_mean_a_clean_boot() {
     h.worker.create_snapshot(&spec).await.expect("snapshot");
     // Different code than the snapshot was taken with: boot, never restore.
     let mut changed = spec.clone();
-    changed.code_sha256 = "other".into();
+    let app = heavy_app(1, 0.0, false);
+    changed.code_sha256 = h.code("snapstale", &[("app.py", &app), ("other.py", "X = 1\n")]);
     let r = h.invoke(&changed, json!({})).await.expect("invoke");
     assert_eq!(json_of(&r)["init_type"], "on-demand");
     h.worker.retire("snapstale");
@@ -940,6 +960,7 @@ async fn a_worker_without_the_image_fetches_it_from_the_chunk_store() {
         WorkerConfig {
             chunk_store: Some(chunks),
             memory_budget_mb: 4096,
+            code_cache: Some(code_root(dir.path())),
             ..WorkerConfig::default()
         },
     );
@@ -1096,6 +1117,7 @@ async fn an_empty_pool_still_serves_cold_starts() {
         WorkerConfig {
             memory_budget_mb: 8192,
             prewarm: hearth_worker::prewarm::PrewarmConfig::disabled(),
+            code_cache: Some(code_root(dir.path())),
             ..WorkerConfig::default()
         },
     );

@@ -331,8 +331,18 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A function of the benchmarks: python3.11, code in `code_dir`.
-fn bench_spec(name: &str, code_dir: &Path, revision: String, memory_mb: u32) -> FunctionSpec {
+/// Put a one-file (`app.py`) package into a worker's code cache at `root`, as a fetch from the
+/// chunk store would; returns its `CodeSha256`.
+fn cache_code(root: &Path, app: &str) -> anyhow::Result<String> {
+    let code = hearth_core::code::CodeRef::of(app.as_bytes());
+    let dir = root.join(&code.sha256_hex);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("app.py"), app)?;
+    Ok(code.sha256_b64)
+}
+
+/// A function of the benchmarks: python3.11, its package named by `code_sha256`.
+fn bench_spec(name: &str, code_sha256: &str, revision: String, memory_mb: u32) -> FunctionSpec {
     FunctionSpec {
         name: name.into(),
         version: "1".into(),
@@ -342,8 +352,7 @@ fn bench_spec(name: &str, code_dir: &Path, revision: String, memory_mb: u32) -> 
         memory_mb,
         timeout_s: 60,
         env: BTreeMap::new(),
-        code_dir: code_dir.to_path_buf(),
-        code_sha256: name.into(),
+        code_sha256: code_sha256.into(),
         revision_id: revision,
         snap_start: false,
         ephemeral_storage_mb: 512,
@@ -483,6 +492,8 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
     let code = dir.path().join("code");
     std::fs::create_dir_all(&code)?;
     std::fs::write(code.join("app.py"), HANDLER)?;
+    let code_cache = dir.path().join("code-cache");
+    let code_sha256 = cache_code(&code_cache, HANDLER)?;
     let images = ImageStore::new(&a.engines.image_cache);
     let rootfs = images
         .rootfs("python3.11")
@@ -518,12 +529,13 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 keep_alive: Duration::from_secs(600),
                 memory_budget_mb: 16 * 1024,
                 prewarm,
+                code_cache: Some(code_cache.clone()),
                 ..WorkerConfig::default()
             },
         );
         worker.prewarm("python3.11");
         let want = prewarm.per_kind_max;
-        let spec = |rev: String| bench_spec("bench", &code, rev, 128);
+        let spec = |rev: String| bench_spec("bench", &code_sha256, rev, 128);
         // Whatever happens, the worker is shut down (no sandbox outlives the bench).
         let measured = async {
             // Warm invokes through worker + agent + awslambdaric, once the pool has settled.
@@ -688,6 +700,7 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 keep_alive: Duration::from_secs(600),
                 memory_budget_mb: 16 * 1024,
                 prewarm: PrewarmConfig::disabled(),
+                code_cache: Some(code_cache.clone()),
                 ..WorkerConfig::default()
             },
         );
@@ -958,15 +971,14 @@ async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
                 snapshot_dir: Some(snapshot_dir.clone()),
                 chunk_store: Some(chunks.clone()),
                 prewarm,
+                code_cache: Some(cdir.join("code")),
                 ..WorkerConfig::default()
             },
         );
         let measured = async {
             let make = |name: &str, code: &str, memory_mb: u32| -> anyhow::Result<FunctionSpec> {
-                let code_dir = cdir.join("code").join(name);
-                std::fs::create_dir_all(&code_dir)?;
-                std::fs::write(code_dir.join("app.py"), code)?;
-                let mut spec = bench_spec(name, &code_dir, "r1".into(), memory_mb);
+                let code_sha256 = cache_code(&cdir.join("code"), code)?;
+                let mut spec = bench_spec(name, &code_sha256, "r1".into(), memory_mb);
                 // Boots and restores use the same kind of sandbox (a snapshot sandbox has no
                 // network on an engine without netstack).
                 spec.snap_start = true;
