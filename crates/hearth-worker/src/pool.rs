@@ -69,6 +69,10 @@ pub struct WorkerConfig {
     /// Cold starts the worker runs at once; further misses wait for a sandbox or a free start
     /// (see [`crate::scaling`]). Default: the number of cores.
     pub start_limit: usize,
+    /// How fast one function may add sandboxes on this worker (Lambda's scaling rate:
+    /// 1,000 per 10 s); a cold start past it is throttled with
+    /// `FunctionInvocationRateLimitExceeded`.
+    pub burst: scaling::BurstRule,
 }
 
 impl Default for WorkerConfig {
@@ -86,6 +90,7 @@ impl Default for WorkerConfig {
             start_limit: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            burst: scaling::BurstRule::default(),
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct PoolStats {
     pub claimed_ready: usize,
     /// Invocations that waited for a sandbox instead of starting one (cold-start pacing).
     pub paced: usize,
+    /// Cold starts refused by the function's scaling rate ([`WorkerConfig::burst`]).
+    pub burst_throttled: usize,
 }
 
 /// One execution environment owned by the pool.
@@ -175,6 +182,10 @@ struct State {
     starts_in_flight: usize,
     /// Misses that waited for a sandbox instead of starting one.
     paced: usize,
+    /// Per function: its allowance of new sandboxes ([`WorkerConfig::burst`]).
+    burst: HashMap<String, scaling::BurstBucket>,
+    /// Cold starts refused by the burst rule.
+    burst_throttled: usize,
     cold_starts: usize,
     warm_starts: usize,
     restores: usize,
@@ -193,6 +204,8 @@ struct Inner {
     refill: Arc<Notify>,
     /// Wakes waiting invocations to decide again (a start finished, an invocation ended).
     changed: Notify,
+    /// The origin of the burst buckets' clock.
+    epoch: Instant,
 }
 
 /// The in-process worker: implements [`Invoker`] over runsc sandboxes.
@@ -258,6 +271,7 @@ impl Worker {
             destroyed: Notify::new(),
             refill: Arc::new(Notify::new()),
             changed: Notify::new(),
+            epoch: Instant::now(),
         });
         tokio::spawn(refill_loop(Arc::downgrade(&inner)));
         let weak = Arc::downgrade(&inner);
@@ -287,6 +301,7 @@ impl Worker {
             ready: st.ready.values().map(Vec::len).sum(),
             claimed_ready: st.claimed_ready,
             paced: st.paced,
+            burst_throttled: st.burst_throttled,
         }
     }
 
@@ -649,6 +664,9 @@ impl Inner {
                 revisions, idle, ..
             } = &mut *st;
             revisions.retain(|k, r| !r.unused() || idle.contains_key(k));
+            // Allowances back at the whole burst are the same as none.
+            let (rule, t) = (self.cfg.burst, self.epoch.elapsed());
+            st.burst.retain(|_, b| !b.full(rule, t));
             out
         };
         for env in expired {
@@ -1490,7 +1508,12 @@ impl Worker {
     /// [`scaling::on_miss`]: an invocation may wait, oldest first, for one of the revision's
     /// sandboxes to come free instead of starting another, and waits when the worker runs
     /// as many starts as it may.
-    async fn acquire(&self, key: &str, log: &mut InvLog) -> Result<Option<Env>, InvokeError> {
+    async fn acquire(
+        &self,
+        key: &str,
+        function: &str,
+        log: &mut InvLog,
+    ) -> Result<Option<Env>, InvokeError> {
         let inner = &self.inner;
         let mut queued: Option<(u64, oneshot::Receiver<Env>)> = None;
         loop {
@@ -1548,6 +1571,29 @@ impl Worker {
                         if let Some((id, _)) = &queued {
                             rev.waiters.retain(|(w, _)| w != id);
                         }
+                        let (rule, t) = (inner.cfg.burst, inner.epoch.elapsed());
+                        let allowed = st
+                            .burst
+                            .entry(function.to_string())
+                            .or_insert_with(|| scaling::BurstBucket::new(rule, t))
+                            .take(rule, t);
+                        if let Err(wait) = allowed {
+                            st.burst_throttled += 1;
+                            drop(st);
+                            // Those behind this one decide again (they may find a sandbox).
+                            inner.changed.notify_waiters();
+                            tracing::info!(
+                                function,
+                                per_window = rule.per_window,
+                                window_s = rule.window.as_secs_f64(),
+                                next_in_ms = wait.as_millis() as u64,
+                                "cold start throttled by the function's scaling rate"
+                            );
+                            return Err(InvokeError::TooManyRequests {
+                                reason: "FunctionInvocationRateLimitExceeded".into(),
+                            });
+                        }
+                        let rev = st.revisions.entry(key.to_string()).or_default();
                         rev.starting += 1;
                         st.starts_in_flight += 1;
                         false
@@ -1596,7 +1642,7 @@ impl Worker {
         let key = pool_key(&req.spec);
         let request_id = req.request_id.clone();
         let mut log = InvLog::new(req.log.clone());
-        let warm = match self.acquire(&key, &mut log).await {
+        let warm = match self.acquire(&key, &req.spec.name, &mut log).await {
             Ok(warm) => warm,
             Err(e) => {
                 log.finish();

@@ -17,6 +17,11 @@
 //! for a busy sandbox (a burst of slow first calls starts as many sandboxes as the start limit
 //! lets through); before a cold start has finished one is assumed to take
 //! [`DEFAULT_COLD_MS`].
+//!
+//! A third rule is Lambda's scaling rate: each function may add at most
+//! [`BurstRule::per_window`] new sandboxes per [`BurstRule::window`] (Lambda: 1,000 per 10 s).
+//! A start past it is throttled (429, `FunctionInvocationRateLimitExceeded`) with a hint of
+//! when the next one is allowed ([`BurstBucket`]).
 
 use std::time::Duration;
 
@@ -82,6 +87,68 @@ pub fn on_miss(load: &RevisionLoad, starts_in_flight: usize, start_limit: usize)
         Miss::Start
     } else {
         Miss::Wait
+    }
+}
+
+/// How fast one function may add sandboxes: `per_window` new ones per `window`, refilled
+/// evenly (a token bucket holding at most `per_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BurstRule {
+    pub per_window: u32,
+    pub window: Duration,
+}
+
+impl Default for BurstRule {
+    /// Lambda's: 1,000 new execution environments every 10 seconds per function.
+    fn default() -> Self {
+        BurstRule {
+            per_window: 1000,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One function's allowance of new sandboxes under a [`BurstRule`]; times are the caller's
+/// clock (any monotonic origin), so the bucket is a pure value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BurstBucket {
+    tokens: f64,
+    at: Duration,
+}
+
+impl BurstBucket {
+    /// A full bucket at time `now`.
+    pub fn new(rule: BurstRule, now: Duration) -> Self {
+        BurstBucket {
+            tokens: rule.per_window as f64,
+            at: now,
+        }
+    }
+
+    /// Whether the bucket has refilled to the whole burst by `now` (it can then be dropped and
+    /// made anew).
+    pub fn full(&self, rule: BurstRule, now: Duration) -> bool {
+        let mut b = *self;
+        b.take(rule, now).is_ok() && b.tokens + 1.0 >= rule.per_window as f64
+    }
+
+    /// Take one start at `now`: `Ok` if allowed, else how long until one is.
+    pub fn take(&mut self, rule: BurstRule, now: Duration) -> Result<(), Duration> {
+        let cap = rule.per_window as f64;
+        if rule.per_window == 0 || rule.window.is_zero() {
+            // No allowance can ever refill: refuse with the window as the hint.
+            return Err(rule.window.max(Duration::from_secs(1)));
+        }
+        let rate = cap / rule.window.as_secs_f64(); // tokens per second
+        let elapsed = now.saturating_sub(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(cap);
+        self.at = self.at.max(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
     }
 }
 
@@ -171,6 +238,58 @@ mod tests {
             ..known
         };
         assert_eq!(on_miss(&long, 0, 2), Miss::Start);
+    }
+
+    #[test]
+    fn a_function_adds_at_most_its_burst_then_refills_evenly() {
+        let rule = BurstRule {
+            per_window: 3,
+            window: Duration::from_secs(3),
+        };
+        let t0 = Duration::from_secs(100);
+        let mut b = BurstBucket::new(rule, t0);
+        for _ in 0..3 {
+            assert_eq!(b.take(rule, t0), Ok(()));
+        }
+        // Empty: the next start is one second (window / per_window) away.
+        let wait = b.take(rule, t0).expect_err("throttled");
+        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-9, "{wait:?}");
+        // Half a second later, half a token: still throttled, half a second to go.
+        let wait = b
+            .take(rule, t0 + Duration::from_millis(500))
+            .expect_err("throttled");
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        assert_eq!(b.take(rule, t0 + Duration::from_secs(1)), Ok(()));
+        // A long pause refills to the burst, never past it.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert_eq!(b.take(rule, later), Ok(()));
+        }
+        assert!(b.take(rule, later).is_err());
+        assert!(!b.full(rule, later));
+        assert!(b.full(rule, later + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn lambdas_rule_is_a_thousand_per_ten_seconds_and_a_zero_rule_refuses() {
+        let rule = BurstRule::default();
+        let mut b = BurstBucket::new(rule, Duration::ZERO);
+        for _ in 0..1000 {
+            assert_eq!(b.take(rule, Duration::ZERO), Ok(()));
+        }
+        let wait = b.take(rule, Duration::ZERO).expect_err("throttled");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-9, "{wait:?}");
+        // A clock that goes backwards does not mint tokens.
+        assert!(b.take(rule, Duration::ZERO).is_err());
+        let none = BurstRule {
+            per_window: 0,
+            window: Duration::from_secs(10),
+        };
+        let mut z = BurstBucket::new(none, Duration::ZERO);
+        assert_eq!(
+            z.take(none, Duration::from_secs(99)),
+            Err(Duration::from_secs(10))
+        );
     }
 
     #[test]

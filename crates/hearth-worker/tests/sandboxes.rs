@@ -1402,3 +1402,49 @@ async fn a_burst_waits_for_sandboxes_that_come_free_instead_of_starting_one_each
         Err(_) => panic!("harness still shared"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_past_its_scaling_rate_is_throttled_and_others_are_not() {
+    // One new sandbox per function per hour: the function's second sandbox is refused.
+    let h = Harness::with_configs(
+        Duration::from_secs(60),
+        |_| {},
+        |w| {
+            w.burst = hearth_worker::scaling::BurstRule {
+                per_window: 1,
+                window: Duration::from_secs(3600),
+            }
+        },
+    );
+    let spec = h.spec("rate", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({})).await.expect("first cold start");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    // Its warm sandbox still serves: warm starts are not new sandboxes.
+    h.invoke(&spec, json!({})).await.expect("warm call");
+    // A new revision of the same function needs a new sandbox: past the rate.
+    let mut changed = spec.clone();
+    changed.revision_id = "r2".into();
+    changed.env.insert("GREETING".into(), "changed".into());
+    match h.invoke(&changed, json!({})).await {
+        Err(InvokeError::TooManyRequests { reason }) => {
+            assert_eq!(reason, "FunctionInvocationRateLimitExceeded")
+        }
+        other => panic!("expected a throttle, got {other:?}"),
+    }
+    // Another function has its own allowance.
+    let other = h.spec(
+        "rate-other",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
+    let r = h.invoke(&other, json!({})).await.expect("another function");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let s = h.worker.stats();
+    assert_eq!(
+        (s.cold_starts, s.warm_starts, s.burst_throttled),
+        (2, 1, 1),
+        "{s:?}"
+    );
+    h.finish().await;
+}

@@ -91,6 +91,10 @@ pub struct UpArgs {
     /// no idle sandbox wait for one to come free or for a start to finish.
     #[arg(long, env = "HEARTH_START_LIMIT", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub start_limit: Option<u64>,
+    /// New sandboxes one function may add per 10 seconds (Lambda's scaling rate: 1,000); a
+    /// cold start past it gets 429 `FunctionInvocationRateLimitExceeded`.
+    #[arg(long, env = "HEARTH_SCALING_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub scaling_rate: u32,
 }
 
 /// Credentials kept in the data directory so restarts keep working clients.
@@ -270,6 +274,10 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .start_limit
                 .map(|n| n as usize)
                 .unwrap_or(WorkerConfig::default().start_limit),
+            burst: hearth_worker::scaling::BurstRule {
+                per_window: args.scaling_rate,
+                window: Duration::from_secs(10),
+            },
             ..WorkerConfig::default()
         },
     );
