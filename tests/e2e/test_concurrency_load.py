@@ -126,3 +126,34 @@ def test_load_no_request_fails(hearth):
     assert not any(t.is_alive() for t in threads), "load test ran past its time bound"
     assert failures == []
     lam.delete_function(FunctionName=name)
+
+
+def test_scaling_rate_throttles_new_sandboxes_with_429(tmp_path):
+    """`--scaling-rate 1`: one new sandbox per function per 10 s. A configuration change needs
+    a new sandbox at once: 429 with Lambda's Reason, then it works once the rate allows."""
+    h = Hearth(tmp_path / "data", extra_args=["--scaling-rate", "1", "--prewarm-total", "0"]).start()
+    try:
+        lam = h.client()
+        _create(lam, "rate")
+        started = time.monotonic()
+        assert _invoke(lam, "rate", {"echo": 1})["echo"] == 1
+        assert _invoke(lam, "rate", {"echo": 2})["echo"] == 2  # warm: no new sandbox
+        lam.update_function_configuration(FunctionName="rate", Environment={"Variables": {"V": "2"}})
+        lam.get_waiter("function_updated_v2").wait(FunctionName="rate")
+        assert time.monotonic() - started < 10, "too slow to see the throttle"
+        try:
+            lam.invoke(FunctionName="rate", Payload=b"{}")
+            raise AssertionError("expected TooManyRequestsException")
+        except botocore.exceptions.ClientError as e:
+            assert e.response["Error"]["Code"] == "TooManyRequestsException"
+            assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+            assert int(e.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"]) >= 1
+            assert e.response.get("Reason") == "FunctionInvocationRateLimitExceeded"
+        # Another function has its own allowance.
+        _create(lam, "rate-other")
+        assert _invoke(lam, "rate-other", {"echo": 3})["echo"] == 3
+        # Ten seconds after the first start the function may add a sandbox again.
+        time.sleep(max(0.0, started + 10.5 - time.monotonic()))
+        assert _invoke(lam, "rate", {"echo": 4})["echo"] == 4
+    finally:
+        h.stop()
