@@ -33,6 +33,18 @@ def _invoke(lam, name, payload):
     return json.load(r["Payload"])
 
 
+def _expect_throttle(lam, name, reason):
+    """An invoke of `name` is refused with Lambda's 429, a Retry-After and this Reason."""
+    try:
+        lam.invoke(FunctionName=name, Payload=b"{}")
+        raise AssertionError("expected TooManyRequestsException")
+    except botocore.exceptions.ClientError as e:
+        assert e.response["Error"]["Code"] == "TooManyRequestsException"
+        assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+        assert int(e.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"]) >= 1
+        assert e.response.get("Reason") == reason
+
+
 def test_concurrent_invokes_run_in_parallel_in_separate_sandboxes(hearth):
     lam = hearth.client()
     name = "par-" + uuid.uuid4().hex[:8]
@@ -56,14 +68,7 @@ def test_reserved_concurrency_throttles_with_429_retry_after_and_reason(hearth):
     slow.start()
     try:
         time.sleep(1.0)  # the first invocation holds the only reserved slot
-        try:
-            lam.invoke(FunctionName=name, Payload=b"{}")
-            raise AssertionError("expected TooManyRequestsException")
-        except botocore.exceptions.ClientError as e:
-            assert e.response["Error"]["Code"] == "TooManyRequestsException"
-            assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 429
-            assert int(e.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"]) >= 1
-            assert e.response.get("Reason") == "ReservedFunctionConcurrentInvocationLimitExceeded"
+        _expect_throttle(lam, name, "ReservedFunctionConcurrentInvocationLimitExceeded")
     finally:
         slow.join()
     # Reserved concurrency 0 disables the function entirely.
@@ -141,14 +146,7 @@ def test_scaling_rate_throttles_new_sandboxes_with_429(tmp_path):
         lam.update_function_configuration(FunctionName="rate", Environment={"Variables": {"V": "2"}})
         lam.get_waiter("function_updated_v2").wait(FunctionName="rate")
         assert time.monotonic() - started < 10, "too slow to see the throttle"
-        try:
-            lam.invoke(FunctionName="rate", Payload=b"{}")
-            raise AssertionError("expected TooManyRequestsException")
-        except botocore.exceptions.ClientError as e:
-            assert e.response["Error"]["Code"] == "TooManyRequestsException"
-            assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 429
-            assert int(e.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"]) >= 1
-            assert e.response.get("Reason") == "FunctionInvocationRateLimitExceeded"
+        _expect_throttle(lam, "rate", "FunctionInvocationRateLimitExceeded")
         # Another function has its own allowance.
         _create(lam, "rate-other")
         assert _invoke(lam, "rate-other", {"echo": 3})["echo"] == 3

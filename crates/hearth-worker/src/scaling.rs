@@ -20,8 +20,8 @@
 //!
 //! A third rule is Lambda's scaling rate: each function may add at most
 //! [`BurstRule::per_window`] new sandboxes per [`BurstRule::window`] (Lambda: 1,000 per 10 s).
-//! A start past it is throttled (429, `FunctionInvocationRateLimitExceeded`) with a hint of
-//! when the next one is allowed ([`BurstBucket`]).
+//! A start past it is throttled (429, `FunctionInvocationRateLimitExceeded`); the worker
+//! logs when the next one is allowed ([`BurstBucket`]).
 
 use std::time::Duration;
 
@@ -125,23 +125,32 @@ impl BurstBucket {
         }
     }
 
+    /// Tokens per second under `rule`; `None` when nothing ever refills.
+    fn rate(rule: BurstRule) -> Option<f64> {
+        (rule.per_window > 0 && !rule.window.is_zero())
+            .then(|| rule.per_window as f64 / rule.window.as_secs_f64())
+    }
+
+    /// The tokens the bucket holds at `now` (a clock going backwards adds none).
+    fn tokens_at(&self, rule: BurstRule, now: Duration) -> f64 {
+        let refilled =
+            Self::rate(rule).map_or(0.0, |rate| now.saturating_sub(self.at).as_secs_f64() * rate);
+        (self.tokens + refilled).min(rule.per_window as f64)
+    }
+
     /// Whether the bucket has refilled to the whole burst by `now` (it can then be dropped and
     /// made anew).
     pub fn full(&self, rule: BurstRule, now: Duration) -> bool {
-        let mut b = *self;
-        b.take(rule, now).is_ok() && b.tokens + 1.0 >= rule.per_window as f64
+        self.tokens_at(rule, now) >= rule.per_window as f64
     }
 
     /// Take one start at `now`: `Ok` if allowed, else how long until one is.
     pub fn take(&mut self, rule: BurstRule, now: Duration) -> Result<(), Duration> {
-        let cap = rule.per_window as f64;
-        if rule.per_window == 0 || rule.window.is_zero() {
+        let Some(rate) = Self::rate(rule) else {
             // No allowance can ever refill: refuse with the window as the hint.
             return Err(rule.window.max(Duration::from_secs(1)));
-        }
-        let rate = cap / rule.window.as_secs_f64(); // tokens per second
-        let elapsed = now.saturating_sub(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(cap);
+        };
+        self.tokens = self.tokens_at(rule, now);
         self.at = self.at.max(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
