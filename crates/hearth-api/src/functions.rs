@@ -190,7 +190,28 @@ impl AppState {
                 log_format: "Text".into(),
                 log_group: format!("/aws/lambda/{name}"),
             },
+            dead_letter_config: v.dead_letter_target.as_ref().map(|t| DeadLetterConfig {
+                target_arn: Some(t.clone()),
+            }),
         }
+    }
+
+    /// A `DeadLetterConfig` from a request: `None` when absent or with an empty `TargetArn`.
+    pub(crate) fn dead_letter(
+        &self,
+        cfg: Option<DeadLetterConfig>,
+    ) -> Result<Option<String>, ApiError> {
+        let Some(arn) = cfg.and_then(|c| c.target_arn).filter(|a| !a.is_empty()) else {
+            return Ok(None);
+        };
+        let c = self.config();
+        crate::events::config::validate_destination(
+            &arn,
+            crate::events::config::Slot::DeadLetter,
+            &c.region,
+            &c.account_id,
+        )?;
+        Ok(Some(arn))
     }
 
     fn alias_configuration(&self, function: &str, a: &AliasRecord) -> AliasConfiguration {
@@ -446,6 +467,7 @@ pub async fn create_function(
         .and_then(|s| s.apply_on)
         .unwrap_or_else(|| "None".to_string());
     validate::snap_start(&snap_start_apply_on)?;
+    let dead_letter_target = state.dead_letter(req.dead_letter_config)?;
     let code = req
         .code
         .ok_or_else(|| ApiError::invalid("Code is required"))?;
@@ -484,6 +506,7 @@ pub async fn create_function(
         state: None,
         state_reason: None,
         revision_id: new_revision(),
+        dead_letter_target,
     };
     let mut record = FunctionRecord {
         name: name.clone(),
@@ -493,6 +516,7 @@ pub async fn create_function(
         aliases: BTreeMap::new(),
         reserved_concurrency: None,
         tags,
+        event_invoke: BTreeMap::new(),
     };
     mark_latest(&mut record, state.config().snap_start_latest);
     let published = publish_now.then(|| publish(&mut record, None));
@@ -783,6 +807,7 @@ pub async fn delete_function(
                             )));
                         }
                         rec.versions.remove(&n);
+                        rec.event_invoke.remove(&n.to_string());
                         Ok(())
                     })
                 })
@@ -893,6 +918,11 @@ pub async fn update_function_configuration(
     if let Some(s) = &snap_start {
         validate::snap_start(s)?;
     }
+    // Present: set (or, with an empty `TargetArn`, remove) the dead-letter queue.
+    let dead_letter = req
+        .dead_letter_config
+        .map(|d| state.dead_letter(Some(d)))
+        .transpose()?;
     let key = name.clone();
     let snap_latest = state.config().snap_start_latest;
     let updated = state
@@ -934,6 +964,9 @@ pub async fn update_function_configuration(
                 }
                 if let Some(s) = snap_start {
                     v.snap_start_apply_on = s;
+                }
+                if let Some(d) = dead_letter {
+                    v.dead_letter_target = d;
                 }
                 v.last_modified = timestamp();
                 v.revision_id = new_revision();
@@ -1217,6 +1250,7 @@ pub async fn delete_alias(state: &AppState, function: &str, alias: &str) -> Resu
         .blocking(move |s| {
             s.store().update(&key, |rec, _| -> Result<(), ApiError> {
                 rec.aliases.remove(&alias);
+                rec.event_invoke.remove(&alias);
                 Ok(())
             })
         })

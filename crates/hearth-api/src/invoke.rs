@@ -10,9 +10,8 @@
 //! Lambda's rule that a *function* failure is not an HTTP error holds: exceptions, timeouts,
 //! crashes and responses over 6 MB answer HTTP 200 with `X-Amz-Function-Error: Unhandled`. Only
 //! failures to run at all are errors: throttling (429), not ready (502), internal (500).
-//! Asynchronous (`Event`) invocation needs the durable queue, which does not exist yet: it is
-//! refused with a clear `InvalidParameterValueException` rather than silently run
-//! synchronously.
+//! An asynchronous (`Event`) invocation is checked the same way (with Lambda's 1 MB limit on
+//! its payload), queued durably and answered 202 ([`crate::events`]).
 
 use base64::Engine;
 use bytes::Bytes;
@@ -55,6 +54,8 @@ pub struct InvokeCommand {
 pub enum InvokeOutcome {
     /// `DryRun`: everything checked, nothing run (HTTP 204).
     DryRun,
+    /// `Event`: queued durably (HTTP 202).
+    Accepted,
     /// The function ran (HTTP 200), successfully or not.
     Completed {
         executed_version: String,
@@ -138,10 +139,12 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
     };
     tracing::Span::current().record("version", executed_version.as_str());
 
-    if matches!(invocation_type, InvocationType::Event) {
-        return Err(ApiError::invalid(
-            "asynchronous invocation (Event) is not supported yet: use RequestResponse",
-        ));
+    let is_event = matches!(invocation_type, InvocationType::Event);
+    if is_event && cmd.payload.len() > crate::events::MAX_ASYNC_PAYLOAD {
+        return Err(ApiError::too_large(format!(
+            "Request must be smaller than {} bytes for the InvokeFunction operation",
+            crate::events::MAX_ASYNC_PAYLOAD
+        )));
     }
     if !cmd.payload.is_empty()
         && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&cmd.payload)
@@ -159,12 +162,6 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
         return Ok(InvokeOutcome::DryRun);
     }
 
-    let config = state.config();
-    let reserved_total = state.blocking(|s| Ok(s.store().reserved_total()?)).await?;
-    let unreserved_limit = u64::from(config.account_concurrency)
-        .saturating_sub(reserved_total)
-        .try_into()
-        .unwrap_or(0);
     if let Some(st) = version.state.as_deref() {
         return Err(ApiError::new(
             crate::error::ErrorKind::ResourceConflict,
@@ -179,6 +176,26 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
             ),
         ));
     }
+    if is_event {
+        crate::events::accept(
+            state,
+            &name,
+            qualifier,
+            &cmd.payload,
+            client_context,
+            &cmd.request_id,
+        )
+        .await?;
+        tracing::info!(function = %name, bytes = cmd.payload.len(), "event queued");
+        return Ok(InvokeOutcome::Accepted);
+    }
+
+    let config = state.config();
+    let reserved_total = state.blocking(|s| Ok(s.store().reserved_total()?)).await?;
+    let unreserved_limit = u64::from(config.account_concurrency)
+        .saturating_sub(reserved_total)
+        .try_into()
+        .unwrap_or(0);
     let spec = state.function_spec(&name, &executed_version, &version);
     let invoked_arn = match &qualifier {
         Some(q) => config.qualified_arn(&name, q),

@@ -22,6 +22,7 @@
 pub use hearth_core::code;
 pub mod download;
 pub mod error;
+pub mod events;
 pub mod functions;
 pub mod invoke;
 pub use hearth_core::invoker;

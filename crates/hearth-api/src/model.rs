@@ -46,6 +46,15 @@ pub struct CreateFunctionRequest {
     pub architectures: Option<Vec<String>>,
     pub ephemeral_storage: Option<EphemeralStorage>,
     pub snap_start: Option<SnapStartIn>,
+    pub dead_letter_config: Option<DeadLetterConfig>,
+}
+
+/// `DeadLetterConfig`, in and out.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeadLetterConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_arn: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +114,7 @@ pub struct UpdateFunctionConfigurationRequest {
     pub layers: Option<Vec<String>>,
     pub ephemeral_storage: Option<EphemeralStorage>,
     pub snap_start: Option<SnapStartIn>,
+    pub dead_letter_config: Option<DeadLetterConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +196,8 @@ pub struct FunctionConfiguration {
     pub ephemeral_storage: EphemeralStorage,
     pub snap_start: SnapStartOut,
     pub logging_config: LoggingConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_config: Option<DeadLetterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

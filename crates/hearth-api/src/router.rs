@@ -31,6 +31,7 @@ use http_body_util::BodyExt;
 use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorKind};
+use crate::events;
 use crate::functions;
 use crate::invoke::{self, InvokeCommand, InvokeOutcome};
 use crate::model::{ListParams, parse_json};
@@ -82,7 +83,31 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/2016-08-19/account-settings", get(account_settings))
         .route("/2016-08-19/account-settings/", get(account_settings))
+        .route(
+            "/2019-09-25/functions/{function}/event-invoke-config",
+            put(put_event_config)
+                .post(update_event_config)
+                .get(get_event_config)
+                .delete(delete_event_config),
+        )
+        .route(
+            "/2019-09-25/functions/{function}/event-invoke-config/list",
+            get(list_event_configs),
+        )
         .route("/hearth/v1/functions/{function}/logs", get(function_logs))
+        .route(
+            "/hearth/v1/functions/{function}/status",
+            get(function_status),
+        )
+        .route("/hearth/v1/failed-events", get(list_failed_events))
+        .route(
+            "/hearth/v1/failed-events/{event}",
+            get(get_failed_event).delete(delete_failed_event),
+        )
+        .route(
+            "/hearth/v1/failed-events/{event}/redrive",
+            post(redrive_failed_event),
+        )
         .fallback(unknown_operation)
         .method_not_allowed_fallback(unknown_operation)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -255,6 +280,7 @@ async fn unknown_operation() -> ApiError {
 struct Params {
     function: String,
     alias: Option<String>,
+    event: Option<String>,
     query: HashMap<String, String>,
 }
 
@@ -270,6 +296,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
         Ok(Params {
             function: path.remove("function").unwrap_or_default(),
             alias: path.remove("alias"),
+            event: path.remove("event"),
             query,
         })
     }
@@ -481,6 +508,7 @@ async fn invoke_function(
     };
     match invoke::invoke(&s, cmd).await? {
         InvokeOutcome::DryRun => Ok(StatusCode::NO_CONTENT.into_response()),
+        InvokeOutcome::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
         InvokeOutcome::Completed {
             executed_version,
             payload,
@@ -508,6 +536,85 @@ async fn invoke_function(
             Ok(response)
         }
     }
+}
+
+async fn put_event_config(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        events::api::put(&s, &p.function, p.q("Qualifier"), parse_json(&body)?, true).await?,
+    ))
+}
+
+async fn update_event_config(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        events::api::put(&s, &p.function, p.q("Qualifier"), parse_json(&body)?, false).await?,
+    ))
+}
+
+async fn get_event_config(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        events::api::get(&s, &p.function, p.q("Qualifier")).await?,
+    ))
+}
+
+async fn delete_event_config(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    events::api::delete(&s, &p.function, p.q("Qualifier")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_event_configs(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(events::api::list(&s, &p.function, p.list()).await?))
+}
+
+/// `GET /hearth/v1/functions/{name}/status`: the function's asynchronous queue.
+async fn function_status(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    validate::function_name(&p.function)?;
+    Ok(Json(events::status(&s, &p.function).await?))
+}
+
+/// `GET /hearth/v1/failed-events[?function=NAME]`.
+async fn list_failed_events(
+    State(s): State<AppState>,
+    QueryOnly(q): QueryOnly,
+) -> ApiResult<impl IntoResponse> {
+    let failed = events::list_failed(&s, q.get("function").cloned()).await?;
+    Ok(Json(serde_json::json!({ "FailedEvents": failed })))
+}
+
+fn event_id(p: &Params) -> ApiResult<String> {
+    let id = p.event.clone().unwrap_or_default();
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(ApiError::invalid(format!("invalid event id {id:?}")));
+    }
+    Ok(id)
+}
+
+async fn get_failed_event(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(events::get_failed(&s, &event_id(&p)?).await?))
+}
+
+async fn delete_failed_event(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    events::delete_failed(&s, &event_id(&p)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn redrive_failed_event(
+    State(s): State<AppState>,
+    p: Params,
+) -> ApiResult<impl IntoResponse> {
+    let id = events::redrive(&s, &event_id(&p)?).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "EventId": id })),
+    ))
 }
 
 /// `GET /hearth/v1/functions/{name}/logs?tail_bytes=N`: the function's recent log as text.

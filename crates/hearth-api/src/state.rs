@@ -33,6 +33,8 @@ pub struct ApiConfig {
     /// How long the download URL in `GetFunction`'s `Code.Location` works (10 minutes, as in
     /// Lambda).
     pub code_url_ttl: std::time::Duration,
+    /// The asynchronous path: retry back-off, attempts in flight.
+    pub async_config: crate::events::AsyncConfig,
 }
 
 impl ApiConfig {
@@ -47,6 +49,7 @@ impl ApiConfig {
             snap_start_latest: false,
             chunk_store: None,
             code_url_ttl: crate::download::DEFAULT_TTL,
+            async_config: crate::events::AsyncConfig::default(),
         }
     }
 
@@ -82,6 +85,8 @@ pub enum InitError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Events(#[from] crate::events::queue::QueueError),
     #[error("start-up task failed: {0}")]
     Task(String),
 }
@@ -101,6 +106,8 @@ struct Inner {
     download_key: DownloadKey,
     logs: std::sync::Arc<LogStore>,
     invoker: Arc<dyn Invoker>,
+    /// The asynchronous queue and its scheduler.
+    events: Arc<crate::events::Events>,
     /// Snapshots being prepared: `name\0version\0revision`.
     pub(crate) preparing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -134,6 +141,7 @@ impl AppState {
         for name in names {
             state.schedule_snapshots(&name).await;
         }
+        tokio::spawn(crate::events::run(state.clone()));
         Ok(state)
     }
 
@@ -181,6 +189,10 @@ impl AppState {
         let key_path = config.data_dir.join("download.key");
         let download_key = DownloadKey::load_or_create(&key_path).map_err(io(&key_path))?;
         let logs = std::sync::Arc::new(LogStore::new(config.data_dir.join("logs")));
+        let events = Arc::new(crate::events::Events::open(
+            &config.data_dir.join("events.redb"),
+            config.async_config,
+        )?);
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,
@@ -190,6 +202,7 @@ impl AppState {
                 download_key,
                 logs,
                 invoker,
+                events,
                 preparing: Default::default(),
             }),
         })
@@ -222,6 +235,11 @@ impl AppState {
 
     pub(crate) fn download_key(&self) -> &DownloadKey {
         &self.inner.download_key
+    }
+
+    /// The asynchronous queue.
+    pub fn events(&self) -> &Arc<crate::events::Events> {
+        &self.inner.events
     }
 
     pub fn logs(&self) -> &std::sync::Arc<LogStore> {

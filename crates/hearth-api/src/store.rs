@@ -74,6 +74,10 @@ pub struct VersionRecord {
     pub state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
+    /// `DeadLetterConfig.TargetArn` (validated: an SQS queue ARN naming a queue of the
+    /// failed-events store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_target: Option<String>,
 }
 
 impl VersionRecord {
@@ -89,6 +93,7 @@ impl VersionRecord {
             && self.ephemeral_storage_mb == other.ephemeral_storage_mb
             && self.snap_start_apply_on == other.snap_start_apply_on
             && self.code == other.code
+            && self.dead_letter_target == other.dead_letter_target
     }
 }
 
@@ -116,6 +121,9 @@ pub struct FunctionRecord {
     pub aliases: BTreeMap<String, AliasRecord>,
     pub reserved_concurrency: Option<u32>,
     pub tags: BTreeMap<String, String>,
+    /// Event-invoke configuration by qualifier (`$LATEST`, a version, an alias).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub event_invoke: BTreeMap<String, crate::events::config::EventInvokeRecord>,
 }
 
 /// The metadata database.
@@ -310,6 +318,7 @@ mod tests {
             revision_id: "r1".into(),
             state: None,
             state_reason: None,
+            dead_letter_target: None,
         }
     }
 
@@ -322,6 +331,7 @@ mod tests {
             aliases: BTreeMap::new(),
             reserved_concurrency: None,
             tags: BTreeMap::new(),
+            event_invoke: BTreeMap::new(),
         }
     }
 

@@ -25,6 +25,9 @@ enum Command {
     Invoke(cmd::client::InvokeArgs),
     /// Print a function's recent log.
     Logs(cmd::client::LogsArgs),
+    /// List, inspect, re-drive and delete failed asynchronous invocations.
+    #[command(subcommand)]
+    Events(cmd::client::EventsCmd),
     /// Inspect and collect the chunk store.
     #[command(subcommand)]
     Store(cmd::store::StoreCmd),
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Function(c) => cmd::client::run_fn(c),
         Command::Invoke(a) => cmd::client::run_invoke(a),
         Command::Logs(a) => cmd::client::run_logs(a),
+        Command::Events(c) => cmd::client::run_events(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Store(c) => cmd::store::run(c),
     };

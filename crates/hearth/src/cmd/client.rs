@@ -1,4 +1,5 @@
-//! The daily commands: `hearth fn deploy|ls|rm`, `hearth invoke`, `hearth logs`.
+//! The daily commands: `hearth fn deploy|ls|rm|status`, `hearth invoke`, `hearth logs`,
+//! `hearth events` (the failed-events store of asynchronous invocations).
 //!
 //! They speak the same signed Lambda API as boto3 (hearth's own SigV4 signer), reading the
 //! endpoint and keys from the standard `AWS_*` variables or, when those are unset, from
@@ -37,6 +38,53 @@ pub enum FnCmd {
     /// Delete a function.
     Rm {
         name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A function's asynchronous queue: depth, oldest event, successes, retries, failures.
+    Status {
+        name: String,
+        /// Print the JSON as returned.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Asynchronous invocations that failed for good (retries exhausted, too old, or the function
+/// gone): every one is kept until deleted or re-driven.
+#[derive(Subcommand)]
+pub enum EventsCmd {
+    /// List failed events (oldest failure first).
+    List {
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print one failed event: its record (request payload, last response), as JSON.
+    Show {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Queue failed events again as new asynchronous invocations (fresh retries).
+    Redrive {
+        /// Event ids.
+        ids: Vec<String>,
+        /// Every failed event (of `--function`, if given).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        function: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete failed events.
+    Rm {
+        ids: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -83,6 +131,9 @@ pub struct InvokeArgs {
     /// Print the invocation's log (last 4 KB) to stderr.
     #[arg(long)]
     log: bool,
+    /// Invoke asynchronously (`Event`): queue it and print its request id.
+    #[arg(long = "async", conflicts_with = "log")]
+    event: bool,
     #[command(flatten)]
     conn: Conn,
 }
@@ -276,6 +327,149 @@ pub fn run_fn(cmd: FnCmd) -> anyhow::Result<ExitCode> {
             eprintln!("deleted {name}");
             Ok(ExitCode::SUCCESS)
         }
+        FnCmd::Status { name, json, conn } => {
+            let c = conn.client()?;
+            let v = c
+                .call(
+                    "GET",
+                    &format!("/hearth/v1/functions/{}/status", encode_path_segment(&name)),
+                    b"",
+                    &[],
+                )?
+                .check()?
+                .json();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let a = &v["Async"];
+            let n = |k: &str| a[k].as_u64().unwrap_or(0);
+            println!("{name}: asynchronous invocations");
+            println!(
+                "  queued:              {} ({} running)",
+                n("Depth"),
+                n("Running")
+            );
+            match a["OldestEventAgeSeconds"].as_f64() {
+                Some(age) => println!("  oldest event:        {age:.1} s"),
+                None => println!("  oldest event:        -"),
+            }
+            println!(
+                "  since start:         {} succeeded, {} retried, {} failed, {} throttled",
+                n("Succeeded"),
+                n("Retried"),
+                n("Failed"),
+                n("Throttled")
+            );
+            println!(
+                "  failed events kept:  {} (hearth events list --function {name})",
+                n("FailedEventsStored")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn run_events(cmd: EventsCmd) -> anyhow::Result<ExitCode> {
+    let list = |c: &Client, function: Option<&str>| -> anyhow::Result<Vec<Value>> {
+        let path = match function {
+            Some(f) => format!(
+                "/hearth/v1/failed-events?function={}",
+                encode_path_segment(f)
+            ),
+            None => "/hearth/v1/failed-events".to_string(),
+        };
+        let v = c.call("GET", &path, b"", &[])?.check()?.json();
+        Ok(v["FailedEvents"].as_array().cloned().unwrap_or_default())
+    };
+    match cmd {
+        EventsCmd::List { function, conn } => {
+            let c = conn.client()?;
+            let events = list(&c, function.as_deref())?;
+            println!(
+                "{:<36} {:<24} {:<18} {:>8}  FAILED AT",
+                "EVENT ID", "FUNCTION", "CONDITION", "ATTEMPTS"
+            );
+            for e in &events {
+                let at = e["FailedMs"]
+                    .as_i64()
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:<36} {:<24} {:<18} {:>8}  {at}",
+                    e["EventId"].as_str().unwrap_or(""),
+                    e["FunctionName"].as_str().unwrap_or(""),
+                    e["Condition"].as_str().unwrap_or(""),
+                    e["Attempts"].as_u64().unwrap_or(0),
+                );
+            }
+            eprintln!("{} failed event(s)", events.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        EventsCmd::Show { id, conn } => {
+            let c = conn.client()?;
+            let v = c
+                .call(
+                    "GET",
+                    &format!("/hearth/v1/failed-events/{}", encode_path_segment(&id)),
+                    b"",
+                    &[],
+                )?
+                .check()?
+                .json();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        EventsCmd::Redrive {
+            ids,
+            all,
+            function,
+            conn,
+        } => {
+            let c = conn.client()?;
+            let ids: Vec<String> = if all {
+                list(&c, function.as_deref())?
+                    .iter()
+                    .filter_map(|e| e["EventId"].as_str().map(String::from))
+                    .collect()
+            } else if ids.is_empty() {
+                bail!("name the events to re-drive, or pass --all");
+            } else {
+                ids
+            };
+            for id in &ids {
+                let v = c
+                    .call(
+                        "POST",
+                        &format!(
+                            "/hearth/v1/failed-events/{}/redrive",
+                            encode_path_segment(id)
+                        ),
+                        b"",
+                        &[],
+                    )?
+                    .check()?
+                    .json();
+                println!("{id} -> {}", v["EventId"].as_str().unwrap_or(""));
+            }
+            eprintln!("re-drove {} event(s)", ids.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        EventsCmd::Rm { ids, conn } => {
+            let c = conn.client()?;
+            for id in &ids {
+                c.call(
+                    "DELETE",
+                    &format!("/hearth/v1/failed-events/{}", encode_path_segment(id)),
+                    b"",
+                    &[],
+                )?
+                .check()?;
+            }
+            eprintln!("deleted {} event(s)", ids.len());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -417,6 +611,23 @@ pub fn run_invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(q) = &args.qualifier {
         path.push_str(&format!("?Qualifier={}", encode_path_segment(q)));
+    }
+    if args.event {
+        let reply = c
+            .call(
+                "POST",
+                &path,
+                &payload,
+                &[("x-amz-invocation-type", "Event".to_string())],
+            )?
+            .check()?;
+        let id = reply
+            .headers
+            .get("x-amzn-requestid")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        println!("{id}");
+        return Ok(ExitCode::SUCCESS);
     }
     let mut extra = vec![("x-amz-invocation-type", "RequestResponse".to_string())];
     if args.log {

@@ -95,6 +95,13 @@ pub struct UpArgs {
     /// cold start past it gets 429 `FunctionInvocationRateLimitExceeded`.
     #[arg(long, env = "HEARTH_SCALING_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub scaling_rate: u32,
+    /// Asynchronous (`Event`) invocations running at once, over all functions.
+    #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub async_concurrency: u32,
+    /// Seconds before the first retry of an asynchronous invocation that failed (the second
+    /// waits twice as long); Lambda waits about a minute.
+    #[arg(long, env = "HEARTH_ASYNC_RETRY_DELAY", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub async_retry_delay: u64,
 }
 
 /// Credentials kept in the data directory so restarts keep working clients.
@@ -294,6 +301,13 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         snap_start_latest: args.snap_start_latest,
         chunk_store: Some(chunks.clone()),
         code_url_ttl: Duration::from_secs(args.code_url_ttl),
+        async_config: hearth_api::events::AsyncConfig {
+            policy: hearth_api::events::sched::Policy {
+                retry_base_ms: args.async_retry_delay * 1000,
+                ..Default::default()
+            },
+            concurrency: args.async_concurrency as usize,
+        },
     };
     let state = hearth_api::AppState::new(config, Arc::new(worker.clone()))
         .await
@@ -329,7 +343,10 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!("shutting down");
     };
+    let events = state.events().clone();
     hearth_api::serve(listener, state, shutdown).await?;
+    // Queued events stay in the queue for the next start.
+    events.stop();
     worker.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
