@@ -91,6 +91,17 @@ pub enum InitError {
     Task(String),
 }
 
+/// [`AppState`] without ownership: background tasks use it so that dropping the last
+/// [`AppState`] closes the databases.
+#[derive(Clone)]
+pub struct WeakState(std::sync::Weak<Inner>);
+
+impl WeakState {
+    pub fn upgrade(&self) -> Option<AppState> {
+        self.0.upgrade().map(|inner| AppState { inner })
+    }
+}
+
 /// Shared by every request: configuration, metadata, code and logs, and the invoker.
 #[derive(Clone)]
 pub struct AppState {
@@ -141,7 +152,7 @@ impl AppState {
         for name in names {
             state.schedule_snapshots(&name).await;
         }
-        tokio::spawn(crate::events::run(state.clone()));
+        tokio::spawn(crate::events::run(state.downgrade()));
         Ok(state)
     }
 
@@ -235,6 +246,11 @@ impl AppState {
 
     pub(crate) fn download_key(&self) -> &DownloadKey {
         &self.inner.download_key
+    }
+
+    /// A reference that does not keep the state (and its databases) open.
+    pub fn downgrade(&self) -> WeakState {
+        WeakState(Arc::downgrade(&self.inner))
     }
 
     /// The asynchronous queue.

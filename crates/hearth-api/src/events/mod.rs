@@ -63,8 +63,16 @@ pub struct Events {
     queue: Queue,
     sched: std::sync::Mutex<Scheduler>,
     policy: Policy,
-    wake: tokio::sync::Notify,
+    wake: Arc<tokio::sync::Notify>,
     stopping: AtomicBool,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // The dispatcher holds only the notifier while it waits: let it see the state is gone.
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Events {
@@ -98,7 +106,7 @@ impl Events {
             queue,
             sched: std::sync::Mutex::new(sched),
             policy: config.policy,
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
             stopping: AtomicBool::new(false),
         })
     }
@@ -139,18 +147,21 @@ impl Events {
     }
 }
 
-/// The dispatcher: runs until [`Events::stop`].
-pub async fn run(state: AppState) {
-    let events = state.events().clone();
+/// The dispatcher: runs until [`Events::stop`] or until the state is dropped. While it waits
+/// it holds only the notifier, so dropping the last [`AppState`] closes the databases.
+pub async fn run(state: crate::state::WeakState) {
     loop {
+        let Some(strong) = state.upgrade() else {
+            return;
+        };
+        let events = strong.events().clone();
         if events.stopping.load(Ordering::SeqCst) {
             return;
         }
         let now = now_ms();
         let picked = events.sched().next(now);
         if let Some((function, seq)) = picked {
-            let state = state.clone();
-            tokio::spawn(async move { attempt(&state, function, seq).await });
+            tokio::spawn(async move { attempt(&strong, function, seq).await });
             continue;
         }
         let wait = events
@@ -158,8 +169,11 @@ pub async fn run(state: AppState) {
             .next_wake()
             .map(|w| w.saturating_sub(now).max(1))
             .unwrap_or(60_000);
+        let wake = events.wake.clone();
+        drop(events);
+        drop(strong);
         tokio::select! {
-            _ = events.wake.notified() => {}
+            _ = wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
         }
     }
@@ -366,7 +380,7 @@ async fn attempt_inner(
                 }),
             )
         }
-        Ok(InvokeOutcome::DryRun | InvokeOutcome::Accepted { .. }) => (Outcome::Success, None),
+        Ok(InvokeOutcome::DryRun | InvokeOutcome::Accepted) => (Outcome::Success, None),
         Err(e)
             if e.kind == ErrorKind::TooManyRequests
                 || e.kind == ErrorKind::ResourceConflict
@@ -377,11 +391,16 @@ async fn attempt_inner(
         }
         Err(e) => {
             // The function, version or alias is gone, or the request can no longer run.
+            let condition = if e.kind == ErrorKind::ResourceNotFound {
+                "FunctionNotFound"
+            } else {
+                e.kind.name()
+            };
             let ops = fail_ops(
                 state,
                 &ev,
                 seq,
-                e.kind.name(),
+                condition,
                 &e.message,
                 header.runs,
                 prior.as_ref(),

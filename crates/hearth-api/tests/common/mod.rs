@@ -28,6 +28,8 @@ pub enum Mode {
     Echo,
     /// Fail as the function: `function_error` with an error document.
     FunctionError,
+    /// Fail as the function for this function only; echo for the others.
+    FailOnly(String),
     /// Return a payload this many bytes long.
     BigResponse(usize),
     Throttle(String),
@@ -83,7 +85,12 @@ impl Invoker for FakeInvoker {
                 function_error: false,
                 log,
             }),
-            Mode::FunctionError => Ok(InvokeResult {
+            Mode::FailOnly(name) if name != req.spec.name => Ok(InvokeResult {
+                payload: req.payload.to_vec(),
+                function_error: false,
+                log,
+            }),
+            Mode::FunctionError | Mode::FailOnly(_) => Ok(InvokeResult {
                 payload: br#"{"errorMessage":"boom","errorType":"Exception","stackTrace":[]}"#
                     .to_vec(),
                 function_error: true,
@@ -202,10 +209,21 @@ impl Api {
     /// Drop the router (and with it the database) and start again on the same data dir.
     pub async fn restart(&mut self) {
         self.router = None;
-        let state =
-            AppState::with_code_limits(self.config.clone(), self.limits, self.invoker.clone())
+        // Background tasks (the event dispatcher) let go of the databases within moments.
+        let mut tries = 0;
+        let state = loop {
+            match AppState::with_code_limits(self.config.clone(), self.limits, self.invoker.clone())
                 .await
-                .expect("reopen");
+            {
+                Ok(s) => break s,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         self.router = Some(app(state));
     }
 
