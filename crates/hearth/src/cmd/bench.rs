@@ -38,6 +38,9 @@ pub enum BenchCmd {
     Sandbox(SandboxArgs),
     /// Concurrent invokes through the Lambda API of a running `hearth up`.
     Api(super::client::ApiBenchArgs),
+    /// Asynchronous invocations against a running `hearth up`: accepted events/s, drain rate,
+    /// and the delay from acknowledgement to execution, beside sync invokes/s.
+    Async(super::client::AsyncBenchArgs),
     /// Cold starts by boot versus by snapshot restore, snapshot chunk sharing, and restore
     /// time by snapshot size.
     Snapstart(SnapArgs),
@@ -326,6 +329,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Sandbox(a) => rt()?.block_on(sandbox(a)),
         BenchCmd::Api(a) => super::client::api_bench(a),
+        BenchCmd::Async(a) => super::client::async_bench(a),
         BenchCmd::Store(a) => rt()?.block_on(store_bench(a)),
         BenchCmd::Snapstart(a) => rt()?.block_on(snapstart(a)),
     }

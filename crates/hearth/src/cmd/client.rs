@@ -779,3 +779,240 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
         ExitCode::FAILURE
     })
 }
+
+#[derive(Args)]
+pub struct AsyncBenchArgs {
+    /// Function to invoke (created as a trivial python3.11 function that logs its start time).
+    #[arg(long, default_value = "hearth-bench-async")]
+    function: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Length of each phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// Code of the async benchmark's function: one line per start, with the host's clock.
+const ASYNC_BENCH_CODE: &[u8] = b"import json, time\ndef handler(event, context):\n    print('BENCH-START ' + json.dumps({'id': context.aws_request_id, 't': time.time()}))\n    return event\n";
+
+fn epoch_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `clients` threads calling `f(client, i)` until `secs` have passed, each at most once per
+/// `interval` (none: as fast as they can). Returns what the calls returned.
+fn run_clients<T: Send + 'static>(
+    conn: &Conn,
+    clients: usize,
+    secs: f64,
+    interval: Option<std::time::Duration>,
+    f: impl Fn(&Client, usize) -> Option<T> + Send + Sync + 'static,
+) -> anyhow::Result<(Vec<T>, usize, f64)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let f = Arc::new(f);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let end = started + std::time::Duration::from_secs_f64(secs);
+    let mut threads = Vec::new();
+    for k in 0..clients {
+        let c = conn.client()?;
+        let (f, next) = (f.clone(), next.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut failed = 0usize;
+            // Spread paced clients evenly over one interval.
+            let mut due = started
+                + interval
+                    .map(|i| i * k as u32 / clients as u32)
+                    .unwrap_or_default();
+            while std::time::Instant::now() < end {
+                if let Some(i) = interval {
+                    let now = std::time::Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    due += i;
+                }
+                match f(&c, next.fetch_add(1, Ordering::Relaxed)) {
+                    Some(v) => out.push(v),
+                    None => failed += 1,
+                }
+            }
+            (out, failed)
+        }));
+    }
+    let (mut all, mut failed) = (Vec::new(), 0);
+    for t in threads {
+        let (o, f) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        all.extend(o);
+        failed += f;
+    }
+    Ok((all, failed, started.elapsed().as_secs_f64()))
+}
+
+/// Wait until the function's asynchronous queue is empty; returns the seconds waited.
+fn drain(c: &Client, function: &str, limit_s: u64) -> anyhow::Result<f64> {
+    let t = std::time::Instant::now();
+    let path = format!(
+        "/hearth/v1/functions/{}/status",
+        encode_path_segment(function)
+    );
+    loop {
+        let v = c.call("GET", &path, b"", &[])?.check()?.json();
+        if v["Async"]["Depth"].as_u64() == Some(0) {
+            return Ok(t.elapsed().as_secs_f64());
+        }
+        if t.elapsed().as_secs() > limit_s {
+            bail!("the queue did not drain in {limit_s} s: {}", v["Async"]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `hearth bench async`: sync invokes/s; accepted events/s (durable, while they also run);
+/// how fast the queue drains; and the delay from acknowledgement to the start of execution at
+/// half the accepted rate and at half the rate the queue drains.
+pub fn async_bench(args: AsyncBenchArgs) -> anyhow::Result<ExitCode> {
+    let c = args.conn.client()?;
+    let name = args.function.clone();
+    let path = format!("/2015-03-31/functions/{}", encode_path_segment(&name));
+    if c.call("GET", &path, b"", &[])?.status == 404 {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            z.start_file("app.py", zip::write::SimpleFileOptions::default())?;
+            z.write_all(ASYNC_BENCH_CODE)?;
+            z.finish()?;
+        }
+        let body = json!({
+            "FunctionName": name, "Runtime": "python3.11", "Handler": "app.handler",
+            "Role": "arn:aws:iam::000000000000:role/hearth",
+            "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(buf.into_inner()) },
+        });
+        c.call(
+            "POST",
+            "/2015-03-31/functions",
+            &serde_json::to_vec(&body)?,
+            &[],
+        )?
+        .check()?;
+    }
+    let invoke = Arc::new(format!("{path}/invocations"));
+    c.call("POST", &invoke, b"{}", &[])?.check()?;
+    let secs = args.seconds as f64;
+
+    // 1. Synchronous invokes, the baseline.
+    let p = invoke.clone();
+    let (ok, failed, took) = run_clients(&args.conn, args.clients, secs, None, move |c, _| {
+        c.call("POST", &p, b"{}", &[])
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|_| ())
+    })?;
+    let sync_rate = ok.len() as f64 / took;
+    println!(
+        "sync invokes:   {sync_rate:.0}/s ({} ok, {failed} failed, {} clients)",
+        ok.len(),
+        args.clients
+    );
+
+    // 2. Events as fast as the clients can send them.
+    let event = |p: Arc<String>| {
+        move |c: &Client, i: usize| {
+            let body = format!("{{\"i\":{i}}}");
+            let r = c
+                .call(
+                    "POST",
+                    &p,
+                    body.as_bytes(),
+                    &[("x-amz-invocation-type", "Event".to_string())],
+                )
+                .ok()?;
+            let acked = epoch_s();
+            (r.status == 202).then(|| {
+                let id = r
+                    .headers
+                    .get("x-amzn-requestid")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                (id, acked)
+            })
+        }
+    };
+    let (acked, failed, took) =
+        run_clients(&args.conn, args.clients, secs, None, event(invoke.clone()))?;
+    let accept_rate = acked.len() as f64 / took;
+    println!(
+        "events accepted: {accept_rate:.0}/s durably ({} acknowledged, {failed} refused, {took:.1} s)",
+        acked.len()
+    );
+    let drained = drain(&c, &name, 600)?;
+    let exec_rate = acked.len() as f64 / (took + drained);
+    println!("queue drained {drained:.1} s after the last accept: {exec_rate:.0} events run/s");
+
+    // 3. Delay from acknowledgement to the start, at paced rates.
+    let report = |label: &str, rate: f64| -> anyhow::Result<()> {
+        let rate = rate.max(1.0);
+        let interval = std::time::Duration::from_secs_f64(args.clients as f64 / rate);
+        let (acked, failed, took) = run_clients(
+            &args.conn,
+            args.clients,
+            secs,
+            Some(interval),
+            event(invoke.clone()),
+        )?;
+        drain(&c, &name, 600)?;
+        let log = c
+            .call(
+                "GET",
+                &format!(
+                    "/hearth/v1/functions/{}/logs?tail_bytes={}",
+                    encode_path_segment(&name),
+                    64 * 1024 * 1024
+                ),
+                b"",
+                &[],
+            )?
+            .check()?;
+        let mut starts = std::collections::HashMap::new();
+        for line in String::from_utf8_lossy(&log.body).lines() {
+            if let Some(i) = line.find("BENCH-START ")
+                && let Ok(v) = serde_json::from_str::<Value>(&line[i + 12..])
+                && let (Some(id), Some(t)) = (v["id"].as_str(), v["t"].as_f64())
+            {
+                starts.entry(id.to_string()).or_insert(t);
+            }
+        }
+        let mut delays: Vec<std::time::Duration> = acked
+            .iter()
+            .filter_map(|(id, t)| starts.get(id).map(|s| (s - t).max(0.0)))
+            .map(std::time::Duration::from_secs_f64)
+            .collect();
+        delays.sort();
+        println!(
+            "{label}: {:.0}/s offered, {} acknowledged ({failed} refused) in {took:.1} s; ack -> start p50={:.1} ms p99={:.1} ms max={:.1} ms ({} matched)",
+            rate,
+            acked.len(),
+            super::bench::pct(&delays, 0.5),
+            super::bench::pct(&delays, 0.99),
+            delays
+                .last()
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(0.0),
+            delays.len()
+        );
+        Ok(())
+    };
+    report("at half the accepted rate", accept_rate / 2.0)?;
+    report("at half the drain rate   ", exec_rate / 2.0)?;
+    Ok(ExitCode::SUCCESS)
+}
