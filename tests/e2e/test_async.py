@@ -95,7 +95,7 @@ def _event(lam, name, payload, **kw):
     return r["ResponseMetadata"]["RequestId"]
 
 
-def test_event_is_202_runs_once_with_its_request_id_and_413_past_1mb(server):
+def test_event_is_202_runs_once_with_its_request_id_and_413_past_1mb(server, tmp_path):
     lam = server.client()
     name = "ev-" + uuid.uuid4().hex[:8]
     _create(lam, name, WORKER)
@@ -109,8 +109,10 @@ def test_event_is_202_runs_once_with_its_request_id_and_413_past_1mb(server):
         assert e.response["Error"]["Code"] == "RequestTooLargeException"
         assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 413
     # The AWS CLI's async invoke works unmodified.
+    payload = tmp_path / "event.json"
+    payload.write_text('{"n": 2}')
     cp = server.cli("invoke", "--function-name", name, "--invocation-type", "Event",
-                    "--cli-binary-format", "raw-in-base64-out", "--payload", '{"n": 2}', "/dev/null")
+                    "--payload", f"fileb://{payload}", str(tmp_path / "out"))
     assert json.loads(cp.stdout)["StatusCode"] == 202
     _wait("the CLI's event", lambda: [a for a in _lines(server, name, "ATTEMPT") if a["event"] == {"n": 2}])
     time.sleep(1)

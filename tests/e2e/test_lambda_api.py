@@ -337,9 +337,9 @@ def test_invoke_request_response_dry_run_tail(hearth):
     expect_error("InvalidRequestContentException", 400, lam.invoke, FunctionName=name, Payload=b"{}",
                  ClientContext="not base64 json!")
     expect_error("InvalidRequestContentException", 400, lam.invoke, FunctionName=name, Payload=b"not json")
-    # Asynchronous invocation needs the event queue, which is not there yet.
-    expect_error("InvalidParameterValueException", 400, lam.invoke, FunctionName=name,
-                 InvocationType="Event", Payload=b"{}")
+    # Asynchronous invocation checks the payload the same way before it queues anything.
+    expect_error("InvalidRequestContentException", 400, lam.invoke, FunctionName=name,
+                 InvocationType="Event", Payload=b"not json")
     big = b'"' + b"x" * (6 * 1024 * 1024 + 10) + b'"'
     expect_error("RequestTooLargeException", 413, lam.invoke, FunctionName=name, Payload=big)
     lam.delete_function(FunctionName=name)
