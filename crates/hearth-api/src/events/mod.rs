@@ -311,21 +311,7 @@ async fn attempt_inner(
     let rec = match record_result {
         Ok(r) => r,
         Err(e) if e.kind == ErrorKind::ResourceNotFound => {
-            let ops = fail_ops(
-                state,
-                &ev,
-                seq,
-                "FunctionNotFound",
-                &e.message,
-                header.runs,
-                None,
-            )?;
-            events
-                .queue()
-                .commit(ops)
-                .await
-                .map_err(ApiError::internal)?;
-            return Ok((Finished::Removed { success: false }, vec![]));
+            return cannot_run(state, &ev, seq, "FunctionNotFound", &e.message, None).await;
         }
         Err(e) => return Err(e),
     };
@@ -396,21 +382,7 @@ async fn attempt_inner(
             } else {
                 e.kind.name()
             };
-            let ops = fail_ops(
-                state,
-                &ev,
-                seq,
-                condition,
-                &e.message,
-                header.runs,
-                prior.as_ref(),
-            )?;
-            events
-                .queue()
-                .commit(ops)
-                .await
-                .map_err(ApiError::internal)?;
-            return Ok((Finished::Removed { success: false }, vec![]));
+            return cannot_run(state, &ev, seq, condition, &e.message, prior.as_ref()).await;
         }
     };
     match sched::after_attempt(
@@ -568,16 +540,16 @@ async fn finish(
     Ok((Finished::Removed { success }, added))
 }
 
-/// Ops that move an event that cannot run at all into the failed-events store.
-fn fail_ops(
+/// Move an event that cannot run at all into the failed-events store (one commit).
+async fn cannot_run(
     state: &AppState,
     ev: &Event,
     seq: u64,
     condition: &str,
     message: &str,
-    runs: u32,
     last: Option<&LastAttempt>,
-) -> Result<Vec<Op>, ApiError> {
+) -> Result<(Finished, Added), ApiError> {
+    let runs = ev.header.runs;
     let end = Ending {
         condition: Condition::RetriesExhausted,
         runs,
@@ -598,13 +570,20 @@ fn fail_ops(
         record: rec,
     };
     tracing::info!(function = %ev.header.function, event = %ev.header.id, condition, "asynchronous event cannot run");
-    Ok(vec![
+    let ops = vec![
         Op::Delete(seq),
         Op::PutFailed(
             failed_key(&failed),
             serde_json::to_vec(&failed).map_err(ApiError::internal)?,
         ),
-    ])
+    ];
+    state
+        .events()
+        .queue()
+        .commit(ops)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((Finished::Removed { success: false }, vec![]))
 }
 
 // ---- the failed-events store, for the CLI ------------------------------------------------

@@ -664,6 +664,34 @@ pub fn run_logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Create a python3.11 function with this `app.py` unless it exists (for the benchmarks).
+fn ensure_python_function(c: &Client, name: &str, code: &[u8]) -> anyhow::Result<()> {
+    let path = format!("/2015-03-31/functions/{}", encode_path_segment(name));
+    if c.call("GET", &path, b"", &[])?.status != 404 {
+        return Ok(());
+    }
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        z.start_file("app.py", zip::write::SimpleFileOptions::default())?;
+        z.write_all(code)?;
+        z.finish()?;
+    }
+    let body = json!({
+        "FunctionName": name, "Runtime": "python3.11", "Handler": "app.handler",
+        "Role": "arn:aws:iam::000000000000:role/hearth",
+        "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(buf.into_inner()) },
+    });
+    c.call(
+        "POST",
+        "/2015-03-31/functions",
+        &serde_json::to_vec(&body)?,
+        &[],
+    )?
+    .check()?;
+    Ok(())
+}
+
 #[derive(Args)]
 pub struct ApiBenchArgs {
     /// Function to invoke (created as a trivial python3.11 echo function if missing).
@@ -691,27 +719,11 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
         "/2015-03-31/functions/{}",
         encode_path_segment(&args.function)
     );
-    if c.call("GET", &path, b"", &[])?.status == 404 {
-        let mut buf = std::io::Cursor::new(Vec::new());
-        {
-            let mut z = zip::ZipWriter::new(&mut buf);
-            z.start_file("app.py", zip::write::SimpleFileOptions::default())?;
-            z.write_all(b"def handler(event, context):\n    return event\n")?;
-            z.finish()?;
-        }
-        let body = json!({
-            "FunctionName": args.function, "Runtime": "python3.11", "Handler": "app.handler",
-            "Role": "arn:aws:iam::000000000000:role/hearth",
-            "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(buf.into_inner()) },
-        });
-        c.call(
-            "POST",
-            "/2015-03-31/functions",
-            &serde_json::to_vec(&body)?,
-            &[],
-        )?
-        .check()?;
-    }
+    ensure_python_function(
+        &c,
+        &args.function,
+        b"def handler(event, context):\n    return event\n",
+    )?;
     let invoke_path = format!("{path}/invocations");
     // One warm-up call so the first sandbox exists.
     c.call("POST", &invoke_path, b"{}", &[])?.check()?;
@@ -884,27 +896,7 @@ pub fn async_bench(args: AsyncBenchArgs) -> anyhow::Result<ExitCode> {
     let c = args.conn.client()?;
     let name = args.function.clone();
     let path = format!("/2015-03-31/functions/{}", encode_path_segment(&name));
-    if c.call("GET", &path, b"", &[])?.status == 404 {
-        let mut buf = std::io::Cursor::new(Vec::new());
-        {
-            let mut z = zip::ZipWriter::new(&mut buf);
-            z.start_file("app.py", zip::write::SimpleFileOptions::default())?;
-            z.write_all(ASYNC_BENCH_CODE)?;
-            z.finish()?;
-        }
-        let body = json!({
-            "FunctionName": name, "Runtime": "python3.11", "Handler": "app.handler",
-            "Role": "arn:aws:iam::000000000000:role/hearth",
-            "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(buf.into_inner()) },
-        });
-        c.call(
-            "POST",
-            "/2015-03-31/functions",
-            &serde_json::to_vec(&body)?,
-            &[],
-        )?
-        .check()?;
-    }
+    ensure_python_function(&c, &name, ASYNC_BENCH_CODE)?;
     let invoke = Arc::new(format!("{path}/invocations"));
     c.call("POST", &invoke, b"{}", &[])?.check()?;
     let secs = args.seconds as f64;
