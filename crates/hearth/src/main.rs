@@ -31,6 +31,10 @@ enum Command {
     /// Inspect and collect the chunk store.
     #[command(subcommand)]
     Store(cmd::store::StoreCmd),
+    /// Run one node of the replicated assignment service.
+    Assignment(cmd::assign::AssignmentArgs),
+    /// Show the assignment cluster: nodes, partitions and their leaders, sandboxes by state.
+    Status(cmd::assign::StatusArgs),
     /// Benchmarks (results go to docs/perf.md).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCmd),
@@ -56,6 +60,8 @@ fn main() -> std::process::ExitCode {
         Command::Logs(a) => cmd::client::run_logs(a),
         Command::Events(c) => cmd::client::run_events(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Assignment(a) => cmd::assign::run_assignment(a),
+        Command::Status(a) => cmd::assign::run_status(a),
         Command::Store(c) => cmd::store::run(c),
     };
     match result {

@@ -1,4 +1,5 @@
 //! One module per subcommand.
+pub mod assign;
 pub mod bench;
 pub mod client;
 pub mod image;

@@ -1,0 +1,505 @@
+//! An assignment node: a member of every partition's Raft group behind one listener.
+//!
+//! Partition `p`'s journal and snapshot are `<data-dir>/partition-<p>.redb`. The node serves
+//! its peers' Raft messages and clients' writes over [`net`](crate::net) on one port. A write
+//! reaching a follower is answered with the leader it knows of. Time enters the journal only
+//! here: the leader stamps each command with its clock before proposing it, and a ticker on the
+//! leader proposes [`Command::Tick`] so expired leases and keep-alives end even when no client
+//! writes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{
+    ClientWriteError, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend, RaftNetworkFactory, RaftNetworkV2, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::TypeConfig;
+use crate::net::{Conn, NetError, Reply, Request, Secret, WriteReply};
+use crate::partition::{Command, Stats};
+use crate::store::{self, StateMachine};
+
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("opening partition {0}'s journal: {1}")]
+    Store(u32, std::io::Error),
+    #[error("starting partition {0}'s Raft group: {1}")]
+    Raft(u32, String),
+    #[error("listening on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("bad Raft timing: {0}")]
+    Config(String),
+    #[error("initializing partition {0}: {1}")]
+    Initialize(u32, String),
+}
+
+/// Raft timing (milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// How often the leader proposes a `Tick`.
+    pub tick_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_min_ms: 300,
+            election_max_ms: 600,
+            tick_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Where to listen (`127.0.0.1:0` picks a port; [`Node::addr`] tells which).
+    pub listen: String,
+    /// The address peers and clients use to reach this node; `None`: the bound address.
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    pub partitions: u32,
+    pub secret: Secret,
+    pub timing: Timing,
+}
+
+struct Group {
+    raft: Raft,
+    sm: StateMachine,
+}
+
+pub struct Node {
+    id: u64,
+    addr: String,
+    groups: Vec<Group>,
+    secret: Secret,
+    stopped: AtomicBool,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// One partition as a node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    pub state: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    pub members: Vec<u64>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub addr: String,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Opens every partition's journal, starts its Raft member and the listener.
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| NodeError::Listen(cfg.listen.clone(), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| NodeError::Listen(cfg.listen.clone(), e))?;
+        let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| NodeError::Store(0, e))?;
+        let raft_config = openraft::Config {
+            cluster_name: "hearth-assignment".into(),
+            heartbeat_interval: cfg.timing.heartbeat_ms,
+            election_timeout_min: cfg.timing.election_min_ms,
+            election_timeout_max: cfg.timing.election_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(
+            raft_config
+                .validate()
+                .map_err(|e| NodeError::Config(e.to_string()))?,
+        );
+        let mut groups = Vec::new();
+        for p in 0..cfg.partitions {
+            let path = cfg.data_dir.join(format!("partition-{p}.redb"));
+            let (log, sm) = store::open(&path).map_err(|e| NodeError::Store(p, e))?;
+            let net = Network {
+                partition: p,
+                secret: cfg.secret.clone(),
+            };
+            let raft = Raft::new(cfg.id, raft_config.clone(), net, log, sm.clone())
+                .await
+                .map_err(|e| NodeError::Raft(p, e.to_string()))?;
+            groups.push(Group { raft, sm });
+        }
+        let node = Arc::new(Self {
+            id: cfg.id,
+            addr,
+            groups,
+            secret: cfg.secret.clone(),
+            stopped: AtomicBool::new(false),
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+        let serve = tokio::spawn(serve(listener, Arc::downgrade(&node)));
+        let tick = tokio::spawn(tick(Arc::downgrade(&node), cfg.timing.tick_ms));
+        if let Ok(mut tasks) = node.tasks.lock() {
+            tasks.push(serve);
+            tasks.push(tick);
+        }
+        Ok(node)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The address peers and clients reach this node at.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.groups.len() as u32
+    }
+
+    /// Makes `members` the voters of every partition that has no membership yet (run once, on
+    /// one node, when a cluster is first formed; a partition already initialized is left as it
+    /// is).
+    pub async fn initialize(&self, members: &BTreeMap<u64, String>) -> Result<(), NodeError> {
+        let nodes: BTreeMap<u64, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        for (p, g) in self.groups.iter().enumerate() {
+            let p = p as u32;
+            if g.raft
+                .is_initialized()
+                .await
+                .map_err(|e| NodeError::Initialize(p, e.to_string()))?
+            {
+                continue;
+            }
+            match g.raft.initialize(nodes.clone()).await {
+                Ok(()) => {}
+                Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(NodeError::Initialize(p, e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Proposes `cmd` to partition `p`'s journal, stamped with this node's clock.
+    pub async fn write(&self, p: u32, mut cmd: Command) -> WriteReply {
+        let Some(g) = self.groups.get(p as usize) else {
+            return WriteReply::Unavailable(format!("no partition {p}"));
+        };
+        if self.stopped.load(Ordering::Relaxed) {
+            return WriteReply::Unavailable("the node is stopping".into());
+        }
+        stamp(&mut cmd, now_ms());
+        match g.raft.client_write(cmd).await {
+            Ok(resp) => WriteReply::Done(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                WriteReply::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+                }
+            }
+            Err(e) => WriteReply::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Reads partition `p`'s applied state on this node (it may lag the leader).
+    pub async fn read<T>(
+        &self,
+        p: u32,
+        f: impl FnOnce(&crate::partition::Partition) -> T,
+    ) -> Option<T> {
+        let g = self.groups.get(p as usize)?;
+        Some(g.sm.read(f).await)
+    }
+
+    pub fn raft(&self, p: u32) -> Option<&Raft> {
+        self.groups.get(p as usize).map(|g| &g.raft)
+    }
+
+    pub async fn status(&self) -> NodeStatus {
+        let mut partitions = Vec::new();
+        for (p, g) in self.groups.iter().enumerate() {
+            let m = g.raft.metrics().borrow_watched().clone();
+            let stats = g.sm.read(|part| part.stats()).await;
+            partitions.push(PartitionStatus {
+                partition: p as u32,
+                state: format!("{:?}", m.state),
+                leader: m.current_leader,
+                term: m.current_term,
+                last_applied: m.last_applied.as_ref().map(|l| l.index),
+                members: m.membership_config.membership().voter_ids().collect(),
+                stats,
+            });
+        }
+        NodeStatus {
+            id: self.id,
+            addr: self.addr.clone(),
+            partitions,
+        }
+    }
+
+    /// Stops serving and shuts every partition's Raft member down.
+    pub async fn shutdown(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        for g in &self.groups {
+            let _ = g.raft.shutdown().await;
+        }
+    }
+
+    fn is_leader(&self, p: usize) -> bool {
+        self.groups
+            .get(p)
+            .is_some_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader)
+    }
+
+    async fn handle(&self, req: Request) -> Reply {
+        let group = |p: u32| self.groups.get(p as usize);
+        match req {
+            Request::Append { partition, rpc } => match group(partition) {
+                Some(g) => {
+                    Reply::Append(g.raft.append_entries(rpc).await.map_err(|e| e.to_string()))
+                }
+                None => Reply::NoPartition(partition),
+            },
+            Request::Vote { partition, rpc } => match group(partition) {
+                Some(g) => Reply::Vote(g.raft.vote(rpc).await.map_err(|e| e.to_string())),
+                None => Reply::NoPartition(partition),
+            },
+            Request::Snapshot {
+                partition,
+                vote,
+                meta,
+                data,
+            } => match group(partition) {
+                Some(g) => {
+                    let snapshot = SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+                        meta,
+                        snapshot: Cursor::new(data),
+                    };
+                    Reply::Snapshot(
+                        g.raft
+                            .install_full_snapshot(vote, snapshot)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    )
+                }
+                None => Reply::NoPartition(partition),
+            },
+            Request::Write { partition, cmd } => Reply::Write(self.write(partition, cmd).await),
+            Request::Status => Reply::Status(self.status().await),
+        }
+    }
+}
+
+/// Sets the time a command carries.
+fn stamp(cmd: &mut Command, now: u64) {
+    match cmd {
+        Command::Acquire { now_ms, .. }
+        | Command::Assign { now_ms, .. }
+        | Command::Started { now_ms, .. }
+        | Command::Renew { now_ms, .. }
+        | Command::Release { now_ms, .. }
+        | Command::WorkerDead { now_ms, .. }
+        | Command::Tick { now_ms }
+        | Command::Gone { now_ms, .. } => *now_ms = now,
+    }
+}
+
+async fn serve(listener: TcpListener, node: std::sync::Weak<Node>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(n) = node.upgrade() else { return };
+        let secret = n.secret.clone();
+        drop(n);
+        let node = node.clone();
+        tokio::spawn(async move {
+            let Ok(mut conn) = Conn::accept(stream, &secret).await else {
+                return;
+            };
+            while let Ok(req) = conn.recv::<Request>().await {
+                let Some(n) = node.upgrade() else { return };
+                let reply = n.handle(req).await;
+                drop(n);
+                if conn.send(&reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn tick(node: std::sync::Weak<Node>, every_ms: u64) {
+    let mut interval = tokio::time::interval(Duration::from_millis(every_ms.max(10)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        interval.tick().await;
+        let Some(n) = node.upgrade() else { return };
+        for p in 0..n.groups.len() {
+            if n.is_leader(p) {
+                let _ = n.write(p as u32, Command::Tick { now_ms: 0 }).await;
+            }
+        }
+    }
+}
+
+/// Makes the Raft clients of one partition.
+struct Network {
+    partition: u32,
+    secret: Secret,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Peer {
+        Peer {
+            partition: self.partition,
+            addr: node.addr.clone(),
+            secret: self.secret.clone(),
+            conn: None,
+        }
+    }
+}
+
+/// Partition `partition`'s Raft messages to one peer, over one connection made on first use
+/// and again after any error.
+pub struct Peer {
+    partition: u32,
+    addr: String,
+    secret: Secret,
+    conn: Option<Conn>,
+}
+
+impl Peer {
+    async fn call(&mut self, req: Request, ttl: Duration) -> Result<Reply, NetError> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => Conn::connect(&self.addr, &self.secret, ttl).await?,
+        };
+        let reply = conn.call(&req, ttl).await?;
+        self.conn = Some(conn);
+        Ok(reply)
+    }
+}
+
+fn unreachable_err(e: &NetError) -> RPCError<TypeConfig> {
+    match e {
+        NetError::Connect(..) | NetError::BadPeer => RPCError::Unreachable(Unreachable::new(e)),
+        _ => RPCError::Network(NetworkError::new(e)),
+    }
+}
+
+fn remote_err(msg: String) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(msg))
+}
+
+fn unexpected(reply: Reply) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(format!(
+        "unexpected reply: {reply:?}"
+    )))
+}
+
+impl RaftNetworkV2<TypeConfig> for Peer {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = Request::Append {
+            partition: self.partition,
+            rpc,
+        };
+        match self.call(req, option.soft_ttl()).await {
+            Ok(Reply::Append(r)) => r.map_err(remote_err),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(unreachable_err(&e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = Request::Vote {
+            partition: self.partition,
+            rpc,
+        };
+        match self.call(req, option.soft_ttl()).await {
+            Ok(Reply::Vote(r)) => r.map_err(remote_err),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(unreachable_err(&e)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Self::SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let req = Request::Snapshot {
+            partition: self.partition,
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let ttl = option.hard_ttl();
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            res = self.call(req, ttl) => match res {
+                Ok(Reply::Snapshot(r)) => r.map_err(|m| StreamingError::Network(NetworkError::from_string(m))),
+                Ok(other) => Err(StreamingError::Network(NetworkError::from_string(format!("unexpected reply: {other:?}")))),
+                Err(e @ (NetError::Connect(..) | NetError::BadPeer)) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
+                Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+            },
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Three assignment nodes in one process, over real TCP on loopback: leader election, writes
+//! through any node, failover with no acknowledged command lost and no sandbox leased twice,
+//! catching up after a restart, lease expiry, and peers without the cluster secret refused.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hearth_assign::client::Client;
+use hearth_assign::net::Secret;
+use hearth_assign::node::{Node, NodeConfig, Timing};
+use hearth_assign::partition::{Command, FnKey, LeaseId, Limits, Response, SandboxId};
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::Mutex;
+
+const PARTITIONS: u32 = 2;
+
+fn timing() -> Timing {
+    Timing {
+        heartbeat_ms: 50,
+        election_min_ms: 200,
+        election_max_ms: 400,
+        tick_ms: 100,
+    }
+}
+
+async fn start(id: u64, listen: &str, dir: &Path) -> Arc<Node> {
+    Node::start(NodeConfig {
+        id,
+        listen: listen.to_string(),
+        advertise: None,
+        data_dir: dir.join(format!("node-{id}")),
+        partitions: PARTITIONS,
+        secret: Secret::new(b"test cluster secret"),
+        timing: timing(),
+    })
+    .await
+    .expect("node starts")
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Option<Arc<Node>>>,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes = Vec::new();
+        let mut addrs = Vec::new();
+        for id in 1..=3 {
+            let n = start(id, "127.0.0.1:0", dir.path()).await;
+            addrs.push(n.addr().to_string());
+            nodes.push(Some(n));
+        }
+        let members: BTreeMap<u64, String> = (1..=3u64).zip(addrs.iter().cloned()).collect();
+        nodes[0]
+            .as_ref()
+            .expect("node 1")
+            .initialize(&members)
+            .await
+            .expect("initialize");
+        let c = Self {
+            _dir: dir,
+            nodes,
+            addrs,
+        };
+        for p in 0..PARTITIONS {
+            c.wait_leader(p, None, Duration::from_secs(10)).await;
+        }
+        c
+    }
+
+    fn client(&self) -> Client {
+        Client::new(
+            &self.addrs,
+            PARTITIONS,
+            Secret::new(b"test cluster secret"),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Waits until a running node other than `not` leads partition `p`; returns its id.
+    async fn wait_leader(&self, p: u32, not: Option<u64>, within: Duration) -> u64 {
+        let until = Instant::now() + within;
+        loop {
+            for n in self.nodes.iter().flatten() {
+                let m = n
+                    .raft(p)
+                    .expect("partition")
+                    .metrics()
+                    .borrow_watched()
+                    .clone();
+                if m.state == openraft::ServerState::Leader && Some(n.id()) != not {
+                    return n.id();
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "no leader for partition {p} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(&mut self, id: u64) {
+        if let Some(n) = self.nodes[(id - 1) as usize].take() {
+            n.shutdown().await;
+        }
+    }
+
+    async fn restart(&mut self, id: u64) {
+        let addr = self.addrs[(id - 1) as usize].clone();
+        let mut tries = 0;
+        let node = loop {
+            match Node::start(NodeConfig {
+                id,
+                listen: addr.clone(),
+                advertise: None,
+                data_dir: self._dir.path().join(format!("node-{id}")),
+                partitions: PARTITIONS,
+                secret: Secret::new(b"test cluster secret"),
+                timing: timing(),
+            })
+            .await
+            {
+                Ok(n) => break n,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("restart {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("restart {id}: {e}"),
+            }
+        };
+        self.nodes[(id - 1) as usize] = Some(node);
+    }
+
+    async fn shutdown(&mut self) {
+        for id in 1..=3 {
+            self.stop(id).await;
+        }
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        reserved: None,
+        unreserved: 1_000,
+    }
+}
+
+fn acquire(function: &str, ttl_ms: u64) -> Command {
+    Command::Acquire {
+        key: FnKey {
+            function: function.into(),
+            revision: "r1".into(),
+        },
+        memory_mb: 128,
+        holder: "test".into(),
+        limits: limits(),
+        now_ms: 0,
+        lease_ttl_ms: ttl_ms,
+    }
+}
+
+/// One invocation's assignment commands: take a lease (warm or cold), run, release.
+/// Records which sandbox each live lease holds and fails on any sandbox held twice.
+async fn invoke_once(
+    client: &Client,
+    function: &str,
+    held: &Mutex<HashMap<(u32, SandboxId), LeaseId>>,
+    granted: &Mutex<HashSet<(u32, LeaseId)>>,
+) -> Result<(), String> {
+    let p = client.partition_of(function);
+    let resp = client
+        .call(p, acquire(function, 30_000))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (lease, sandbox, cold) = match resp {
+        Response::Leased { lease, sandbox, .. } => (lease, sandbox, false),
+        Response::Place { lease, sandbox, .. } => (lease, sandbox, true),
+        other => return Err(format!("acquire: {other:?}")),
+    };
+    // Lease ids are never reused: a new leader that lost a committed acquisition would hand
+    // its id out again.
+    assert!(
+        granted.lock().await.insert((p, lease)),
+        "lease {lease:?} of partition {p} granted twice"
+    );
+    {
+        let mut h = held.lock().await;
+        if let Some(other) = h.insert((p, sandbox), lease) {
+            panic!("sandbox {sandbox:?} leased to {lease:?} while {other:?} holds it");
+        }
+    }
+    if cold {
+        let r = client
+            .call(
+                p,
+                Command::Assign {
+                    lease,
+                    worker: "w1".into(),
+                    now_ms: 0,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if r != Response::Ok {
+            return Err(format!("assign: {r:?}"));
+        }
+        let r = client
+            .call(p, Command::Started { lease, now_ms: 0 })
+            .await
+            .map_err(|e| e.to_string())?;
+        if r != Response::Ok {
+            return Err(format!("started: {r:?}"));
+        }
+    }
+    // Forget the lease before releasing it: once the release is sent, another caller may be
+    // handed the sandbox.
+    held.lock().await.remove(&(p, sandbox));
+    let r = client
+        .call(
+            p,
+            Command::Release {
+                lease,
+                healthy: true,
+                keep_alive_ms: 60_000,
+                now_ms: 0,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if r != Response::Ok {
+        return Err(format!("release: {r:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_loses_nothing_and_never_leases_twice() {
+    let mut cluster = Cluster::new().await;
+    let client = Arc::new(cluster.client());
+    let held = Arc::new(Mutex::new(HashMap::new()));
+    let granted = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let last_ok = Arc::new(std::sync::Mutex::new(Instant::now()));
+
+    let functions: Vec<String> = (0..6).map(|i| format!("fn-{i}")).collect();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (client, held, granted, stop, ok, failed, last_ok) = (
+            client.clone(),
+            held.clone(),
+            granted.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            last_ok.clone(),
+        );
+        let function = functions[w % functions.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match invoke_once(&client, &function, &held, &granted).await {
+                    Ok(()) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut t) = last_ok.lock() {
+                            *t = Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("invocation failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        // A lost reply may leave a lease behind; it is the service's to expire.
+                        held.lock().await.clear();
+                    }
+                }
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = ok.load(Ordering::Relaxed);
+    assert!(before > 50, "only {before} invocations before the failover");
+
+    // Kill partition 0's leader.
+    let leader = cluster.wait_leader(0, None, Duration::from_secs(5)).await;
+    let killed_at = Instant::now();
+    cluster.stop(leader).await;
+    let new_leader = cluster
+        .wait_leader(0, Some(leader), Duration::from_secs(10))
+        .await;
+    let elected = killed_at.elapsed();
+    // Invocations resume.
+    let resumed_from = ok.load(Ordering::Relaxed);
+    let until = Instant::now() + Duration::from_secs(10);
+    while ok.load(Ordering::Relaxed) < resumed_from + 50 {
+        assert!(
+            Instant::now() < until,
+            "invocations did not resume after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "leader {leader} killed; {new_leader} elected after {elected:?}; {} failed calls",
+        failed.load(Ordering::Relaxed)
+    );
+
+    // The killed node comes back and catches up.
+    cluster.restart(leader).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("load task");
+    }
+
+    // Every replica converges on the same partitions, and each is consistent.
+    let until = Instant::now() + Duration::from_secs(10);
+    for p in 0..PARTITIONS {
+        loop {
+            let mut states = Vec::new();
+            for n in cluster.nodes.iter().flatten() {
+                let s = n
+                    .read(p, |part| {
+                        part.check_invariants().expect("invariants hold");
+                        serde_json::to_string(part).expect("serialize")
+                    })
+                    .await
+                    .expect("partition");
+                states.push(s);
+            }
+            if states.len() == 3 && states.windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "replicas of partition {p} did not converge"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Nothing acknowledged was lost: every lease granted is in the journal (ids below the
+    // partition's next id) and none was granted twice (checked as they were granted).
+    let granted = granted.lock().await;
+    assert!(granted.len() as u64 >= ok.load(Ordering::Relaxed));
+    let n = cluster.nodes.iter().flatten().next().expect("a node");
+    for p in 0..PARTITIONS {
+        let next = n
+            .read(p, |part| part.next_lease_id())
+            .await
+            .expect("partition");
+        let top = granted
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, l)| *l)
+            .max();
+        assert!(
+            top.is_none_or(|t| t < next),
+            "partition {p} forgot lease {top:?}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_holder_died_expires() {
+    let mut cluster = Cluster::new().await;
+    let client = cluster.client();
+    let p = client.partition_of("lonely");
+    let Response::Place { lease, .. } = client
+        .call(p, acquire("lonely", 300))
+        .await
+        .expect("acquire")
+    else {
+        panic!("expected a cold placement");
+    };
+    // The holder never renews nor releases; the leader's ticker ends the lease.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let r = client
+        .call(
+            p,
+            Command::Renew {
+                lease,
+                now_ms: 0,
+                lease_ttl_ms: 300,
+            },
+        )
+        .await
+        .expect("renew answered");
+    assert!(
+        matches!(r, Response::Rejected { .. }),
+        "renewed a dead lease: {r:?}"
+    );
+    let running = cluster.nodes[0]
+        .as_ref()
+        .expect("node")
+        .read(p, |part| part.running("lonely"))
+        .await
+        .expect("partition");
+    // Followers apply shortly after the leader.
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut running = running;
+    while running != 0 {
+        assert!(Instant::now() < until, "the dead lease still counts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        running = cluster.nodes[0]
+            .as_ref()
+            .expect("node")
+            .read(p, |part| part.running("lonely"))
+            .await
+            .expect("partition");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_secret_is_refused() {
+    let mut cluster = Cluster::new().await;
+    let bad = Client::new(
+        &cluster.addrs,
+        PARTITIONS,
+        Secret::new(b"wrong"),
+        Duration::from_secs(1),
+    );
+    let err = bad.call(0, acquire("x", 1_000)).await.expect_err("refused");
+    assert!(err.to_string().contains("secret"), "{err}");
+    // And nothing was written.
+    let n = cluster.nodes[0].as_ref().expect("node");
+    assert_eq!(n.read(0, |part| part.leases().count()).await, Some(0));
+    cluster.shutdown().await;
+}
