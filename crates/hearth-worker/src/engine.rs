@@ -100,6 +100,9 @@ pub struct EngineConfig {
     pub agent: PathBuf,
     /// Pin each sandbox to one core (round robin).
     pub pin_cores: bool,
+    /// Restore through the sentry's control socket where the probe found that works
+    /// (`sentry.rs`); false always runs `runsc restore`.
+    pub control_restore: bool,
     /// Extra global runsc flags.
     pub extra_flags: Vec<String>,
     /// Whether sandboxes may get outbound networking.
@@ -119,6 +122,7 @@ impl EngineConfig {
             slots: dir.join("slots"),
             agent,
             pin_cores: true,
+            control_restore: true,
             extra_flags: vec![],
             network: NetPolicy::Egress,
             probe_cache: default_probe_cache(),
@@ -270,6 +274,7 @@ impl RunscEngine {
             uncompressed_checkpoints = caps.uncompressed,
             zero_page_exclusion = caps.zero_pages,
             restore_into_created = caps.restore_into_created,
+            control_restore = caps.control_restore,
             netstack = caps.netstack,
             "runsc probed"
         );
@@ -688,7 +693,31 @@ impl RunscEngine {
             .args(["--detach", "--bundle"])
             .arg(&bundle)
             .arg(&sandbox.id);
-        if self.caps.restore_into_created {
+        if self.caps.control_restore && self.cfg.control_restore {
+            // The same restore as `runsc restore`, sent to the sentry without starting runsc.
+            let t = Instant::now();
+            let (root, id, dir) = (
+                self.cfg.state_root.clone(),
+                sandbox.id.clone(),
+                image_dir.to_path_buf(),
+            );
+            let loopback_only = sandbox.spec.net == NetMode::None;
+            tokio::task::spawn_blocking(move || {
+                crate::sentry::restore(&root, &id, &dir, loopback_only)
+            })
+            .await
+            .map_err(|e| EngineError::Runsc {
+                op: "restore",
+                id: sandbox.id.clone(),
+                detail: e.to_string(),
+            })?
+            .map_err(|e| EngineError::Runsc {
+                op: "restore",
+                id: sandbox.id.clone(),
+                detail: e.to_string(),
+            })?;
+            tracing::debug!(sandbox = %sandbox.id, ms = t.elapsed().as_secs_f64() * 1000.0, "control-socket restore");
+        } else if self.caps.restore_into_created {
             let t = Instant::now();
             run_op(cmd, "restore", &sandbox.id).await?;
             tracing::debug!(sandbox = %sandbox.id, ms = t.elapsed().as_secs_f64() * 1000.0, "runsc restore");

@@ -10,6 +10,7 @@ pub mod pool;
 pub mod prewarm;
 pub mod probe;
 pub mod scaling;
+pub mod sentry;
 pub mod snapshots;
 pub mod tmpdisk;
 

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Bumped when the probe itself changes, so cached results from an older probe are redone.
-const PROBE_FORMAT: u32 = 2;
+const PROBE_FORMAT: u32 = 3;
 
 /// Capabilities of one runsc binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,10 @@ pub struct Caps {
     pub zero_pages: bool,
     /// A checkpoint restores into a container made with `runsc create`.
     pub restore_into_created: bool,
+    /// A restore into a created container works through the sentry's control socket
+    /// (`sentry.rs`), without executing `runsc restore`.
+    #[serde(default)]
+    pub control_restore: bool,
     /// `--network=sandbox` (gVisor's netstack) works here.
     pub netstack: bool,
     /// Why a feature was found missing (what runsc said).
@@ -150,13 +154,21 @@ fn probe_uncached(runsc: &Path, agent: &Path, work: &Path) -> Result<Caps, Probe
                 false
             }
         };
-        let restore_into_created = match p.try_restore_into_created(&platform, uncompressed) {
+        let control_restore = match p.try_restore_into_created(&platform, uncompressed, true) {
             Ok(()) => true,
             Err(e) => {
-                notes.push(format!("restore into a created container: {e}"));
+                notes.push(format!("restore through the control socket: {e}"));
                 false
             }
         };
+        let restore_into_created = control_restore
+            || match p.try_restore_into_created(&platform, uncompressed, false) {
+                Ok(()) => true,
+                Err(e) => {
+                    notes.push(format!("restore into a created container: {e}"));
+                    false
+                }
+            };
         Ok(Caps {
             format: PROBE_FORMAT,
             version,
@@ -164,6 +176,7 @@ fn probe_uncached(runsc: &Path, agent: &Path, work: &Path) -> Result<Caps, Probe
             uncompressed,
             zero_pages,
             restore_into_created,
+            control_restore,
             netstack,
             notes,
         })
@@ -306,10 +319,17 @@ impl Probe {
         works
     }
 
-    fn try_restore_into_created(&self, platform: &str, uncompressed: bool) -> Result<(), String> {
+    fn try_restore_into_created(
+        &self,
+        platform: &str,
+        uncompressed: bool,
+        via_control: bool,
+    ) -> Result<(), String> {
         let (a, adir) = self.bundle(None).map_err(|e| e.to_string())?;
         let (b, bdir) = self.bundle(None).map_err(|e| e.to_string())?;
-        let image = self.work.join("image");
+        let image = self
+            .work
+            .join(if via_control { "image-ctl" } else { "image" });
         // This process may be a child subreaper (an engine made earlier in it): detached
         // sandboxes are then its children and must be reaped, or `runsc delete` waits forever.
         let mut reapers = Vec::new();
@@ -370,6 +390,25 @@ impl Probe {
                 return Err(format!("create: {status}"));
             }
             reapers.extend(crate::engine::reapers(&self.state(), &b));
+            if via_control {
+                crate::sentry::restore(&self.state(), &b, &image, true)
+                    .map_err(|e| e.to_string())?;
+                // runsc must agree that the container now runs (the restored agent lives
+                // while its stdin is held open).
+                let out = self
+                    .cmd(platform, "none")
+                    .args(["state", &b])
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                drop(held_b);
+                let state: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).map_err(|e| format!("state: {e}"))?;
+                return match state["status"].as_str() {
+                    Some("running") => Ok(()),
+                    other => Err(format!("restored container is {other:?}, not running")),
+                };
+            }
             let out = self
                 .cmd(platform, "none")
                 .arg("restore")
@@ -475,6 +514,7 @@ mod tests {
             uncompressed,
             zero_pages: zero,
             restore_into_created: true,
+            control_restore: true,
             netstack: false,
             notes: vec![],
         }

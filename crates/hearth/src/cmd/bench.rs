@@ -70,6 +70,17 @@ pub enum PinSel {
     Both,
 }
 
+/// How restores reach the sentry.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestoreSel {
+    /// Through its control socket where the probe found that works (as `hearth up` does).
+    Control,
+    /// By executing `runsc restore`.
+    Runsc,
+    /// Each engine measured both ways.
+    Both,
+}
+
 /// The engines to measure (one after the other, in one run) and what they need.
 #[derive(Args)]
 pub struct EngineSel {
@@ -83,6 +94,9 @@ pub struct EngineSel {
     /// Do not pin sandboxes to a core (the same as `--pin off`).
     #[arg(long)]
     no_pin: bool,
+    /// Restore through the sentry's control socket, with `runsc restore`, or both.
+    #[arg(long, value_enum, default_value_t = RestoreSel::Control)]
+    restore_via: RestoreSel,
     /// Image cache directory.
     #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = ".hearth/images")]
     image_cache: PathBuf,
@@ -95,6 +109,7 @@ pub struct EngineSel {
 struct Choice {
     runsc: PathBuf,
     pin: bool,
+    control: bool,
 }
 
 impl EngineSel {
@@ -109,15 +124,24 @@ impl EngineSel {
             (false, PinSel::On) => &[true],
             (false, PinSel::Both) => &[true, false],
         };
-        binaries
-            .iter()
-            .flat_map(|r| {
-                pins.iter().map(|&pin| Choice {
-                    runsc: r.clone(),
-                    pin,
-                })
-            })
-            .collect()
+        let controls: &[bool] = match self.restore_via {
+            RestoreSel::Control => &[true],
+            RestoreSel::Runsc => &[false],
+            RestoreSel::Both => &[true, false],
+        };
+        let mut out = Vec::new();
+        for r in &binaries {
+            for &pin in pins {
+                for &control in controls {
+                    out.push(Choice {
+                        runsc: r.clone(),
+                        pin,
+                        control,
+                    });
+                }
+            }
+        }
+        out
     }
 
     fn agent(&self) -> PathBuf {
@@ -136,33 +160,42 @@ fn make_engine(
     std::fs::create_dir_all(dir)?;
     Ok(Arc::new(RunscEngine::new(EngineConfig {
         pin_cores: choice.pin,
+        control_restore: choice.control,
         network,
         ..EngineConfig::under(dir, choice.runsc.clone(), agent.to_path_buf())
     })?))
 }
 
 /// A column heading: runsc version, platform, pinning.
-fn engine_label(engine: &RunscEngine, pin: bool) -> String {
+fn engine_label(engine: &RunscEngine, choice: &Choice) -> String {
     let caps = engine.caps();
     format!(
-        "{} {}{}",
+        "{} {}{}{}",
         caps.version.replace("runsc version ", ""),
         caps.platform,
-        if pin { ", pinned" } else { ", unpinned" }
+        if choice.pin { ", pinned" } else { ", unpinned" },
+        if caps.control_restore && !choice.control {
+            ", `runsc restore`"
+        } else {
+            ""
+        }
     )
 }
 
-fn print_caps(engine: &RunscEngine, pin: bool) {
+fn print_caps(engine: &RunscEngine, choice: &Choice) {
     let c = engine.caps();
     println!(
-        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, netstack {}, pinned {pin}",
+        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}, pinned {}",
         c.version.replace("runsc version ", ""),
         engine.config().runsc.display(),
         c.platform,
         c.uncompressed,
         c.zero_pages,
         c.restore_into_created,
-        c.netstack
+        c.control_restore,
+        c.control_restore && choice.control,
+        c.netstack,
+        choice.pin
     );
 }
 
@@ -518,8 +551,8 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
     for (ci, choice) in a.engines.choices().iter().enumerate() {
         let cdir = dir.path().join(format!("engine{ci}"));
         let engine = make_engine(&cdir.join("pool"), choice, &agent, a.network)?;
-        print_caps(&engine, choice.pin);
-        let col = table.col(engine_label(&engine, choice.pin));
+        print_caps(&engine, choice);
+        let col = table.col(engine_label(&engine, choice));
         table.set(
             "warm invoke, native python process, same handler over a pipe (baseline)",
             col,
@@ -960,8 +993,8 @@ async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
     for (ci, choice) in a.engines.choices().iter().enumerate() {
         let cdir = dir.path().join(format!("engine{ci}"));
         let engine = make_engine(&cdir, choice, &agent, NetPolicy::Egress)?;
-        print_caps(&engine, choice.pin);
-        let col = table.col(engine_label(&engine, choice.pin));
+        print_caps(&engine, choice);
+        let col = table.col(engine_label(&engine, choice));
         let chunks = ChunkStore::local(&cdir.join("origin"), None, Secrets::generate()?)?;
         let snapshot_dir = cdir.join("snapshots");
         let prewarm = PrewarmConfig::default();

@@ -251,6 +251,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         slots: data_dir.join("slots"),
         agent: super::find_agent(args.agent.clone()),
         pin_cores: !args.no_pin,
+        control_restore: true,
         extra_flags: vec![],
         network: args.network,
         probe_cache: hearth_worker::engine::default_probe_cache(),
