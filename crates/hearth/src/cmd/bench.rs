@@ -46,6 +46,9 @@ pub enum BenchCmd {
     Snapstart(SnapArgs),
     /// Chunk store: bytes stored for N functions on one runtime against the naive sum.
     Store(StoreArgs),
+    /// The replicated assignment service: lease throughput and latency by partition count
+    /// (three nodes over loopback TCP in this process) and failover time.
+    Assign(super::bench_assign::AssignBenchArgs),
 }
 
 #[derive(Args)]
@@ -364,6 +367,9 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Api(a) => super::client::api_bench(a),
         BenchCmd::Async(a) => super::client::async_bench(a),
         BenchCmd::Store(a) => rt()?.block_on(store_bench(a)),
+        BenchCmd::Assign(a) => rt()?
+            .block_on(super::bench_assign::run(a))
+            .map(|()| ExitCode::SUCCESS),
         BenchCmd::Snapstart(a) => rt()?.block_on(snapstart(a)),
     }
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 pub mod assign;
 pub mod bench;
+pub mod bench_assign;
 pub mod client;
 pub mod image;
 pub mod store;
