@@ -1371,22 +1371,23 @@ async fn a_burst_waits_for_sandboxes_that_come_free_instead_of_starting_one_each
     );
     assert!(after.paced >= 12, "{after:?}");
 
-    // Slow calls are not waited for: concurrent 1 s calls each get a sandbox, the start limit
-    // only takes them one at a time.
+    // Slow calls are not waited for: concurrent 3 s calls each get a sandbox, the start limit
+    // only takes them one at a time. (3 s: longer than any cold start on a loaded machine, so
+    // waiting for the busy sandbox is never the faster choice.)
     let slow = h.spec(
         "slowburst",
         "python3.11",
         "app.handler",
         &[("app.py", PY_APP)],
     );
-    h.invoke(&slow, json!({"sleep": 1}))
+    h.invoke(&slow, json!({"sleep": 3}))
         .await
         .expect("slow call");
     let before = h.worker.stats();
     let (a, b, c) = tokio::join!(
-        h.invoke(&slow, json!({"sleep": 1})),
-        h.invoke(&slow, json!({"sleep": 1})),
-        h.invoke(&slow, json!({"sleep": 1}))
+        h.invoke(&slow, json!({"sleep": 3})),
+        h.invoke(&slow, json!({"sleep": 3})),
+        h.invoke(&slow, json!({"sleep": 3}))
     );
     for r in [a, b, c] {
         assert!(!r.expect("slow").function_error);

@@ -141,15 +141,24 @@ impl Cluster {
     async fn leader(&self, p: u32, not: Option<u64>, within: Duration) -> anyhow::Result<u64> {
         let until = Instant::now() + within;
         loop {
+            // A deposed leader may still say Leader for a moment: the claim of the highest
+            // term is the real one.
+            let mut best: Option<(u64, u64)> = None;
             for n in self.nodes.iter().flatten() {
                 let status = n.status().await;
-                let leads = status
-                    .partitions
-                    .iter()
-                    .any(|s| s.partition == p && s.state == "Leader");
-                if leads && Some(n.id()) != not {
-                    return Ok(n.id());
+                for s in &status.partitions {
+                    if s.partition == p
+                        && s.state == "Leader"
+                        && best.is_none_or(|(term, _)| s.term > term)
+                    {
+                        best = Some((s.term, n.id()));
+                    }
                 }
+            }
+            if let Some((_, id)) = best
+                && Some(id) != not
+            {
+                return Ok(id);
             }
             anyhow::ensure!(Instant::now() < until, "no leader for partition {p}");
             tokio::time::sleep(Duration::from_millis(10)).await;
