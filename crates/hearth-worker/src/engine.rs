@@ -703,18 +703,15 @@ impl RunscEngine {
             );
             let loopback_only = sandbox.spec.net == NetMode::None;
             tokio::task::spawn_blocking(move || {
-                crate::sentry::restore(&root, &id, &dir, loopback_only)
+                crate::sentry::restore(&root, &id, &dir, loopback_only).map_err(|e| e.to_string())
             })
             .await
-            .map_err(|e| EngineError::Runsc {
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|detail| EngineError::Runsc {
                 op: "restore",
                 id: sandbox.id.clone(),
-                detail: e.to_string(),
-            })?
-            .map_err(|e| EngineError::Runsc {
-                op: "restore",
-                id: sandbox.id.clone(),
-                detail: e.to_string(),
+                detail,
             })?;
             tracing::debug!(sandbox = %sandbox.id, ms = t.elapsed().as_secs_f64() * 1000.0, "control-socket restore");
         } else if self.caps.restore_into_created {

@@ -208,18 +208,7 @@ async fn caller(
         let lease = match client.call(p, acquire(f, 0)).await {
             Ok(Response::Leased { lease, .. }) => lease,
             Ok(Response::Place { lease, .. }) => {
-                // A cold sandbox: place it and start it, as a front end would.
-                let _ = client
-                    .call(
-                        p,
-                        Command::Assign {
-                            lease,
-                            worker: "w1".into(),
-                            now_ms: 0,
-                        },
-                    )
-                    .await;
-                let _ = client.call(p, Command::Started { lease, now_ms: 0 }).await;
+                place(&client, p, lease).await;
                 lease
             }
             _ => {
@@ -236,6 +225,17 @@ async fn caller(
         }
     }
     (lat, failed)
+}
+
+/// A cold sandbox: place it on a worker and start it, as a front end would.
+async fn place(client: &Client, p: u32, lease: hearth_assign::partition::LeaseId) {
+    let assign = Command::Assign {
+        lease,
+        worker: "w1".into(),
+        now_ms: 0,
+    };
+    let _ = client.call(p, assign).await;
+    let _ = client.call(p, Command::Started { lease, now_ms: 0 }).await;
 }
 
 fn function_names(n: usize) -> Vec<String> {
@@ -296,17 +296,7 @@ pub async fn run(args: AssignBenchArgs) -> anyhow::Result<()> {
         for f in &functions {
             let p = client.partition_of(f);
             if let Ok(Response::Place { lease, .. }) = client.call(p, acquire(f, 0)).await {
-                let _ = client
-                    .call(
-                        p,
-                        Command::Assign {
-                            lease,
-                            worker: "w1".into(),
-                            now_ms: 0,
-                        },
-                    )
-                    .await;
-                let _ = client.call(p, Command::Started { lease, now_ms: 0 }).await;
+                place(&client, p, lease).await;
                 let _ = client.call(p, release(lease, 0)).await;
             }
         }
@@ -434,9 +424,8 @@ async fn failover(
         let node = loop {
             match start_node(&cluster.dir, leader, &addr, cluster.partitions).await {
                 Ok(n) => break n,
-                Err(e) if tries < 50 => {
+                Err(_) if tries < 50 => {
                     tries += 1;
-                    let _ = e;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e),
