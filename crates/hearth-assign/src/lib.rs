@@ -8,9 +8,11 @@
 //! each partition's leader and follows its hints.
 
 pub mod client;
+pub mod fleet;
 pub mod net;
 pub mod node;
 pub mod partition;
+pub mod placement;
 pub mod store;
 
 pub use partition::{Command, Response};
