@@ -11,9 +11,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::net::{Conn, NetError, Reply, Request, Secret, WriteReply};
+use crate::fleet::WorkerReport;
+use crate::net::{Conn, NetError, PlaceReply, Reply, Request, Secret, WriteReply};
 use crate::node::NodeStatus;
-use crate::partition::{Command, Response};
+use crate::partition::{Command, LeaseId, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -29,6 +30,26 @@ pub enum ClientError {
 
 /// Connections per node kept for reuse.
 const POOL: usize = 16;
+
+/// What a reply means for [`Client::on_leader`].
+enum Step<T> {
+    Done(T),
+    /// Not the leader; the leader's address when known.
+    NotLeader(Option<String>),
+    /// Try the next node (the message says why).
+    Next(String),
+}
+
+/// The outcome of [`Client::place`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placed {
+    /// Create the sandbox on this worker.
+    Worker { id: String, addr: String },
+    /// No live worker can take it.
+    NoWorker(String),
+    /// The lease is no longer live.
+    Rejected(String),
+}
 
 struct NodeConns {
     addr: String,
@@ -89,6 +110,54 @@ impl Client {
 
     /// Runs `cmd` on partition `p`'s leader.
     pub async fn call(&self, p: u32, cmd: Command) -> Result<Response, ClientError> {
+        let req = Request::Write { partition: p, cmd };
+        self.on_leader(p, &req, |reply| match reply {
+            Reply::Write(WriteReply::Done(resp)) => Step::Done(resp),
+            Reply::Write(WriteReply::NotLeader { leader }) => Step::NotLeader(leader.map(|l| l.1)),
+            Reply::Write(WriteReply::Unavailable(m)) => Step::Next(m),
+            other => Step::Next(format!("unexpected reply {other:?}")),
+        })
+        .await
+    }
+
+    /// Asks partition `p`'s leader to place the Initializing sandbox of `lease`: the worker it
+    /// chose (journaled as `Assign`) or why none could be.
+    pub async fn place(
+        &self,
+        p: u32,
+        lease: LeaseId,
+        memory_mb: u32,
+        locality: Vec<String>,
+        avoid: Vec<String>,
+    ) -> Result<Placed, ClientError> {
+        let req = Request::Place {
+            partition: p,
+            lease,
+            memory_mb,
+            locality,
+            avoid,
+        };
+        self.on_leader(p, &req, |reply| match reply {
+            Reply::Place(PlaceReply::Placed { worker, addr }) => {
+                Step::Done(Placed::Worker { id: worker, addr })
+            }
+            Reply::Place(PlaceReply::NoWorker(m)) => Step::Done(Placed::NoWorker(m)),
+            Reply::Place(PlaceReply::Rejected(m)) => Step::Done(Placed::Rejected(m)),
+            Reply::Place(PlaceReply::NotLeader { leader }) => Step::NotLeader(leader.map(|l| l.1)),
+            Reply::Place(PlaceReply::Unavailable(m)) => Step::Next(m),
+            other => Step::Next(format!("unexpected reply {other:?}")),
+        })
+        .await
+    }
+
+    /// Sends `req` to partition `p`'s leader, following hints and trying the other nodes until
+    /// `decide` has an answer or the client's timeout passes.
+    async fn on_leader<T>(
+        &self,
+        p: u32,
+        req: &Request,
+        decide: impl Fn(Reply) -> Step<T>,
+    ) -> Result<T, ClientError> {
         let hint = self
             .leaders
             .get(p as usize)
@@ -97,19 +166,21 @@ impl Client {
         let mut node = hint.load(Ordering::Relaxed) % self.nodes.len().max(1);
         let mut last = String::from("no node answered");
         let mut backoff = Duration::from_millis(20);
-        let req = Request::Write { partition: p, cmd };
         while Instant::now() < deadline {
             let ttl = deadline
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(2));
-            match self.request(node, &req, ttl).await {
-                Ok(Reply::Write(WriteReply::Done(resp))) => {
+            let reply = match self.request(node, req, ttl).await {
+                Ok(Reply::NoPartition(p)) => return Err(ClientError::NoPartition(p)),
+                Ok(r) => decide(r),
+                Err(e) => Step::Next(e.to_string()),
+            };
+            match reply {
+                Step::Done(v) => {
                     hint.store(node, Ordering::Relaxed);
-                    return Ok(resp);
+                    return Ok(v);
                 }
-                Ok(Reply::Write(WriteReply::NotLeader {
-                    leader: Some((_, addr)),
-                })) => {
+                Step::NotLeader(Some(addr)) => {
                     last = format!("{} is not the leader", self.nodes[node].addr);
                     match self.nodes.iter().position(|n| n.addr == addr) {
                         Some(i) if i != node => {
@@ -119,21 +190,15 @@ impl Client {
                         _ => node = (node + 1) % self.nodes.len(),
                     }
                 }
-                Ok(Reply::Write(WriteReply::NotLeader { leader: None })) => {
+                Step::NotLeader(None) => {
                     last = format!(
                         "{} knows no leader (election under way)",
                         self.nodes[node].addr
                     );
                     node = (node + 1) % self.nodes.len();
                 }
-                Ok(Reply::Write(WriteReply::Unavailable(m))) => {
+                Step::Next(m) => {
                     last = format!("{}: {m}", self.nodes[node].addr);
-                    node = (node + 1) % self.nodes.len();
-                }
-                Ok(Reply::NoPartition(p)) => return Err(ClientError::NoPartition(p)),
-                Ok(other) => last = format!("unexpected reply {other:?}"),
-                Err(e) => {
-                    last = format!("{}: {e}", self.nodes[node].addr);
                     node = (node + 1) % self.nodes.len();
                 }
             }
@@ -141,6 +206,47 @@ impl Client {
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
         Err(ClientError::Unavailable { partition: p, last })
+    }
+
+    /// The live workers, as the first node that answers knows them.
+    pub async fn fleet(&self) -> Result<Vec<WorkerReport>, ClientError> {
+        let mut last = None;
+        for (i, n) in self.nodes.iter().enumerate() {
+            match self
+                .request(i, &Request::Fleet, Duration::from_secs(2))
+                .await
+            {
+                Ok(Reply::Fleet(w)) => return Ok(w),
+                Ok(other) => {
+                    last = Some(ClientError::Node(
+                        n.addr.clone(),
+                        NetError::Io(std::io::Error::other(format!("unexpected reply {other:?}"))),
+                    ))
+                }
+                Err(e) => last = Some(ClientError::Node(n.addr.clone(), e)),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Unavailable {
+            partition: 0,
+            last: "no nodes configured".into(),
+        }))
+    }
+
+    /// Sends a worker's heartbeat to every node at once. Answers how many took it and whether
+    /// any said this worker run is dead (it must then register under a new id).
+    pub async fn heartbeat(&self, report: &WorkerReport, ttl: Duration) -> (usize, bool) {
+        let req = Request::Heartbeat(report.clone());
+        let calls = (0..self.nodes.len()).map(|i| self.request(i, &req, ttl));
+        let mut taken = 0;
+        let mut dead = false;
+        for r in futures::future::join_all(calls).await {
+            match r {
+                Ok(Reply::Heartbeat(true)) => taken += 1,
+                Ok(Reply::Heartbeat(false)) => dead = true,
+                _ => {}
+            }
+        }
+        (taken, dead)
     }
 
     /// Every reachable node's view of the cluster.

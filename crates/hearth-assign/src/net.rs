@@ -236,6 +236,19 @@ pub enum Request {
     Write { partition: u32, cmd: Command },
     /// The node's view of its partitions.
     Status,
+    /// A worker's heartbeat (workers send one to every node).
+    Heartbeat(crate::fleet::WorkerReport),
+    /// The live workers the node knows.
+    Fleet,
+    /// Pick a worker for the Initializing sandbox of `lease` and journal the choice (leader
+    /// only).
+    Place {
+        partition: u32,
+        lease: crate::partition::LeaseId,
+        memory_mb: u32,
+        locality: Vec<String>,
+        avoid: Vec<String>,
+    },
 }
 
 /// A node's answer.
@@ -248,6 +261,28 @@ pub enum Reply {
     Status(crate::node::NodeStatus),
     /// The request named a partition this node does not have.
     NoPartition(u32),
+    /// false: that worker run was declared dead; it must register under a new id.
+    Heartbeat(bool),
+    Fleet(Vec<crate::fleet::WorkerReport>),
+    Place(PlaceReply),
+}
+
+/// The answer to [`Request::Place`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlaceReply {
+    /// The sandbox is to be created on `worker`, reached at `addr`.
+    Placed {
+        worker: String,
+        addr: String,
+    },
+    /// No live worker can take it (the reason says why).
+    NoWorker(String),
+    /// The lease is not live (expired or released) or the sandbox not Initializing.
+    Rejected(String),
+    NotLeader {
+        leader: Option<(u64, String)>,
+    },
+    Unavailable(String),
 }
 
 /// What became of a client's write.

@@ -31,8 +31,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::TypeConfig;
-use crate::net::{Conn, NetError, Reply, Request, Secret, WriteReply};
-use crate::partition::{Command, Stats};
+use crate::fleet::{Fleet, WorkerReport};
+use crate::net::{Conn, NetError, PlaceReply, Reply, Request, Secret, WriteReply};
+use crate::partition::{Command, LeaseId, Response, SandboxState, Stats};
+use crate::placement::{self, Demand};
 use crate::store::{self, StateMachine};
 
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
@@ -59,6 +61,8 @@ pub struct Timing {
     pub election_max_ms: u64,
     /// How often the leader proposes a `Tick`.
     pub tick_ms: u64,
+    /// A worker silent for this long is dead (see [`crate::fleet`]).
+    pub worker_dead_ms: u64,
 }
 
 impl Default for Timing {
@@ -68,6 +72,7 @@ impl Default for Timing {
             election_min_ms: 300,
             election_max_ms: 600,
             tick_ms: 500,
+            worker_dead_ms: 3_000,
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Node {
     groups: Vec<Group>,
     secret: Secret,
     stopped: AtomicBool,
+    /// The workers this node hears from (soft state: every node gets every heartbeat).
+    fleet: std::sync::Mutex<Fleet>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -168,6 +175,7 @@ impl Node {
             groups,
             secret: cfg.secret.clone(),
             stopped: AtomicBool::new(false),
+            fleet: std::sync::Mutex::new(Fleet::new(cfg.timing.worker_dead_ms, now_ms())),
             tasks: std::sync::Mutex::new(Vec::new()),
         });
         let serve = tokio::spawn(serve(listener, Arc::downgrade(&node)));
@@ -287,6 +295,170 @@ impl Node {
         }
     }
 
+    /// A worker's heartbeat; false when that worker run was declared dead.
+    pub fn heartbeat(&self, report: WorkerReport) -> bool {
+        match self.fleet.lock() {
+            Ok(mut f) => {
+                let known = f.get(&report.id).is_some();
+                let (id, addr) = (report.id.clone(), report.addr.clone());
+                let ok = f.heartbeat(report, now_ms());
+                if ok && !known {
+                    tracing::info!(worker = %id, %addr, "worker registered");
+                }
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The live workers this node knows.
+    pub fn workers(&self) -> Vec<WorkerReport> {
+        self.fleet.lock().map(|f| f.live()).unwrap_or_default()
+    }
+
+    /// The leader of partition `p` as (id, address), when known.
+    fn leader_of(&self, p: u32) -> Option<(u64, String)> {
+        let g = self.groups.get(p as usize)?;
+        let m = g.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    /// Placement for the Initializing sandbox of `lease`, decided by the partition's leader from
+    /// its state (the function's sandboxes per worker, memory placed and not yet reported) and
+    /// the live fleet; the choice is journaled as `Assign` before it is answered.
+    pub async fn place(
+        &self,
+        p: u32,
+        lease: LeaseId,
+        memory_mb: u32,
+        locality: Vec<String>,
+        avoid: Vec<String>,
+    ) -> PlaceReply {
+        if self.groups.get(p as usize).is_none() {
+            return PlaceReply::Unavailable(format!("no partition {p}"));
+        }
+        if !self.is_leader(p as usize) {
+            return PlaceReply::NotLeader {
+                leader: self.leader_of(p),
+            };
+        }
+        let found = self
+            .read(p, |part| {
+                let function = part.lease(lease)?.function.clone();
+                let mut per_worker = BTreeMap::new();
+                let mut pending = BTreeMap::new();
+                for s in part.sandboxes() {
+                    let Some(w) = &s.worker else { continue };
+                    if s.key.function == function {
+                        *per_worker.entry(w.clone()).or_insert(0u32) += 1;
+                    }
+                    if matches!(s.state, SandboxState::Initializing { .. }) {
+                        *pending.entry(w.clone()).or_insert(0u64) += u64::from(s.memory_mb);
+                    }
+                }
+                Some((per_worker, pending))
+            })
+            .await
+            .flatten();
+        let Some((function_sandboxes, pending_mb)) = found else {
+            return PlaceReply::Rejected(format!("lease {} is not live", lease.0));
+        };
+        let workers = self.workers();
+        let demand = Demand {
+            memory_mb,
+            locality,
+            function_sandboxes,
+            pending_mb,
+            avoid,
+        };
+        let worker = match placement::pick(&workers, &demand) {
+            Ok(w) => w,
+            Err(e) => return PlaceReply::NoWorker(e.to_string()),
+        };
+        let addr = workers
+            .iter()
+            .find(|w| w.id == worker)
+            .map(|w| w.addr.clone())
+            .unwrap_or_default();
+        match self
+            .write(
+                p,
+                Command::Assign {
+                    lease,
+                    worker: worker.clone(),
+                    now_ms: 0,
+                },
+            )
+            .await
+        {
+            WriteReply::Done(Response::Ok) => PlaceReply::Placed { worker, addr },
+            WriteReply::Done(other) => PlaceReply::Rejected(format!("{other:?}")),
+            WriteReply::NotLeader { leader } => PlaceReply::NotLeader { leader },
+            WriteReply::Unavailable(m) => PlaceReply::Unavailable(m),
+        }
+    }
+
+    /// The capacity manager's part of a tick: workers silent too long become dead, and every
+    /// partition this node leads drops the sandboxes of dead workers (`WorkerDead`), also of a
+    /// worker that died before this node became the leader.
+    async fn reap_workers(&self) {
+        let now = now_ms();
+        let newly = match self.fleet.lock() {
+            Ok(mut f) => f.tick(now),
+            Err(_) => return,
+        };
+        for w in &newly {
+            tracing::warn!(worker = %w, "worker stopped heartbeating: marked dead");
+        }
+        for p in 0..self.groups.len() {
+            if !self.is_leader(p) {
+                continue;
+            }
+            let on = self
+                .read(p as u32, |part| {
+                    part.sandboxes()
+                        .filter_map(|s| s.worker.clone())
+                        .collect::<std::collections::BTreeSet<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            let dead: Vec<String> = match self.fleet.lock() {
+                Ok(f) => on.into_iter().filter(|w| f.is_dead(w, now)).collect(),
+                Err(_) => return,
+            };
+            for worker in dead {
+                let reply = self
+                    .write(
+                        p as u32,
+                        Command::WorkerDead {
+                            worker: worker.clone(),
+                            now_ms: 0,
+                        },
+                    )
+                    .await;
+                if let WriteReply::Done(Response::Expired {
+                    destroy,
+                    leases_ended,
+                }) = reply
+                {
+                    tracing::warn!(
+                        partition = p,
+                        worker = %worker,
+                        sandboxes = destroy.len(),
+                        leases_ended = leases_ended.len(),
+                        "a dead worker's sandboxes removed"
+                    );
+                }
+            }
+        }
+    }
+
     fn is_leader(&self, p: usize) -> bool {
         self.groups
             .get(p)
@@ -328,6 +500,18 @@ impl Node {
             },
             Request::Write { partition, cmd } => Reply::Write(self.write(partition, cmd).await),
             Request::Status => Reply::Status(self.status().await),
+            Request::Heartbeat(report) => Reply::Heartbeat(self.heartbeat(report)),
+            Request::Fleet => Reply::Fleet(self.workers()),
+            Request::Place {
+                partition,
+                lease,
+                memory_mb,
+                locality,
+                avoid,
+            } => Reply::Place(
+                self.place(partition, lease, memory_mb, locality, avoid)
+                    .await,
+            ),
         }
     }
 }
@@ -383,6 +567,7 @@ async fn tick(node: std::sync::Weak<Node>, every_ms: u64) {
                 let _ = n.write(p as u32, Command::Tick { now_ms: 0 }).await;
             }
         }
+        n.reap_workers().await;
     }
 }
 

@@ -23,6 +23,7 @@ fn timing() -> Timing {
         election_min_ms: 200,
         election_max_ms: 400,
         tick_ms: 100,
+        worker_dead_ms: 3_000,
     }
 }
 
@@ -433,5 +434,119 @@ async fn a_client_without_the_secret_is_refused() {
     // And nothing was written.
     let n = cluster.nodes[0].as_ref().expect("node");
     assert_eq!(n.read(0, |part| part.leases().count()).await, Some(0));
+    cluster.shutdown().await;
+}
+
+fn report(id: &str, free_mb: u64, cached: &[&str]) -> hearth_assign::fleet::WorkerReport {
+    hearth_assign::fleet::WorkerReport {
+        id: id.into(),
+        addr: format!("{id}.invalid:7200"),
+        memory_mb: 4096,
+        memory_free_mb: free_mb,
+        cores: 2,
+        busy: 0,
+        sandboxes: 0,
+        cached: cached.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_uses_the_fleet_and_a_silent_worker_loses_its_sandboxes() {
+    use hearth_assign::client::Placed;
+    let mut cluster = Cluster::new().await;
+    let client = cluster.client();
+    let p = client.partition_of("placed");
+    let beat = |free: u64| {
+        let client = &client;
+        async move {
+            let a = report("w-a/1", free, &[]);
+            let b = report("w-b/1", free, &["code:c1"]);
+            let (ta, _) = client.heartbeat(&a, Duration::from_secs(2)).await;
+            let (tb, _) = client.heartbeat(&b, Duration::from_secs(2)).await;
+            assert_eq!((ta, tb), (3, 3), "every node takes every heartbeat");
+        }
+    };
+    beat(4096).await;
+    assert_eq!(client.fleet().await.expect("fleet").len(), 2);
+
+    // Cold: placement prefers the worker that holds the code, then spreads.
+    let mut leases = Vec::new();
+    for expect in ["w-b/1", "w-a/1"] {
+        let Response::Place { lease, sandbox, .. } = client
+            .call(p, acquire("placed", 60_000))
+            .await
+            .expect("acquire")
+        else {
+            panic!("expected a cold lease");
+        };
+        let placed = client
+            .place(p, lease, 128, vec!["code:c1".into()], vec![])
+            .await
+            .expect("place");
+        assert_eq!(
+            placed,
+            Placed::Worker {
+                id: expect.into(),
+                addr: format!("{expect}.invalid:7200")
+            }
+        );
+        leases.push((lease, sandbox));
+    }
+    // A lease that is not live cannot be placed; a sandbox too big for every worker is refused.
+    let placed = client
+        .place(p, LeaseId(9_999), 128, vec![], vec![])
+        .await
+        .expect("place");
+    assert!(matches!(placed, Placed::Rejected(_)), "{placed:?}");
+    let Response::Place { lease: big, .. } = client
+        .call(p, acquire("placed", 60_000))
+        .await
+        .expect("acquire")
+    else {
+        panic!("expected a cold lease");
+    };
+    let placed = client
+        .place(p, big, 8192, vec![], vec![])
+        .await
+        .expect("place");
+    assert!(matches!(placed, Placed::NoWorker(_)), "{placed:?}");
+
+    // w-a stops heartbeating; w-b keeps on. Within the dead-after period (3 s) plus a tick,
+    // the leader removes w-a's sandbox (and ends its lease); w-b's stays.
+    let until = Instant::now() + Duration::from_secs(10);
+    let leader = cluster.wait_leader(p, None, Duration::from_secs(5)).await;
+    let node = cluster.nodes[(leader - 1) as usize]
+        .clone()
+        .expect("leader");
+    loop {
+        client
+            .heartbeat(&report("w-b/1", 4000, &["code:c1"]), Duration::from_secs(2))
+            .await;
+        let workers: Vec<Option<String>> = node
+            .read(p, |part| {
+                part.sandboxes().map(|s| s.worker.clone()).collect()
+            })
+            .await
+            .expect("partition");
+        if !workers.contains(&Some("w-a/1".to_string())) {
+            assert!(workers.contains(&Some("w-b/1".to_string())), "{workers:?}");
+            let lease = node
+                .read(p, |part| part.lease(leases[1].0).cloned())
+                .await
+                .expect("partition");
+            assert!(lease.is_none(), "the dead worker's lease ended");
+            break;
+        }
+        assert!(Instant::now() < until, "w-a was never marked dead");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fleet = client.fleet().await.expect("fleet");
+    assert_eq!(fleet.len(), 1);
+    assert_eq!(fleet[0].id, "w-b/1");
+    // The dead run's late heartbeat is refused: it must come back under a new id.
+    let (_, dead) = client
+        .heartbeat(&report("w-a/1", 4096, &[]), Duration::from_secs(2))
+        .await;
+    assert!(dead);
     cluster.shutdown().await;
 }

@@ -91,6 +91,10 @@ pub struct AssignmentArgs {
     /// Raft heartbeat interval (ms); elections time out after 3–6 heartbeats.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_ms: u64,
+    /// A worker not heard from for this long (ms) is dead: its sandboxes are removed and
+    /// invocations on it fail.
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    pub worker_dead_ms: u64,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -127,6 +131,7 @@ pub fn run_assignment(args: AssignmentArgs) -> anyhow::Result<std::process::Exit
                 election_min_ms: hb * 3,
                 election_max_ms: hb * 6,
                 tick_ms: (hb * 5).max(100),
+                worker_dead_ms: args.worker_dead_ms,
             },
         })
         .await?;

@@ -45,6 +45,7 @@ fn timing() -> Timing {
         election_min_ms: 200,
         election_max_ms: 400,
         tick_ms: 200,
+        worker_dead_ms: 3_000,
     }
 }
 
