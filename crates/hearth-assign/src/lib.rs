@@ -13,6 +13,7 @@ pub mod net;
 pub mod node;
 pub mod partition;
 pub mod placement;
+pub mod remote;
 pub mod store;
 
 pub use partition::{Command, Response};

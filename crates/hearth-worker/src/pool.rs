@@ -112,6 +112,18 @@ pub fn default_memory_budget_mb() -> u64 {
     total_kb / 1024 * 8 / 10
 }
 
+/// A worker's load, as its heartbeats report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerLoad {
+    pub memory_budget_mb: u64,
+    /// Memory promised to live and ready sandboxes.
+    pub memory_committed_mb: u64,
+    /// Invocations running or starting.
+    pub busy: usize,
+    /// Live and ready sandboxes.
+    pub sandboxes: usize,
+}
+
 /// Counts of sandboxes, for status output, tests and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -302,6 +314,17 @@ impl Worker {
             claimed_ready: st.claimed_ready,
             paced: st.paced,
             burst_throttled: st.burst_throttled,
+        }
+    }
+
+    /// What a heartbeat says about this worker's load.
+    pub fn load(&self) -> WorkerLoad {
+        let st = self.inner.lock();
+        WorkerLoad {
+            memory_budget_mb: self.inner.cfg.memory_budget_mb,
+            memory_committed_mb: st.committed_mb,
+            busy: st.revisions.values().map(|r| r.busy + r.starting).sum(),
+            sandboxes: st.live + st.ready.values().map(Vec::len).sum::<usize>(),
         }
     }
 

@@ -1,0 +1,605 @@
+//! Front ends and workers as separate processes.
+//!
+//! A worker process serves its [`Invoker`] (the sandbox pool) to front ends over the cluster's
+//! authenticated frames ([`serve_worker`]). A front end's invoker is a [`RemoteInvoker`]: it
+//! takes a lease from the assignment service (warm: a sandbox on a known worker; cold: the
+//! partition's leader places a new one), runs the invocation on that worker, streaming its log
+//! back, and returns the lease. Concurrency limits are therefore the assignment service's,
+//! across every front end and worker.
+//!
+//! Failures are explicit. A worker that cannot be reached before the invocation was sent is
+//! skipped (the lease is returned as dead and placement avoids that worker; at most
+//! [`ATTEMPTS`] tries). A worker that fails while the invocation runs ends it with a function
+//! error that says so: it is never run again behind the caller's back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hearth_core::invoker::{
+    FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker, LogSink, LogTarget,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::{Client, ClientError, Placed};
+use crate::net::{Conn, NetError, Secret};
+use crate::partition::{Command, FnKey, LeaseId, Limits, Response, ThrottleReason};
+
+/// Tries of one invocation when the worker cannot be reached before it was sent.
+pub const ATTEMPTS: usize = 3;
+
+/// A front end's request to a worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WorkerCall {
+    Invoke(Box<RemoteInvoke>),
+    Retire { function: String },
+    Forget { function_arn: String },
+    ForgetVersion { function_arn: String, version: String },
+    Prepare(Box<FunctionSpec>),
+}
+
+/// One invocation, as sent to a worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoteInvoke {
+    pub request_id: String,
+    pub spec: FunctionSpec,
+    pub invoked_arn: String,
+    /// Base64.
+    pub payload: String,
+    pub client_context: Option<String>,
+}
+
+/// A worker's answers: for an invocation, any number of `Log` frames, then `Done` or `Failed`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WorkerAnswer {
+    /// A piece of the invocation's log (base64), as the worker produced it.
+    Log(String),
+    Done {
+        /// Base64.
+        payload: String,
+        function_error: bool,
+        log: String,
+    },
+    Failed(WireError),
+    Prepared(Result<(), String>),
+    Ok,
+}
+
+/// An [`InvokeError`] on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WireError {
+    TooManyRequests(String),
+    NotReady(String),
+    Service(String),
+}
+
+impl From<InvokeError> for WireError {
+    fn from(e: InvokeError) -> Self {
+        match e {
+            InvokeError::TooManyRequests { reason } => WireError::TooManyRequests(reason),
+            InvokeError::NotReady(m) => WireError::NotReady(m),
+            InvokeError::NotLeader { .. } => WireError::Service(e.to_string()),
+            InvokeError::Service(m) => WireError::Service(m),
+        }
+    }
+}
+
+impl From<WireError> for InvokeError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::TooManyRequests(reason) => InvokeError::TooManyRequests { reason },
+            WireError::NotReady(m) => InvokeError::NotReady(m),
+            WireError::Service(m) => InvokeError::Service(m),
+        }
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("bad base64 from the peer: {e}"))
+}
+
+/// Log pieces of one invocation, from the pool's sink to the connection.
+struct ChannelSink(mpsc::UnboundedSender<Vec<u8>>);
+
+impl LogSink for ChannelSink {
+    fn write(&self, bytes: &[u8]) {
+        let _ = self.0.send(bytes.to_vec());
+    }
+}
+
+/// Serves `invoker` to front ends on `listener` (each connection authenticated with the
+/// cluster secret). Runs until the task is dropped.
+pub async fn serve_worker(listener: TcpListener, secret: Secret, invoker: Arc<dyn Invoker>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accepting a front end: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (secret, invoker) = (secret.clone(), invoker.clone());
+        tokio::spawn(async move {
+            let mut conn = match Conn::accept(stream, &secret).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("a connection was refused: {e}");
+                    return;
+                }
+            };
+            while let Ok(call) = conn.recv::<WorkerCall>().await {
+                if answer(&mut conn, call, &invoker).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn answer(
+    conn: &mut Conn,
+    call: WorkerCall,
+    invoker: &Arc<dyn Invoker>,
+) -> Result<(), NetError> {
+    match call {
+        WorkerCall::Invoke(ri) => {
+            let payload = match unb64(&ri.payload) {
+                Ok(p) => p,
+                Err(m) => return conn.send(&WorkerAnswer::Failed(WireError::Service(m))).await,
+            };
+            let (tx, mut logs) = mpsc::unbounded_channel();
+            let req = InvokeRequest {
+                request_id: ri.request_id,
+                spec: ri.spec,
+                invoked_arn: ri.invoked_arn,
+                payload: payload.into(),
+                client_context: ri.client_context,
+                // Limits were enforced by the assignment service when the lease was taken.
+                reserved_concurrency: None,
+                unreserved_limit: u32::MAX,
+                log: Some(LogTarget(Arc::new(ChannelSink(tx)))),
+            };
+            // The invocation runs to its end even if the front end goes away.
+            let (done_tx, mut done) = oneshot::channel();
+            let inv = invoker.clone();
+            tokio::spawn(async move {
+                let _ = done_tx.send(inv.invoke(req).await);
+            });
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    Some(piece) = logs.recv() => conn.send(&WorkerAnswer::Log(b64(&piece))).await?,
+                    r = &mut done => break r,
+                }
+            };
+            while let Ok(piece) = logs.try_recv() {
+                conn.send(&WorkerAnswer::Log(b64(&piece))).await?;
+            }
+            let answer = match result {
+                Ok(Ok(r)) => WorkerAnswer::Done {
+                    payload: b64(&r.payload),
+                    function_error: r.function_error,
+                    log: r.log,
+                },
+                Ok(Err(e)) => WorkerAnswer::Failed(e.into()),
+                Err(_) => WorkerAnswer::Failed(WireError::Service("the invocation task ended".into())),
+            };
+            conn.send(&answer).await
+        }
+        WorkerCall::Retire { function } => {
+            invoker.retire(&function);
+            conn.send(&WorkerAnswer::Ok).await
+        }
+        WorkerCall::Forget { function_arn } => {
+            invoker.forget(&function_arn);
+            conn.send(&WorkerAnswer::Ok).await
+        }
+        WorkerCall::ForgetVersion {
+            function_arn,
+            version,
+        } => {
+            invoker.forget_version(&function_arn, &version);
+            conn.send(&WorkerAnswer::Ok).await
+        }
+        WorkerCall::Prepare(spec) => {
+            let r = invoker.prepare(*spec).await;
+            conn.send(&WorkerAnswer::Prepared(r)).await
+        }
+    }
+}
+
+/// How a front end's [`RemoteInvoker`] behaves.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Names this front end in leases.
+    pub holder: String,
+    /// How long an idle sandbox stays leasable after an invocation (the workers' keep-alive).
+    pub keep_alive: Duration,
+    /// Connecting to a worker (handshake included).
+    pub connect_timeout: Duration,
+    /// Whether sandboxes restored from snapshots keep network access (as the workers' engine
+    /// reports; the front end states it in SnapStart versions' configuration).
+    pub snapshots_keep_network: bool,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        Self {
+            holder: "frontend".into(),
+            keep_alive: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(2),
+            snapshots_keep_network: false,
+        }
+    }
+}
+
+/// A front end's invoker over the assignment service and remote workers.
+pub struct RemoteInvoker {
+    client: Arc<Client>,
+    secret: Secret,
+    cfg: RemoteConfig,
+    /// Worker id -> address, from the fleet; refreshed when a lease names an unknown worker.
+    workers: Mutex<(BTreeMap<String, String>, Option<Instant>)>,
+    /// Idle connections per worker id (a restarted worker has a new id, so none of these
+    /// belongs to an earlier run of a process).
+    conns: Mutex<HashMap<String, Vec<Conn>>>,
+}
+
+/// How an attempt on a worker ended.
+enum Attempt {
+    Finished(Result<InvokeResult, InvokeError>),
+    /// Nothing was sent: the worker could not be reached.
+    Unreachable(String),
+}
+
+fn assignment_down(e: ClientError) -> InvokeError {
+    InvokeError::NotReady(format!("the assignment service is unavailable: {e}"))
+}
+
+fn throttle_reason(r: ThrottleReason) -> &'static str {
+    match r {
+        ThrottleReason::ReservedFunctionConcurrency
+        | ThrottleReason::ReservedFunctionConcurrencyZero => {
+            "ReservedFunctionConcurrentInvocationLimitExceeded"
+        }
+        ThrottleReason::AccountConcurrency => "ConcurrentInvocationLimitExceeded",
+    }
+}
+
+/// The function error a caller gets when the worker running its invocation is lost.
+pub fn worker_lost(worker: &str, why: &str) -> InvokeResult {
+    let doc = serde_json::json!({
+        "errorType": "Runtime.WorkerLost",
+        "errorMessage": format!(
+            "the worker running this invocation ({worker}) stopped answering ({why}); \
+             the invocation may or may not have completed and was not retried"
+        ),
+    });
+    InvokeResult {
+        payload: doc.to_string().into_bytes(),
+        function_error: true,
+        log: String::new(),
+    }
+}
+
+/// The locality keys of a spec (see [`crate::placement::locality_keys`]).
+pub fn spec_locality(spec: &FunctionSpec) -> Vec<String> {
+    let image = hearth_core::runtimes::lookup(&spec.runtime)
+        .map(|r| r.image)
+        .unwrap_or(spec.runtime.as_str());
+    crate::placement::locality_keys(&spec.code_sha256, image, None)
+}
+
+impl RemoteInvoker {
+    pub fn new(client: Arc<Client>, secret: Secret, cfg: RemoteConfig) -> Self {
+        Self {
+            client,
+            secret,
+            cfg,
+            workers: Mutex::new((BTreeMap::new(), None)),
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The address of worker `id`, asking the fleet when it is not known.
+    async fn worker_addr(&self, id: &str) -> Option<String> {
+        let stale = {
+            let w = self.workers.lock().ok()?;
+            if let Some(a) = w.0.get(id) {
+                return Some(a.clone());
+            }
+            w.1.is_none_or(|t| t.elapsed() > Duration::from_millis(200))
+        };
+        if stale && let Ok(fleet) = self.client.fleet().await {
+            let mut w = self.workers.lock().ok()?;
+            w.0 = fleet.into_iter().map(|r| (r.id, r.addr)).collect();
+            w.1 = Some(Instant::now());
+        }
+        self.workers.lock().ok()?.0.get(id).cloned()
+    }
+
+    async fn conn(&self, worker: &str, addr: &str) -> Result<Conn, NetError> {
+        let pooled = self
+            .conns
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(worker).and_then(Vec::pop));
+        match pooled {
+            Some(c) => Ok(c),
+            None => Conn::connect(addr, &self.secret, self.cfg.connect_timeout).await,
+        }
+    }
+
+    fn put_back(&self, worker: &str, conn: Conn) {
+        if let Ok(mut m) = self.conns.lock() {
+            let v = m.entry(worker.to_string()).or_default();
+            if v.len() < 32 {
+                v.push(conn);
+            }
+        }
+    }
+
+    /// Runs `req` on `worker`, streaming its log into the request's sink.
+    async fn run_on(&self, worker: &str, addr: &str, req: &InvokeRequest) -> Attempt {
+        let mut conn = match self.conn(worker, addr).await {
+            Ok(c) => c,
+            Err(e) => return Attempt::Unreachable(e.to_string()),
+        };
+        let call = WorkerCall::Invoke(Box::new(RemoteInvoke {
+            request_id: req.request_id.clone(),
+            spec: req.spec.clone(),
+            invoked_arn: req.invoked_arn.clone(),
+            payload: b64(&req.payload),
+            client_context: req.client_context.clone(),
+        }));
+        if let Err(e) = conn.send(&call).await {
+            return Attempt::Finished(Ok(worker_lost(worker, &e.to_string())));
+        }
+        // The worker enforces the function's timeout; this bound only catches a worker that
+        // hangs (init, the timeout and a margin).
+        let bound = Duration::from_secs(u64::from(req.spec.timeout_s) + 10 + 30);
+        let until = Instant::now() + bound;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let got = tokio::time::timeout(left, conn.recv::<WorkerAnswer>()).await;
+            let answer = match got {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => return Attempt::Finished(Ok(worker_lost(worker, &e.to_string()))),
+                Err(_) => {
+                    return Attempt::Finished(Ok(worker_lost(
+                        worker,
+                        &format!("no answer within {}s", bound.as_secs()),
+                    )));
+                }
+            };
+            match answer {
+                WorkerAnswer::Log(piece) => {
+                    if let (Some(sink), Ok(bytes)) = (&req.log, unb64(&piece)) {
+                        sink.0.write(&bytes);
+                    }
+                }
+                WorkerAnswer::Done {
+                    payload,
+                    function_error,
+                    log,
+                } => {
+                    self.put_back(worker, conn);
+                    return Attempt::Finished(match unb64(&payload) {
+                        Ok(payload) => Ok(InvokeResult {
+                            payload,
+                            function_error,
+                            log,
+                        }),
+                        Err(m) => Err(InvokeError::Service(m)),
+                    });
+                }
+                WorkerAnswer::Failed(e) => {
+                    self.put_back(worker, conn);
+                    return Attempt::Finished(Err(e.into()));
+                }
+                other => {
+                    return Attempt::Finished(Err(InvokeError::Service(format!(
+                        "unexpected answer from worker {worker}: {other:?}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    async fn release(&self, p: u32, lease: LeaseId, started: bool, healthy: bool) {
+        let now_ms = 0;
+        if started {
+            if let Err(e) = self.client.call(p, Command::Started { lease, now_ms }).await {
+                tracing::warn!(lease = lease.0, "recording a started sandbox: {e}");
+            }
+        }
+        let cmd = Command::Release {
+            lease,
+            healthy,
+            keep_alive_ms: self.cfg.keep_alive.as_millis() as u64,
+            now_ms,
+        };
+        match self.client.call(p, cmd).await {
+            Ok(Response::Ok) => {}
+            // The lease ended meanwhile (its worker was declared dead, or it expired).
+            Ok(other) => tracing::info!(lease = lease.0, "release: {other:?}"),
+            Err(e) => tracing::warn!(lease = lease.0, "release (the lease will expire): {e}"),
+        }
+    }
+
+    /// Sends `call` to every live worker, in the background.
+    fn broadcast(&self, call: impl Fn() -> WorkerCall + Send + 'static) {
+        let (client, secret, timeout) = (
+            self.client.clone(),
+            self.secret.clone(),
+            self.cfg.connect_timeout,
+        );
+        tokio::spawn(async move {
+            let Ok(fleet) = client.fleet().await else {
+                return;
+            };
+            for w in fleet {
+                match Conn::connect(&w.addr, &secret, timeout).await {
+                    Ok(mut c) => {
+                        let r: Result<WorkerAnswer, _> = c.call(&call(), timeout * 5).await;
+                        if let Err(e) = r {
+                            tracing::warn!(worker = %w.id, "telling the worker: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!(worker = %w.id, "telling the worker: {e}"),
+                }
+            }
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl Invoker for RemoteInvoker {
+    async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError> {
+        let spec = &req.spec;
+        let p = self.client.partition_of(&spec.name);
+        let limits = Limits {
+            reserved: req.reserved_concurrency,
+            unreserved: req.unreserved_limit.div_ceil(self.client.partitions().max(1)),
+        };
+        // Init (at most 10 s), the timeout, and a margin: the lease outlives the invocation.
+        let lease_ttl_ms = (u64::from(spec.timeout_s) + 10 + 30) * 1000;
+        let mut avoid: Vec<String> = Vec::new();
+        let mut last = String::new();
+        for _ in 0..ATTEMPTS {
+            let acquire = Command::Acquire {
+                key: FnKey {
+                    function: spec.name.clone(),
+                    revision: spec.revision_id.clone(),
+                },
+                memory_mb: spec.memory_mb,
+                holder: self.cfg.holder.clone(),
+                limits,
+                now_ms: 0,
+                lease_ttl_ms,
+            };
+            let (lease, worker, addr, cold) =
+                match self.client.call(p, acquire).await.map_err(assignment_down)? {
+                    Response::Throttled { reason } => {
+                        return Err(InvokeError::TooManyRequests {
+                            reason: throttle_reason(reason).into(),
+                        });
+                    }
+                    Response::Leased { lease, worker, .. } => match self.worker_addr(&worker).await
+                    {
+                        Some(addr) => (lease, worker, addr, false),
+                        None => {
+                            // Not in the fleet any more: that sandbox is gone.
+                            self.release(p, lease, false, false).await;
+                            last = format!("worker {worker} is not in the fleet");
+                            continue;
+                        }
+                    },
+                    Response::Place { lease, .. } => {
+                        let placed = self
+                            .client
+                            .place(p, lease, spec.memory_mb, spec_locality(spec), avoid.clone())
+                            .await;
+                        match placed {
+                            Ok(Placed::Worker { id, addr }) => (lease, id, addr, true),
+                            Ok(Placed::NoWorker(why)) => {
+                                self.release(p, lease, false, false).await;
+                                return Err(InvokeError::NotReady(format!(
+                                    "no worker can start this function now: {why}"
+                                )));
+                            }
+                            Ok(Placed::Rejected(why)) => {
+                                last = why;
+                                continue;
+                            }
+                            Err(e) => {
+                                self.release(p, lease, false, false).await;
+                                return Err(assignment_down(e));
+                            }
+                        }
+                    }
+                    other => {
+                        return Err(InvokeError::Service(format!(
+                            "unexpected answer to a lease request: {other:?}"
+                        )));
+                    }
+                };
+            match self.run_on(&worker, &addr, &req).await {
+                Attempt::Unreachable(why) => {
+                    tracing::warn!(%worker, %addr, "worker unreachable, trying another: {why}");
+                    self.release(p, lease, cold, false).await;
+                    last = format!("worker {worker} at {addr}: {why}");
+                    avoid.push(worker);
+                }
+                Attempt::Finished(r) => {
+                    let healthy = matches!(&r, Ok(res) if !res.function_error);
+                    self.release(p, lease, cold && r.is_ok(), healthy).await;
+                    return r;
+                }
+            }
+        }
+        Err(InvokeError::NotReady(format!(
+            "no worker could take the invocation after {ATTEMPTS} tries (last: {last})"
+        )))
+    }
+
+    fn retire(&self, function_name: &str) {
+        let function = function_name.to_string();
+        self.broadcast(move || WorkerCall::Retire {
+            function: function.clone(),
+        });
+    }
+
+    fn forget(&self, function_arn: &str) {
+        let arn = function_arn.to_string();
+        self.broadcast(move || WorkerCall::Forget {
+            function_arn: arn.clone(),
+        });
+    }
+
+    fn forget_version(&self, function_arn: &str, version: &str) {
+        let (arn, version) = (function_arn.to_string(), version.to_string());
+        self.broadcast(move || WorkerCall::ForgetVersion {
+            function_arn: arn.clone(),
+            version: version.clone(),
+        });
+    }
+
+    fn snapshots_keep_network(&self) -> bool {
+        self.cfg.snapshots_keep_network
+    }
+
+    /// A snapshot is taken on the live worker with the most free memory; it goes to the chunk
+    /// store, from which every worker restores.
+    async fn prepare(&self, spec: FunctionSpec) -> Result<(), String> {
+        let fleet = self
+            .client
+            .fleet()
+            .await
+            .map_err(|e| format!("the assignment service is unavailable: {e}"))?;
+        let Some(w) = fleet.iter().max_by_key(|w| w.memory_free_mb) else {
+            return Err("no worker is registered".into());
+        };
+        let mut conn = Conn::connect(&w.addr, &self.secret, self.cfg.connect_timeout)
+            .await
+            .map_err(|e| format!("worker {}: {e}", w.id))?;
+        let answer: WorkerAnswer = conn
+            .call(&WorkerCall::Prepare(Box::new(spec)), Duration::from_secs(600))
+            .await
+            .map_err(|e| format!("worker {}: {e}", w.id))?;
+        match answer {
+            WorkerAnswer::Prepared(r) => r,
+            other => Err(format!("unexpected answer from worker {}: {other:?}", w.id)),
+        }
+    }
+}
