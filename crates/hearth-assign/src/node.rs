@@ -93,6 +93,8 @@ pub struct NodeConfig {
 struct Group {
     raft: Raft,
     sm: StateMachine,
+    /// Serializes placements: each decides from the state the previous one's `Assign` left.
+    placing: tokio::sync::Mutex<()>,
 }
 
 pub struct Node {
@@ -167,7 +169,11 @@ impl Node {
             let raft = Raft::new(cfg.id, raft_config.clone(), net, log, sm.clone())
                 .await
                 .map_err(|e| NodeError::Raft(p, e.to_string()))?;
-            groups.push(Group { raft, sm });
+            groups.push(Group {
+                raft,
+                sm,
+                placing: tokio::sync::Mutex::new(()),
+            });
         }
         let node = Arc::new(Self {
             id: cfg.id,
@@ -340,9 +346,10 @@ impl Node {
         locality: Vec<String>,
         avoid: Vec<String>,
     ) -> PlaceReply {
-        if self.groups.get(p as usize).is_none() {
+        let Some(group) = self.groups.get(p as usize) else {
             return PlaceReply::Unavailable(format!("no partition {p}"));
-        }
+        };
+        let _one_at_a_time = group.placing.lock().await;
         if !self.is_leader(p as usize) {
             return PlaceReply::NotLeader {
                 leader: self.leader_of(p),

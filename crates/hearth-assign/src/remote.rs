@@ -35,9 +35,16 @@ pub const ATTEMPTS: usize = 3;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum WorkerCall {
     Invoke(Box<RemoteInvoke>),
-    Retire { function: String },
-    Forget { function_arn: String },
-    ForgetVersion { function_arn: String, version: String },
+    Retire {
+        function: String,
+    },
+    Forget {
+        function_arn: String,
+    },
+    ForgetVersion {
+        function_arn: String,
+        version: String,
+    },
     Prepare(Box<FunctionSpec>),
 }
 
@@ -155,7 +162,11 @@ async fn answer(
         WorkerCall::Invoke(ri) => {
             let payload = match unb64(&ri.payload) {
                 Ok(p) => p,
-                Err(m) => return conn.send(&WorkerAnswer::Failed(WireError::Service(m))).await,
+                Err(m) => {
+                    return conn
+                        .send(&WorkerAnswer::Failed(WireError::Service(m)))
+                        .await;
+                }
             };
             let (tx, mut logs) = mpsc::unbounded_channel();
             let req = InvokeRequest {
@@ -192,7 +203,9 @@ async fn answer(
                     log: r.log,
                 },
                 Ok(Err(e)) => WorkerAnswer::Failed(e.into()),
-                Err(_) => WorkerAnswer::Failed(WireError::Service("the invocation task ended".into())),
+                Err(_) => {
+                    WorkerAnswer::Failed(WireError::Service("the invocation task ended".into()))
+                }
             };
             conn.send(&answer).await
         }
@@ -418,10 +431,13 @@ impl RemoteInvoker {
 
     async fn release(&self, p: u32, lease: LeaseId, started: bool, healthy: bool) {
         let now_ms = 0;
-        if started {
-            if let Err(e) = self.client.call(p, Command::Started { lease, now_ms }).await {
-                tracing::warn!(lease = lease.0, "recording a started sandbox: {e}");
-            }
+        if started
+            && let Err(e) = self
+                .client
+                .call(p, Command::Started { lease, now_ms })
+                .await
+        {
+            tracing::warn!(lease = lease.0, "recording a started sandbox: {e}");
         }
         let cmd = Command::Release {
             lease,
@@ -470,7 +486,9 @@ impl Invoker for RemoteInvoker {
         let p = self.client.partition_of(&spec.name);
         let limits = Limits {
             reserved: req.reserved_concurrency,
-            unreserved: req.unreserved_limit.div_ceil(self.client.partitions().max(1)),
+            unreserved: req
+                .unreserved_limit
+                .div_ceil(self.client.partitions().max(1)),
         };
         // Init (at most 10 s), the timeout, and a margin: the lease outlives the invocation.
         let lease_ttl_ms = (u64::from(spec.timeout_s) + 10 + 30) * 1000;
@@ -488,52 +506,55 @@ impl Invoker for RemoteInvoker {
                 now_ms: 0,
                 lease_ttl_ms,
             };
-            let (lease, worker, addr, cold) =
-                match self.client.call(p, acquire).await.map_err(assignment_down)? {
-                    Response::Throttled { reason } => {
-                        return Err(InvokeError::TooManyRequests {
-                            reason: throttle_reason(reason).into(),
-                        });
+            let (lease, worker, addr, cold) = match self
+                .client
+                .call(p, acquire)
+                .await
+                .map_err(assignment_down)?
+            {
+                Response::Throttled { reason } => {
+                    return Err(InvokeError::TooManyRequests {
+                        reason: throttle_reason(reason).into(),
+                    });
+                }
+                Response::Leased { lease, worker, .. } => match self.worker_addr(&worker).await {
+                    Some(addr) => (lease, worker, addr, false),
+                    None => {
+                        // Not in the fleet any more: that sandbox is gone.
+                        self.release(p, lease, false, false).await;
+                        last = format!("worker {worker} is not in the fleet");
+                        continue;
                     }
-                    Response::Leased { lease, worker, .. } => match self.worker_addr(&worker).await
-                    {
-                        Some(addr) => (lease, worker, addr, false),
-                        None => {
-                            // Not in the fleet any more: that sandbox is gone.
+                },
+                Response::Place { lease, .. } => {
+                    let placed = self
+                        .client
+                        .place(p, lease, spec.memory_mb, spec_locality(spec), avoid.clone())
+                        .await;
+                    match placed {
+                        Ok(Placed::Worker { id, addr }) => (lease, id, addr, true),
+                        Ok(Placed::NoWorker(why)) => {
                             self.release(p, lease, false, false).await;
-                            last = format!("worker {worker} is not in the fleet");
+                            return Err(InvokeError::NotReady(format!(
+                                "no worker can start this function now: {why}"
+                            )));
+                        }
+                        Ok(Placed::Rejected(why)) => {
+                            last = why;
                             continue;
                         }
-                    },
-                    Response::Place { lease, .. } => {
-                        let placed = self
-                            .client
-                            .place(p, lease, spec.memory_mb, spec_locality(spec), avoid.clone())
-                            .await;
-                        match placed {
-                            Ok(Placed::Worker { id, addr }) => (lease, id, addr, true),
-                            Ok(Placed::NoWorker(why)) => {
-                                self.release(p, lease, false, false).await;
-                                return Err(InvokeError::NotReady(format!(
-                                    "no worker can start this function now: {why}"
-                                )));
-                            }
-                            Ok(Placed::Rejected(why)) => {
-                                last = why;
-                                continue;
-                            }
-                            Err(e) => {
-                                self.release(p, lease, false, false).await;
-                                return Err(assignment_down(e));
-                            }
+                        Err(e) => {
+                            self.release(p, lease, false, false).await;
+                            return Err(assignment_down(e));
                         }
                     }
-                    other => {
-                        return Err(InvokeError::Service(format!(
-                            "unexpected answer to a lease request: {other:?}"
-                        )));
-                    }
-                };
+                }
+                other => {
+                    return Err(InvokeError::Service(format!(
+                        "unexpected answer to a lease request: {other:?}"
+                    )));
+                }
+            };
             match self.run_on(&worker, &addr, &req).await {
                 Attempt::Unreachable(why) => {
                     tracing::warn!(%worker, %addr, "worker unreachable, trying another: {why}");
@@ -594,7 +615,10 @@ impl Invoker for RemoteInvoker {
             .await
             .map_err(|e| format!("worker {}: {e}", w.id))?;
         let answer: WorkerAnswer = conn
-            .call(&WorkerCall::Prepare(Box::new(spec)), Duration::from_secs(600))
+            .call(
+                &WorkerCall::Prepare(Box::new(spec)),
+                Duration::from_secs(600),
+            )
             .await
             .map_err(|e| format!("worker {}: {e}", w.id))?;
         match answer {
