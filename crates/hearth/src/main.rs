@@ -33,6 +33,10 @@ enum Command {
     Store(cmd::store::StoreCmd),
     /// Run one node of the replicated assignment service.
     Assignment(cmd::assign::AssignmentArgs),
+    /// Run a worker (sandboxes) of a cluster: it registers with the assignment service.
+    Worker(Box<cmd::cluster::WorkerNodeArgs>),
+    /// Run a front end (the Lambda API) of a cluster: invocations run on its workers.
+    Frontend(Box<cmd::cluster::FrontendArgs>),
     /// Show the assignment cluster: nodes, partitions and their leaders, sandboxes by state.
     Status(cmd::assign::StatusArgs),
     /// Benchmarks (results go to docs/perf.md).
@@ -61,6 +65,8 @@ fn main() -> std::process::ExitCode {
         Command::Events(c) => cmd::client::run_events(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Assignment(a) => cmd::assign::run_assignment(a),
+        Command::Worker(a) => cmd::cluster::run_worker(*a),
+        Command::Frontend(a) => cmd::cluster::run_frontend(*a),
         Command::Status(a) => cmd::assign::run_status(a),
         Command::Store(c) => cmd::store::run(c),
     };

@@ -21,7 +21,8 @@ pub struct SecretArgs {
 }
 
 impl SecretArgs {
-    pub fn load(&self) -> anyhow::Result<Secret> {
+    /// The secret's bytes (trimmed; at least 16).
+    pub fn material(&self) -> anyhow::Result<Vec<u8>> {
         let material = match &self.secret_file {
             Some(f) => std::fs::read(f)
                 .with_context(|| format!("reading the cluster secret {}", f.display()))?,
@@ -40,7 +41,11 @@ impl SecretArgs {
                 material.len()
             );
         }
-        Ok(Secret::new(material))
+        Ok(material.to_vec())
+    }
+
+    pub fn load(&self) -> anyhow::Result<Secret> {
+        Ok(Secret::new(&self.material()?))
     }
 }
 

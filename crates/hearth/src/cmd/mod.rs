@@ -3,6 +3,7 @@ pub mod assign;
 pub mod bench;
 pub mod bench_assign;
 pub mod client;
+pub mod cluster;
 pub mod image;
 pub mod store;
 pub mod up;

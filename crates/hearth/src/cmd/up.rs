@@ -10,17 +10,26 @@ use hearth_worker::engine::default_runsc;
 use hearth_worker::{EngineConfig, RunscEngine, Worker, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
-#[derive(clap::Args)]
-pub struct UpArgs {
+/// What every hearth server process takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
     /// Data directory: metadata, code, logs, images, sandbox state.
     #[arg(long, env = "HEARTH_DATA_DIR", default_value_os_t = super::default_data_dir())]
     pub data_dir: PathBuf,
-    /// Address the Lambda API listens on (port 0 picks a free port).
-    #[arg(long, env = "HEARTH_LISTEN", default_value = "127.0.0.1:9000")]
-    pub listen: SocketAddr,
     /// Region reported in ARNs and to functions.
     #[arg(long, env = "HEARTH_REGION", default_value = "us-east-1")]
     pub region: String,
+    /// Seconds an idle sandbox is kept warm for reuse.
+    #[arg(long, env = "HEARTH_KEEP_ALIVE", default_value_t = 300)]
+    pub keep_alive: u64,
+}
+
+/// The Lambda API (front end) settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Address the Lambda API listens on (port 0 picks a free port).
+    #[arg(long, env = "HEARTH_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
     /// Access key id clients sign with (generated and kept in <data-dir>/credentials.json if unset).
     #[arg(long, env = "HEARTH_ACCESS_KEY_ID", requires = "secret_access_key")]
     pub access_key_id: Option<String>,
@@ -30,9 +39,25 @@ pub struct UpArgs {
     /// Account concurrency limit.
     #[arg(long, env = "HEARTH_ACCOUNT_CONCURRENCY", default_value_t = 1000)]
     pub account_concurrency: u32,
-    /// Seconds an idle sandbox is kept warm for reuse.
-    #[arg(long, env = "HEARTH_KEEP_ALIVE", default_value_t = 300)]
-    pub keep_alive: u64,
+    /// Also snapshot `$LATEST` of functions with SnapStart (Lambda snapshots only published
+    /// versions).
+    #[arg(long, env = "HEARTH_SNAPSTART_LATEST")]
+    pub snap_start_latest: bool,
+    /// Seconds the download URL in GetFunction's Code.Location works.
+    #[arg(long, env = "HEARTH_CODE_URL_TTL", default_value_t = hearth_api::download::DEFAULT_TTL.as_secs())]
+    pub code_url_ttl: u64,
+    /// Asynchronous (`Event`) invocations running at once, over all functions.
+    #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub async_concurrency: u32,
+    /// Seconds before the first retry of an asynchronous invocation that failed (the second
+    /// waits twice as long); Lambda waits about a minute.
+    #[arg(long, env = "HEARTH_ASYNC_RETRY_DELAY", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub async_retry_delay: u64,
+}
+
+/// The worker (sandboxes) settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
     /// Memory (MiB) all sandboxes together may use (default: 80 % of the machine).
     #[arg(long, env = "HEARTH_MEMORY_BUDGET_MB")]
     pub memory_budget_mb: Option<u64>,
@@ -49,27 +74,12 @@ pub struct UpArgs {
     /// The runsc binary.
     #[arg(long, env = "HEARTH_RUNSC")]
     pub runsc: Option<PathBuf>,
-    /// Also snapshot `$LATEST` of functions with SnapStart (Lambda snapshots only published
-    /// versions).
-    #[arg(long, env = "HEARTH_SNAPSTART_LATEST")]
-    pub snap_start_latest: bool,
     /// Do not store runtime images in the chunk store (test servers that share one image cache).
     #[arg(long, env = "HEARTH_NO_IMAGE_ARTIFACTS")]
     pub no_image_artifacts: bool,
-    /// Seconds between runs of the chunk store's garbage collector.
-    #[arg(long, env = "HEARTH_GC_INTERVAL", default_value_t = 600)]
-    pub gc_interval: u64,
-    /// Seconds an unreferenced chunk is kept before the collector may delete it (reused
-    /// chunks are refreshed by puts past half of it). Run `hearth store gc` next to this server
-    /// with at least the same grace.
-    #[arg(long, env = "HEARTH_GC_GRACE", default_value_t = hearth_store::DEFAULT_GC_GRACE.as_secs())]
-    pub gc_grace: u64,
     /// Size bound (MiB) of the worker's disk cache of chunks.
     #[arg(long, env = "HEARTH_CHUNK_CACHE_MB", default_value_t = 4096)]
     pub chunk_cache_mb: u64,
-    /// Seconds the download URL in GetFunction's Code.Location works.
-    #[arg(long, env = "HEARTH_CODE_URL_TTL", default_value_t = hearth_api::download::DEFAULT_TTL.as_secs())]
-    pub code_url_ttl: u64,
     /// Do not pin each sandbox to one core.
     #[arg(long, env = "HEARTH_NO_PIN")]
     pub no_pin: bool,
@@ -95,13 +105,31 @@ pub struct UpArgs {
     /// cold start past it gets 429 `FunctionInvocationRateLimitExceeded`.
     #[arg(long, env = "HEARTH_SCALING_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub scaling_rate: u32,
-    /// Asynchronous (`Event`) invocations running at once, over all functions.
-    #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub async_concurrency: u32,
-    /// Seconds before the first retry of an asynchronous invocation that failed (the second
-    /// waits twice as long); Lambda waits about a minute.
-    #[arg(long, env = "HEARTH_ASYNC_RETRY_DELAY", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub async_retry_delay: u64,
+}
+
+/// The chunk store's collector settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Seconds between runs of the chunk store's garbage collector.
+    #[arg(long, env = "HEARTH_GC_INTERVAL", default_value_t = 600)]
+    pub gc_interval: u64,
+    /// Seconds an unreferenced chunk is kept before the collector may delete it (reused
+    /// chunks are refreshed by puts past half of it). Run `hearth store gc` next to this server
+    /// with at least the same grace.
+    #[arg(long, env = "HEARTH_GC_GRACE", default_value_t = hearth_store::DEFAULT_GC_GRACE.as_secs())]
+    pub gc_grace: u64,
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Credentials kept in the data directory so restarts keep working clients.
@@ -117,7 +145,7 @@ fn random_string(len: usize, alphabet: &[u8]) -> String {
         .collect()
 }
 
-fn load_or_create_credentials(data_dir: &Path, args: &UpArgs) -> anyhow::Result<Credentials> {
+fn load_or_create_credentials(data_dir: &Path, args: &ApiArgs) -> anyhow::Result<Credentials> {
     if let (Some(a), Some(s)) = (&args.access_key_id, &args.secret_access_key) {
         return Ok(Credentials {
             access_key_id: a.clone(),
@@ -143,7 +171,7 @@ fn load_or_create_credentials(data_dir: &Path, args: &UpArgs) -> anyhow::Result<
     Ok(creds)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -167,13 +195,59 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(up(args))
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = args.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let data_dir = data_dir.canonicalize()?;
-    let creds = load_or_create_credentials(&data_dir, &args)?;
+/// Creates the data directory and answers its absolute path.
+pub fn data_dir(common: &CommonArgs) -> anyhow::Result<PathBuf> {
+    let dir = &common.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.canonicalize()?)
+}
 
+/// The chunk store over the origin directory `origin`, with this process's verified chunk cache
+/// under `data_dir`, and the collector running every `gc_interval`.
+pub fn open_chunks(
+    data_dir: &Path,
+    origin: &Path,
+    secrets: hearth_store::Secrets,
+    cache_mb: u64,
+    store: &StoreArgs,
+) -> anyhow::Result<hearth_store::ChunkStore> {
+    let chunks = hearth_store::ChunkStore::local(
+        origin,
+        Some((
+            &data_dir.join("cache").join("chunks"),
+            cache_mb * 1024 * 1024,
+        )),
+        secrets,
+    )
+    .context("opening the chunk store")?
+    .with_gc_grace(Duration::from_secs(store.gc_grace));
+    // The collector frees chunks no manifest uses; this process's uploads in flight pin their
+    // chunks, the grace period protects other processes' uploads.
+    let gc = chunks.clone();
+    let every = Duration::from_secs(store.gc_interval.max(1));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match gc.collect_garbage().await {
+                Ok(r) => tracing::info!(
+                    deleted = r.deleted,
+                    bytes_freed = r.bytes_freed,
+                    "chunk store collected"
+                ),
+                Err(e) => tracing::warn!("chunk store collection: {e}"),
+            }
+        }
+    });
+    Ok(chunks)
+}
+
+/// Builds missing runtime images (unless told not to), probes runsc and starts the sandbox pool.
+pub async fn start_worker(
+    common: &CommonArgs,
+    args: &WorkerArgs,
+    data_dir: &Path,
+    chunks: &hearth_store::ChunkStore,
+) -> anyhow::Result<Worker> {
     let images = hearth_worker::ImageStore::new(
         args.image_cache
             .clone()
@@ -187,20 +261,6 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .await?
         .context("building runtime images (or start with --no-build-images)")?;
     }
-
-    // The chunk store: every artifact's origin, with the worker's verified chunk cache.
-    let secrets = hearth_store::Secrets::load_or_create(&data_dir.join("store.key"))
-        .context("loading the chunk store's key")?;
-    let chunks = hearth_store::ChunkStore::local(
-        &data_dir.join("store"),
-        Some((
-            &data_dir.join("cache").join("chunks"),
-            args.chunk_cache_mb * 1024 * 1024,
-        )),
-        secrets,
-    )
-    .context("opening the chunk store")?
-    .with_gc_grace(Duration::from_secs(args.gc_grace));
     // Runtime images go to the chunk store (shared scope) in the background: this worker runs
     // them from its local cache meanwhile; other workers fetch them from the store.
     if !args.no_image_artifacts {
@@ -225,25 +285,6 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    // The collector frees chunks no manifest uses; this process's uploads in flight pin their
-    // chunks, the grace period protects other processes' uploads.
-    {
-        let chunks = chunks.clone();
-        let every = Duration::from_secs(args.gc_interval.max(1));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match chunks.collect_garbage().await {
-                    Ok(r) => tracing::info!(
-                        deleted = r.deleted,
-                        bytes_freed = r.bytes_freed,
-                        "chunk store collected"
-                    ),
-                    Err(e) => tracing::warn!("chunk store collection: {e}"),
-                }
-            }
-        });
-    }
     let engine = RunscEngine::new(EngineConfig {
         runsc: args.runsc.clone().unwrap_or_else(default_runsc),
         state_root: data_dir.join("runsc"),
@@ -260,8 +301,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         Arc::new(engine),
         images,
         WorkerConfig {
-            region: args.region.clone(),
-            keep_alive: Duration::from_secs(args.keep_alive),
+            region: common.region.clone(),
+            keep_alive: Duration::from_secs(common.keep_alive),
             memory_budget_mb: args
                 .memory_budget_mb
                 .unwrap_or_else(hearth_worker::pool::default_memory_budget_mb),
@@ -292,10 +333,32 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     for runtime in ["python3.11", "provided"] {
         worker.prewarm(runtime);
     }
+    Ok(worker)
+}
 
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Serves the Lambda API over `invoker` until SIGINT or SIGTERM, printing the endpoint and
+/// credentials (also written to `<data-dir>/client.env`).
+pub async fn serve_api(
+    common: &CommonArgs,
+    args: &ApiArgs,
+    data_dir: &Path,
+    invoker: Arc<dyn hearth_core::invoker::Invoker>,
+    chunks: &hearth_store::ChunkStore,
+) -> anyhow::Result<()> {
+    let creds = load_or_create_credentials(data_dir, args)?;
     let config = hearth_api::ApiConfig {
-        data_dir: data_dir.clone(),
-        region: args.region.clone(),
+        data_dir: data_dir.to_path_buf(),
+        region: common.region.clone(),
         account_id: "000000000000".into(),
         credentials: vec![(creds.access_key_id.clone(), creds.secret_access_key.clone())],
         account_concurrency: args.account_concurrency,
@@ -310,7 +373,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             concurrency: args.async_concurrency as usize,
         },
     };
-    let state = hearth_api::AppState::new(config, Arc::new(worker.clone()))
+    let state = hearth_api::AppState::new(config, invoker)
         .await
         .context("opening metadata")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -321,33 +384,47 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let env_file = data_dir.join("client.env");
     let env_text = format!(
         "export AWS_ENDPOINT_URL={endpoint}\nexport AWS_ACCESS_KEY_ID={}\nexport AWS_SECRET_ACCESS_KEY={}\nexport AWS_DEFAULT_REGION={}\n",
-        creds.access_key_id, creds.secret_access_key, args.region
+        creds.access_key_id, creds.secret_access_key, common.region
     );
     write_private(&env_file, env_text.as_bytes())?;
     println!("hearth is up");
     println!("  endpoint:          {endpoint}");
     println!("  access key id:     {}", creds.access_key_id);
     println!("  secret access key: {}", creds.secret_access_key);
-    println!("  region:            {}", args.region);
+    println!("  region:            {}", common.region);
     println!("  data directory:    {}", data_dir.display());
     println!(
         "point boto3 and the AWS CLI at it with:  source {}",
         env_file.display()
     );
-
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
-        }
-        tracing::info!("shutting down");
-    };
     let events = state.events().clone();
-    hearth_api::serve(listener, state, shutdown).await?;
+    hearth_api::serve(listener, state, shutdown_signal()).await?;
     // Queued events stay in the queue for the next start.
     events.stop();
+    Ok(())
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = data_dir(&args.common)?;
+    // The chunk store: every artifact's origin, with the worker's verified chunk cache.
+    let secrets = hearth_store::Secrets::load_or_create(&data_dir.join("store.key"))
+        .context("loading the chunk store's key")?;
+    let chunks = open_chunks(
+        &data_dir,
+        &data_dir.join("store"),
+        secrets,
+        args.worker.chunk_cache_mb,
+        &args.store,
+    )?;
+    let worker = start_worker(&args.common, &args.worker, &data_dir, &chunks).await?;
+    serve_api(
+        &args.common,
+        &args.api,
+        &data_dir,
+        Arc::new(worker.clone()),
+        &chunks,
+    )
+    .await?;
     worker.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,273 @@
+//! `hearth worker` and `hearth frontend`: hearth as separate processes. Workers run sandboxes
+//! and heartbeat to every assignment node; front ends serve the Lambda API and run each
+//! invocation on a worker under a lease from the assignment service (`hearth assignment`).
+//! Every connection between them is authenticated with the cluster secret; all of them share
+//! one chunk store origin, whose key is derived from the same secret.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use clap::Args;
+use hearth_assign::client::Client;
+use hearth_assign::fleet::WorkerReport;
+use hearth_assign::remote::{RemoteConfig, RemoteInvoker, serve_worker};
+
+use super::assign::SecretArgs;
+use super::up::{ApiArgs, CommonArgs, StoreArgs, WorkerArgs};
+
+/// How a process joins a cluster.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// The assignment nodes, `HOST:PORT,HOST:PORT,...` (all of them).
+    #[arg(
+        long,
+        env = "HEARTH_ASSIGNMENT",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub assignment: Vec<String>,
+    /// The chunk store origin every process of the cluster shares (a directory: a shared
+    /// file system when the processes are on several machines).
+    #[arg(long, env = "HEARTH_STORE_DIR")]
+    pub store_dir: PathBuf,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+impl ClusterArgs {
+    /// The chunk store's key, derived from the cluster secret (so every process agrees on it
+    /// without another file to copy).
+    fn store_secrets(&self) -> anyhow::Result<hearth_store::Secrets> {
+        let material = self.secret.material()?;
+        Ok(hearth_store::Secrets::from_master_key(blake3::derive_key(
+            "hearth chunk store master key v1",
+            &material,
+        )))
+    }
+}
+
+#[derive(Args)]
+pub struct WorkerNodeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// This worker's name (default: the host name); each run registers as NAME/START_MS.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where front ends reach this worker.
+    #[arg(long, default_value = "127.0.0.1:7200")]
+    pub listen: String,
+    /// The address front ends use (default: the listen address; required when listening on
+    /// a wildcard address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Milliseconds between heartbeats (the assignment nodes declare a worker dead after
+    /// their --worker-dead-ms without one).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Args)]
+pub struct FrontendArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Number of partitions of the assignment service (as its nodes were started with).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub partitions: u32,
+    /// Size bound (MiB) of this front end's cache of chunks.
+    #[arg(long, default_value_t = 256)]
+    pub chunk_cache_mb: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+/// What the worker's caches hold, as placement's locality keys.
+fn cached_keys(data_dir: &Path, images: &hearth_worker::ImageStore) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("cache").join("code")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Ok(raw) = hex::decode(&name)
+                && raw.len() == 32
+            {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+                keys.insert(format!("code:{b64}"));
+            }
+        }
+    }
+    for recipe in hearth_worker::images::RECIPES {
+        if images.rootfs(recipe.name).is_ok() {
+            keys.insert(format!("image:{}", recipe.name));
+        }
+    }
+    keys
+}
+
+pub fn run_worker(args: WorkerNodeArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(worker_main(args))
+}
+
+async fn worker_main(args: WorkerNodeArgs) -> anyhow::Result<ExitCode> {
+    let secret = args.cluster.secret.load()?;
+    let data_dir = super::up::data_dir(&args.common)?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let addr = match &args.advertise {
+        Some(a) => a.clone(),
+        None if bound.ip().is_unspecified() => {
+            bail!("--listen {bound} is a wildcard address: pass --advertise HOST:PORT")
+        }
+        None => bound.to_string(),
+    };
+    let chunks = super::up::open_chunks(
+        &data_dir,
+        &args.cluster.store_dir,
+        args.cluster.store_secrets()?,
+        args.worker.chunk_cache_mb,
+        &args.store,
+    )?;
+    let worker = super::up::start_worker(&args.common, &args.worker, &data_dir, &chunks).await?;
+    let images = hearth_worker::ImageStore::new(
+        args.worker
+            .image_cache
+            .clone()
+            .unwrap_or_else(|| data_dir.join("images")),
+    );
+    tokio::spawn(serve_worker(
+        listener,
+        secret.clone(),
+        Arc::new(worker.clone()),
+    ));
+
+    let name = args.name.clone().unwrap_or_else(host_name);
+    if name.contains('/') {
+        bail!("--name must not contain '/'");
+    }
+    let client = Client::new(&args.cluster.assignment, 1, secret, Duration::from_secs(5));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let every = Duration::from_millis(args.heartbeat_ms);
+    let beat = {
+        let worker = worker.clone();
+        let addr = addr.clone();
+        async move {
+            let mut id = format!("{name}/{}", now_ms());
+            let mut registered = false;
+            loop {
+                let load = worker.load();
+                let report = WorkerReport {
+                    id: id.clone(),
+                    addr: addr.clone(),
+                    memory_mb: load.memory_budget_mb,
+                    memory_free_mb: load
+                        .memory_budget_mb
+                        .saturating_sub(load.memory_committed_mb),
+                    cores,
+                    busy: load.busy as u32,
+                    sandboxes: load.sandboxes as u32,
+                    cached: cached_keys(&data_dir, &images),
+                };
+                let (taken, dead) = client
+                    .heartbeat(&report, every.max(Duration::from_secs(1)))
+                    .await;
+                if dead {
+                    let old = std::mem::replace(&mut id, format!("{name}/{}", now_ms()));
+                    tracing::warn!(
+                        %old, new = %id,
+                        "the assignment service declared this worker dead: registering again"
+                    );
+                    continue;
+                }
+                if taken > 0 && !registered {
+                    registered = true;
+                    println!("hearth worker {id} registered; serving front ends at {addr}");
+                } else if taken == 0 {
+                    tracing::warn!("no assignment node took the heartbeat");
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = beat => {}
+        _ = super::up::shutdown_signal() => {}
+    }
+    worker.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_frontend(args: FrontendArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(frontend_main(args))
+}
+
+async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
+    let secret = args.cluster.secret.load()?;
+    let data_dir = super::up::data_dir(&args.common)?;
+    let chunks = super::up::open_chunks(
+        &data_dir,
+        &args.cluster.store_dir,
+        args.cluster.store_secrets()?,
+        args.chunk_cache_mb,
+        &args.store,
+    )?;
+    let client = Arc::new(Client::new(
+        &args.cluster.assignment,
+        args.partitions,
+        secret.clone(),
+        Duration::from_secs(10),
+    ));
+    let invoker = RemoteInvoker::new(
+        client,
+        secret,
+        RemoteConfig {
+            holder: format!("frontend {} pid {}", host_name(), std::process::id()),
+            keep_alive: Duration::from_secs(args.common.keep_alive),
+            connect_timeout: Duration::from_secs(2),
+            snapshots_keep_network: false,
+        },
+    );
+    super::up::serve_api(
+        &args.common,
+        &args.api,
+        &data_dir,
+        Arc::new(invoker),
+        &chunks,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
