@@ -125,6 +125,9 @@ pub struct NodeStatus {
     pub id: u64,
     pub addr: String,
     pub partitions: Vec<PartitionStatus>,
+    /// The live workers this node hears from.
+    #[serde(default)]
+    pub workers: Vec<WorkerReport>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -285,6 +288,7 @@ impl Node {
             id: self.id,
             addr: self.addr.clone(),
             partitions,
+            workers: self.workers(),
         }
     }
 

@@ -270,4 +270,21 @@ fn print_status(
             );
         }
     }
+    // Every node hears every worker; the first node that answered speaks for the fleet.
+    if let Some(s) = results.iter().flatten().next() {
+        println!();
+        println!(
+            "WORKER                          ADDRESS               MEMORY USED       BUSY  SANDBOXES"
+        );
+        if s.workers.is_empty() {
+            println!("(no worker has registered)");
+        }
+        for w in &s.workers {
+            let used = w.memory_mb.saturating_sub(w.memory_free_mb);
+            println!(
+                "{:<31} {:<21} {:>6} / {:<6} MiB {:<5} {}",
+                w.id, w.addr, used, w.memory_mb, w.busy, w.sandboxes
+            );
+        }
+    }
 }
