@@ -164,18 +164,18 @@ cmd_up() {
 }
 
 cmd_test() {
-  # The end-to-end tests need python3 and, for boto3, awscli and pytest, pip (nsenter is in
-  # util-linux, which every Debian has).
+  # The end-to-end tests need python3 and, for boto3, awscli, pytest and moto (the S3 server
+  # the cluster test starts), pip (nsenter is in util-linux, which every Debian has).
   PACKAGES+=(python3:python3)
-  python3 -c 'import boto3, pytest, awscli' 2>/dev/null || python3 -m pip --version >/dev/null 2>&1 \
+  python3 -c 'import boto3, pytest, awscli, moto.server' 2>/dev/null || python3 -m pip --version >/dev/null 2>&1 \
     || PACKAGES+=(pip3:python3-pip)
   need_root test "$@"
   install_packages
-  step "installing Python test tools (boto3, awscli, pytest)"
+  step "installing Python test tools (boto3, awscli, pytest, moto)"
   # Debian's python3 is "externally managed": these go to /usr/local, beside Debian's packages.
-  python3 -c 'import boto3, pytest, awscli' 2>/dev/null \
+  python3 -c 'import boto3, pytest, awscli, moto.server' 2>/dev/null \
     || PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
-      python3 -m pip install --quiet --disable-pip-version-check boto3 awscli pytest
+      python3 -m pip install --quiet --disable-pip-version-check boto3 awscli pytest 'moto[server]'
   step "checking format"
   cargo fmt --all -- --check
   step "building (debug) and the static agent + Rust test function"

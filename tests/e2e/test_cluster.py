@@ -1,5 +1,6 @@
 """hearth as separate processes on this machine (loopback): three `hearth assignment` nodes, two
-`hearth worker`s with real runsc sandboxes, one `hearth frontend`, driven by boto3. Invocations
+`hearth worker`s with real runsc sandboxes, one `hearth frontend`, and an S3-compatible server
+(moto) as the chunk store's origin, driven by boto3. Invocations
 run on the workers under leases; reserved concurrency holds across both workers; a worker
 SIGKILLed during an invocation gives its caller a clean function error and its work moves to
 the other worker; the partition leader SIGKILLed, invocations go on and the node catches up
@@ -39,15 +40,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "moto", "AWS_SECRET_ACCESS_KEY": "moto-secret",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
 class Proc:
-    def __init__(self, name, args, log):
+    def __init__(self, name, args, log, env=None):
         self.name, self.args, self.log = name, args, Path(log)
+        self.extra_env = env or {}
         self.proc = None
 
     def start(self):
         # wait_for reads only what this run writes.
         self.offset = self.log.stat().st_size if self.log.exists() else 0
-        env = dict(os.environ, HEARTH_CLUSTER_SECRET=SECRET)
+        env = dict(os.environ, HEARTH_CLUSTER_SECRET=SECRET, **self.extra_env)
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env)
@@ -86,11 +92,35 @@ class Cluster:
         self.root = Path(root)
         self.node_ports = [free_port() for _ in range(3)]
         self.assignment = ",".join(f"127.0.0.1:{p}" for p in self.node_ports)
-        self.store = self.root / "store"
+        self.s3_port = free_port()
+        self.s3 = None
         self.nodes = {}
         self.workers = {}
         self.frontend = None
         self.env = {}
+
+    def start_s3(self):
+        """moto's S3 server on loopback, with the bucket the cluster's chunk store lives in."""
+        self.s3 = Proc("s3", ["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                       self.root / "s3.log").start()
+        deadline = time.time() + 30
+        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint(), **{
+            "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"})
+        while True:
+            try:
+                s3.create_bucket(Bucket="hearth-e2e")
+                return s3
+            except Exception:
+                if time.time() > deadline or self.s3.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+
+    def s3_endpoint(self):
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def store_args(self):
+        return ["--store", "s3://hearth-e2e/chunks", "--store-endpoint", self.s3_endpoint()]
 
     def node(self, i):
         port = self.node_ports[i - 1]
@@ -107,23 +137,23 @@ class Cluster:
     def worker(self, name):
         args = [_bin(), "worker", "--name", name, "--listen", f"127.0.0.1:{free_port()}",
                 "--data-dir", str(self.root / name), "--assignment", self.assignment,
-                "--store-dir", str(self.store), "--heartbeat-ms", "300",
+                *self.store_args(), "--heartbeat-ms", "300",
                 "--no-build-images", "--no-image-artifacts", "--keep-alive", "60",
                 "--memory-budget-mb", "2048", "--prewarm-per-kind", "1", "--prewarm-total", "1"]
         if os.environ.get("HEARTH_IMAGE_CACHE"):
             args += ["--image-cache", os.environ["HEARTH_IMAGE_CACHE"]]
         if os.environ.get("HEARTH_AGENT"):
             args += ["--agent", os.environ["HEARTH_AGENT"]]
-        p = Proc(name, args, self.root / f"{name}.log").start()
+        p = Proc(name, args, self.root / f"{name}.log", env=S3_ENV).start()
         self.workers[name] = p
         return p
 
     def start_frontend(self):
         data = self.root / "frontend"
         args = [_bin(), "frontend", "--listen", "127.0.0.1:0", "--data-dir", str(data),
-                "--assignment", self.assignment, "--store-dir", str(self.store),
+                "--assignment", self.assignment, *self.store_args(),
                 "--partitions", "1", "--keep-alive", "60"]
-        self.frontend = Proc("frontend", args, self.root / "frontend.log").start()
+        self.frontend = Proc("frontend", args, self.root / "frontend.log", env=S3_ENV).start()
         self.frontend.wait_for("hearth is up")
         for line in (data / "client.env").read_text().splitlines():
             k, v = line[len("export "):].split("=", 1)
@@ -169,6 +199,7 @@ def cluster():
             d = tempfile.mkdtemp(prefix="hearth-cluster-kept-")
         c = Cluster(d)
         try:
+            c.start_s3()
             for i in (1, 2, 3):
                 c.node(i)
             for name in ("wa", "wb"):
@@ -188,6 +219,8 @@ def cluster():
                 w.stop()
             for n in c.nodes.values():
                 n.stop()
+            if c.s3:
+                c.s3.stop()
             for name in c.workers:
                 assert c.containers(name) == [], f"sandboxes left by {name}"
 
@@ -213,6 +246,12 @@ def test_invocations_run_on_the_workers_and_status_shows_the_cluster(cluster):
         assert body["echo"] == i
     workers = cluster.live_workers()
     assert set(workers) == {"wa", "wb"}
+    # The package reached the workers through the S3 server: its chunks and manifests are there.
+    s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint(), region_name="us-east-1",
+                      aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="hearth-e2e").get("Contents", [])]
+    assert keys and all(k.startswith("chunks/") for k in keys), keys
     status = cluster.status()
     assert len(status) == 3
     part = next(p for s in status for p in s["partitions"] if p["leader"] == s["id"])

@@ -148,4 +148,6 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use keys::{MAX_OWNER_LEN, Scope, Secrets};
 pub use manifest::{ChunkId, ChunkKey, ChunkRef, Manifest, ManifestInfo, validate_name};
-pub use store::{ChunkStore, DEFAULT_GC_GRACE, GET_PARALLELISM, PUT_PARALLELISM, Usage};
+pub use store::{
+    ChunkStore, DEFAULT_GC_GRACE, GET_PARALLELISM, PUT_PARALLELISM, Usage, local_origin,
+};

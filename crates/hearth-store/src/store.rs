@@ -106,6 +106,16 @@ pub(crate) fn age(
     (now - then).to_std().unwrap_or(Duration::ZERO)
 }
 
+/// An origin in a local directory (created if missing): writes are fsynced, and the empty
+/// directories deletes leave are removed.
+pub fn local_origin(origin_dir: &Path) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    std::fs::create_dir_all(origin_dir).map_err(|e| StoreError::io(origin_dir, e))?;
+    let origin = LocalFileSystem::new_with_prefix(origin_dir)?
+        .with_automatic_cleanup(true)
+        .with_fsync(true);
+    Ok(Arc::new(origin))
+}
+
 impl ChunkStore {
     /// A store whose origin is a local directory (created if missing), with an optional disk
     /// cache `(directory, max bytes)`.
@@ -114,15 +124,12 @@ impl ChunkStore {
         cache_dir: Option<(&Path, u64)>,
         secrets: Secrets,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(origin_dir).map_err(|e| StoreError::io(origin_dir, e))?;
-        let origin = LocalFileSystem::new_with_prefix(origin_dir)?
-            .with_automatic_cleanup(true)
-            .with_fsync(true);
+        let origin = local_origin(origin_dir)?;
         let cache = match cache_dir {
             Some((dir, max)) => Some(ChunkCache::open(dir, max)?),
             None => None,
         };
-        Ok(Self::with_object_store(Arc::new(origin), cache, secrets))
+        Ok(Self::with_object_store(origin, cache, secrets))
     }
 
     /// A store over any object store (in memory, local, S3-compatible).

@@ -5,7 +5,7 @@
 //! one chunk store origin, whose key is derived from the same secret.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,15 +31,49 @@ pub struct ClusterArgs {
         required = true
     )]
     pub assignment: Vec<String>,
-    /// The chunk store origin every process of the cluster shares (a directory: a shared
-    /// file system when the processes are on several machines).
-    #[arg(long, env = "HEARTH_STORE_DIR")]
-    pub store_dir: PathBuf,
+    /// The chunk store origin every process of the cluster shares: `s3://BUCKET[/PREFIX]` (an
+    /// S3-compatible server; credentials and region from the usual `AWS_*` variables of this
+    /// process) or a directory (on several machines, a shared file system).
+    #[arg(long, env = "HEARTH_STORE")]
+    pub store: String,
+    /// The S3 endpoint, for S3-compatible servers (`http://HOST:PORT`); default: AWS's.
+    #[arg(long, env = "HEARTH_STORE_ENDPOINT")]
+    pub store_endpoint: Option<String>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
 
 impl ClusterArgs {
+    /// The chunk store's origin.
+    fn origin(&self) -> anyhow::Result<Arc<dyn object_store::ObjectStore>> {
+        let Some(rest) = self.store.strip_prefix("s3://") else {
+            if self.store_endpoint.is_some() {
+                bail!("--store-endpoint is for an s3:// store");
+            }
+            return hearth_store::local_origin(Path::new(&self.store))
+                .with_context(|| format!("opening the chunk store {}", self.store));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("--store {}: no bucket", self.store);
+        }
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(ep) = &self.store_endpoint {
+            b = b
+                .with_endpoint(ep)
+                .with_allow_http(ep.starts_with("http://"));
+        }
+        let s3 = b
+            .build()
+            .with_context(|| format!("configuring the S3 store {}", self.store))?;
+        let prefix = prefix.trim_matches('/');
+        Ok(if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+        })
+    }
+
     /// The chunk store's key, derived from the cluster secret (so every process agrees on it
     /// without another file to copy).
     fn store_secrets(&self) -> anyhow::Result<hearth_store::Secrets> {
@@ -154,7 +188,7 @@ async fn worker_main(args: WorkerNodeArgs) -> anyhow::Result<ExitCode> {
     };
     let chunks = super::up::open_chunks(
         &data_dir,
-        &args.cluster.store_dir,
+        args.cluster.origin()?,
         args.cluster.store_secrets()?,
         args.worker.chunk_cache_mb,
         &args.store,
@@ -240,7 +274,7 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
     let data_dir = super::up::data_dir(&args.common)?;
     let chunks = super::up::open_chunks(
         &data_dir,
-        &args.cluster.store_dir,
+        args.cluster.origin()?,
         args.cluster.store_secrets()?,
         args.chunk_cache_mb,
         &args.store,

@@ -202,25 +202,22 @@ pub fn data_dir(common: &CommonArgs) -> anyhow::Result<PathBuf> {
     Ok(dir.canonicalize()?)
 }
 
-/// The chunk store over the origin directory `origin`, with this process's verified chunk cache
+/// The chunk store over `origin`, with this process's verified chunk cache
 /// under `data_dir`, and the collector running every `gc_interval`.
 pub fn open_chunks(
     data_dir: &Path,
-    origin: &Path,
+    origin: Arc<dyn object_store::ObjectStore>,
     secrets: hearth_store::Secrets,
     cache_mb: u64,
     store: &StoreArgs,
 ) -> anyhow::Result<hearth_store::ChunkStore> {
-    let chunks = hearth_store::ChunkStore::local(
-        origin,
-        Some((
-            &data_dir.join("cache").join("chunks"),
-            cache_mb * 1024 * 1024,
-        )),
-        secrets,
+    let cache = hearth_store::ChunkCache::open(
+        &data_dir.join("cache").join("chunks"),
+        cache_mb * 1024 * 1024,
     )
-    .context("opening the chunk store")?
-    .with_gc_grace(Duration::from_secs(store.gc_grace));
+    .context("opening the chunk cache")?;
+    let chunks = hearth_store::ChunkStore::with_object_store(origin, Some(cache), secrets)
+        .with_gc_grace(Duration::from_secs(store.gc_grace));
     // The collector frees chunks no manifest uses; this process's uploads in flight pin their
     // chunks, the grace period protects other processes' uploads.
     let gc = chunks.clone();
@@ -411,7 +408,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .context("loading the chunk store's key")?;
     let chunks = open_chunks(
         &data_dir,
-        &data_dir.join("store"),
+        hearth_store::local_origin(&data_dir.join("store")).context("opening the chunk store")?,
         secrets,
         args.worker.chunk_cache_mb,
         &args.store,
