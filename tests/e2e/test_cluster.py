@@ -1,10 +1,13 @@
-"""hearth as separate processes on this machine (loopback): three `hearth assignment` nodes, two
+"""hearth as separate processes on this machine: three `hearth assignment` nodes, each in a network
+namespace of its own on a bridge (so a test can cut a node's link), two
 `hearth worker`s with real runsc sandboxes, one `hearth frontend`, and an S3-compatible server
 (moto) as the chunk store's origin, driven by boto3. Invocations
 run on the workers under leases; reserved concurrency holds across both workers; a worker
 SIGKILLed during an invocation gives its caller a clean function error and its work moves to
 the other worker; the partition leader SIGKILLed, invocations go on and the node catches up
-after a restart. Every process is stopped and every sandbox removed at the end."""
+after a restart; the leader's link cut, the majority elects a leader and serves while a front end
+that reaches only the isolated node gets no lease. Every process is stopped, every sandbox,
+namespace and link removed at the end."""
 import json
 import os
 import signal
@@ -87,16 +90,69 @@ class Proc:
                 self.proc.wait()
 
 
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+class Net:
+    """A bridge in this namespace and one namespace per assignment node, linked to the bridge by
+    a veth pair: node i is 10.231.0.i, this namespace 10.231.0.254."""
+
+    def __init__(self):
+        self.tag = os.getpid() % 100000
+        self.bridge = f"hcb{self.tag}"
+        self.spaces = []
+
+    def setup(self):
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", "10.231.0.254/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+
+    def ns(self, i):
+        return f"hcl{self.tag}n{i}"
+
+    def host_side(self, i):
+        return f"hcl{self.tag}h{i}"
+
+    def add(self, i):
+        ns = self.ns(i)
+        ip("netns", "add", ns)
+        self.spaces.append(ns)
+        ip("link", "add", self.host_side(i), "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("link", "set", self.host_side(i), "master", self.bridge, "up")
+        ip("-n", ns, "addr", "add", f"10.231.0.{i}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+
+    def cut(self, i):
+        ip("link", "set", self.host_side(i), "down")
+
+    def heal(self, i):
+        ip("link", "set", self.host_side(i), "up")
+
+    def teardown(self):
+        for ns in self.spaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def leftovers(self):
+        spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        return [l for l in (spaces + links).splitlines() if f"hcl{self.tag}" in l or self.bridge in l]
+
+
 class Cluster:
     def __init__(self, root):
         self.root = Path(root)
-        self.node_ports = [free_port() for _ in range(3)]
-        self.assignment = ",".join(f"127.0.0.1:{p}" for p in self.node_ports)
+        self.net = Net()
+        self.node_addrs = [f"10.231.0.{i}:7100" for i in (1, 2, 3)]
+        self.assignment = ",".join(self.node_addrs)
         self.s3_port = free_port()
         self.s3 = None
         self.nodes = {}
         self.workers = {}
         self.frontend = None
+        self.extra = []
         self.env = {}
 
     def start_s3(self):
@@ -123,12 +179,12 @@ class Cluster:
         return ["--store", "s3://hearth-e2e/chunks", "--store-endpoint", self.s3_endpoint()]
 
     def node(self, i):
-        port = self.node_ports[i - 1]
-        args = [_bin(), "assignment", "--id", str(i), "--listen", f"127.0.0.1:{port}",
+        args = ["ip", "netns", "exec", self.net.ns(i),
+                _bin(), "assignment", "--id", str(i), "--listen", self.node_addrs[i - 1],
                 "--data-dir", str(self.root / f"node{i}"), "--partitions", "1",
                 "--heartbeat-ms", "50", "--worker-dead-ms", "2000"]
         if i == 1 and not (self.root / "node1").exists():
-            members = ",".join(f"{j}=127.0.0.1:{p}" for j, p in enumerate(self.node_ports, 1))
+            members = ",".join(f"{j}={a}" for j, a in enumerate(self.node_addrs, 1))
             args += ["--initialize", members]
         p = Proc(f"node{i}", args, self.root / f"node{i}.log").start()
         self.nodes[i] = p
@@ -152,7 +208,10 @@ class Cluster:
         data = self.root / "frontend"
         args = [_bin(), "frontend", "--listen", "127.0.0.1:0", "--data-dir", str(data),
                 "--assignment", self.assignment, *self.store_args(),
-                "--partitions", "1", "--keep-alive", "60"]
+                "--partitions", "1", "--keep-alive", "60",
+                # Every invocation takes and returns its lease (the failover tests need the
+                # assignment service on every call; holding is tested in tests/remote.rs).
+                "--lease-hold-ms", "0"]
         self.frontend = Proc("frontend", args, self.root / "frontend.log", env=S3_ENV).start()
         self.frontend.wait_for("hearth is up")
         for line in (data / "client.env").read_text().splitlines():
@@ -168,8 +227,8 @@ class Cluster:
             config=botocore.config.Config(retries={"total_max_attempts": 1},
                                           read_timeout=read_timeout, max_pool_connections=16))
 
-    def status(self):
-        cp = subprocess.run([_bin(), "status", "--assignment", self.assignment, "--partitions", "1",
+    def status(self, assignment=None):
+        cp = subprocess.run([_bin(), "status", "--assignment", assignment or self.assignment, "--partitions", "1",
                              "--json"], capture_output=True, text=True, timeout=30,
                             env=dict(os.environ, HEARTH_CLUSTER_SECRET=SECRET))
         return [s for s in json.loads(cp.stdout) if "error" not in s]
@@ -179,8 +238,8 @@ class Cluster:
             return {w["id"].split("/")[0]: w for w in s["workers"]}
         return {}
 
-    def leader(self):
-        for s in self.status():
+    def leader(self, assignment=None):
+        for s in self.status(assignment):
             for p in s["partitions"]:
                 if p["leader"] == s["id"]:
                     return s["id"]
@@ -199,6 +258,9 @@ def cluster():
             d = tempfile.mkdtemp(prefix="hearth-cluster-kept-")
         c = Cluster(d)
         try:
+            c.net.setup()
+            for i in (1, 2, 3):
+                c.net.add(i)
             c.start_s3()
             for i in (1, 2, 3):
                 c.node(i)
@@ -221,6 +283,10 @@ def cluster():
                 n.stop()
             if c.s3:
                 c.s3.stop()
+            for p in c.extra:
+                p.stop()
+            c.net.teardown()
+            assert c.net.leftovers() == []
             for name in c.workers:
                 assert c.containers(name) == [], f"sandboxes left by {name}"
 
@@ -364,3 +430,148 @@ def test_killing_the_partition_leader_loses_no_invocation(cluster):
             break
         assert time.time() < deadline, f"node {leader} did not catch up: {by_id}"
         time.sleep(0.2)
+
+
+def test_the_leader_cut_off_grants_nothing_and_the_majority_serves(cluster):
+    lam = cluster.client(read_timeout=60)
+    create(lam, "cut")
+    invoke(lam, "cut", {})
+    old = cluster.leader()
+    assert old
+    # A second front end inside the leader's namespace: it can reach only that node.
+    lone_dir = cluster.root / "lone"
+    args = ["ip", "netns", "exec", cluster.net.ns(old), _bin(), "frontend",
+            "--listen", f"10.231.0.{old}:9000", "--data-dir", str(lone_dir),
+            "--assignment", cluster.node_addrs[old - 1], "--store", str(cluster.root / "lone-store"),
+            "--partitions", "1"]
+    lone = Proc("lone", args, cluster.root / "lone.log").start()
+    cluster.extra.append(lone)
+    lone.wait_for("hearth is up")
+    env = {}
+    for line in (lone_dir / "client.env").read_text().splitlines():
+        k, v = line[len("export "):].split("=", 1)
+        env[k] = v
+    lone_lam = boto3.client(
+        "lambda", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=botocore.config.Config(retries={"total_max_attempts": 1}, read_timeout=60))
+    create(lone_lam, "cut")
+
+    cluster.net.cut(old)
+    try:
+        # The majority elects a new leader and serves the function.
+        majority = ",".join(a for i, a in enumerate(cluster.node_addrs, 1) if i != old)
+        deadline = time.time() + 15
+        while True:
+            new = cluster.leader(majority)
+            if new and new != old:
+                break
+            assert time.time() < deadline, "the majority elected no leader"
+            time.sleep(0.2)
+        for i in range(5):
+            r, body = invoke(lam, "cut", {"echo": i})
+            assert "FunctionError" not in r and body["echo"] == i, body
+        # The isolated node cannot commit: the front end that reaches only it gets no lease
+        # (a retryable 5xx after its client's timeout, never an invocation).
+        t = time.time()
+        with pytest.raises(botocore.exceptions.ClientError) as err:
+            lone_lam.invoke(FunctionName="cut", Payload=b"{}")
+        assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] >= 500, err.value.response
+        assert time.time() - t >= 5
+    finally:
+        cluster.net.heal(old)
+    # Healed, the old leader rejoins as a follower and catches up.
+    deadline = time.time() + 20
+    while True:
+        by_id = {s["id"]: s["partitions"][0] for s in cluster.status()}
+        if old in by_id and by_id[old]["leader"] == new and by_id[old]["last_applied"] is not None \
+                and by_id[new]["last_applied"] - by_id[old]["last_applied"] <= 8:
+            break
+        assert time.time() < deadline, f"node {old} did not rejoin: {by_id}"
+        time.sleep(0.2)
+
+
+def test_the_capacity_manager_keeps_the_fleet_at_its_minimum(tmp_path):
+    """One assignment node (on loopback) that starts its own workers: `--workers-min 1`
+    starts one; SIGKILLed, it is declared dead and replaced; a front end invokes through it."""
+    port = free_port()
+    store = tmp_path / "store"
+    worker_args = ["--assignment", f"127.0.0.1:{port}", "--store", str(store),
+                   "--heartbeat-ms", "300", "--no-build-images", "--no-image-artifacts",
+                   "--keep-alive", "30", "--memory-budget-mb", "1024", "--prewarm-per-kind", "0"]
+    if os.environ.get("HEARTH_IMAGE_CACHE"):
+        worker_args += ["--image-cache", os.environ["HEARTH_IMAGE_CACHE"]]
+    if os.environ.get("HEARTH_AGENT"):
+        worker_args += ["--agent", os.environ["HEARTH_AGENT"]]
+    node = Proc("node", [_bin(), "assignment", "--id", "1", "--listen", f"127.0.0.1:{port}",
+                         "--data-dir", str(tmp_path / "node"), "--partitions", "1",
+                         "--initialize", f"1=127.0.0.1:{port}", "--heartbeat-ms", "50",
+                         "--worker-dead-ms", "1500", "--workers-min", "1", "--workers-max", "1",
+                         "--worker-args", " ".join(worker_args)],
+                tmp_path / "node.log").start()
+    fe_dir = tmp_path / "fe"
+    fe = Proc("frontend", [_bin(), "frontend", "--listen", "127.0.0.1:0", "--data-dir", str(fe_dir),
+                           "--assignment", f"127.0.0.1:{port}", "--store", str(store),
+                           "--partitions", "1"], tmp_path / "fe.log")
+    assignment = f"127.0.0.1:{port}"
+
+    def workers():
+        cp = subprocess.run([_bin(), "status", "--assignment", assignment, "--partitions", "1", "--json"],
+                            capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, HEARTH_CLUSTER_SECRET=SECRET))
+        try:
+            return [w["id"] for s in json.loads(cp.stdout) if "error" not in s for w in s["workers"]]
+        except ValueError:
+            return []
+
+    def wait_workers(pred, what, timeout=60):
+        deadline = time.time() + timeout
+        while True:
+            ids = workers()
+            if pred(ids):
+                return ids
+            assert time.time() < deadline, f"{what}: {ids}; {node.tail()}"
+            time.sleep(0.3)
+
+    try:
+        first = wait_workers(lambda ids: len(ids) == 1, "the first worker")[0]
+        assert first.startswith("n1-1/")
+        fe.start()
+        fe.wait_for("hearth is up")
+        env = dict(l[len("export "):].split("=", 1) for l in (fe_dir / "client.env").read_text().splitlines())
+        lam = boto3.client("lambda", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                           aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                           aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                           config=botocore.config.Config(retries={"total_max_attempts": 1}, read_timeout=60))
+        create(lam, "managed")
+        r, body = invoke(lam, "managed", {"echo": 1})
+        assert "FunctionError" not in r and body["echo"] == 1, body
+        # Kill the managed worker: the manager notices it exited or was declared dead, and
+        # starts another (at most --workers-max at any time).
+        pid = int(subprocess.run(["pgrep", "-f", "--", "--name n1-1 "], capture_output=True,
+                                 text=True).stdout.split()[0])
+        os.kill(pid, signal.SIGKILL)
+        second = wait_workers(lambda ids: len(ids) == 1 and ids[0].startswith("n1-2/"), "a replacement")
+        assert second
+        r, body = invoke(lam, "managed", {"echo": 2})
+        assert "FunctionError" not in r and body["echo"] == 2, body
+    finally:
+        fe.stop()
+        node.stop()  # stops the workers it started (SIGTERM: each removes its sandboxes)
+        deadline = time.time() + 60
+        while subprocess.run(["pgrep", "-f", f"--data-dir {tmp_path}/node/workers/"],
+                             capture_output=True).returncode == 0:
+            assert time.time() < deadline, "managed workers left running"
+            time.sleep(0.2)
+        # The SIGKILLed worker's sandboxes: a worker run on its data directory removes them.
+        killed = tmp_path / "node" / "workers" / "n1-1"
+        cleanup = Proc("cleanup", [_bin(), "worker", "--name", "cleanup", "--data-dir", str(killed),
+                                   "--listen", f"127.0.0.1:{free_port()}", *worker_args[:2],
+                                   *worker_args[2:]], tmp_path / "cleanup.log").start()
+        cleanup.wait_for("sandboxes ready", timeout=60)  # the clean-up at start has run
+        cleanup.stop()
+        for d in (tmp_path / "node" / "workers").iterdir():
+            if d.is_dir():
+                cp = subprocess.run(["runsc", "--root", str(d / "runsc"), "list", "-quiet"],
+                                    capture_output=True, text=True)
+                assert cp.stdout.split() == [], f"sandboxes left in {d}"

@@ -7,6 +7,7 @@
 //! member of every partition behind one authenticated TCP listener ([`net`]); [`client`] finds
 //! each partition's leader and follows its hints.
 
+pub mod capacity;
 pub mod client;
 pub mod fleet;
 pub mod net;

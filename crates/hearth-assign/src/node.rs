@@ -31,7 +31,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::TypeConfig;
-use crate::fleet::{Fleet, WorkerReport};
+use crate::capacity::{self, Action, Provisioner};
+use crate::fleet::{Fleet, ScalePolicy, WorkerReport};
 use crate::net::{Conn, NetError, PlaceReply, Reply, Request, Secret, WriteReply};
 use crate::partition::{Command, LeaseId, Response, SandboxState, Stats};
 use crate::placement::{self, Demand};
@@ -105,6 +106,9 @@ pub struct Node {
     stopped: AtomicBool,
     /// The workers this node hears from (soft state: every node gets every heartbeat).
     fleet: std::sync::Mutex<Fleet>,
+    /// The capacity manager, when this node may start and stop workers (it acts while it
+    /// leads partition 0).
+    capacity: std::sync::Mutex<Option<(ScalePolicy, Box<dyn Provisioner>)>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -185,6 +189,7 @@ impl Node {
             secret: cfg.secret.clone(),
             stopped: AtomicBool::new(false),
             fleet: std::sync::Mutex::new(Fleet::new(cfg.timing.worker_dead_ms, now_ms())),
+            capacity: std::sync::Mutex::new(None),
             tasks: std::sync::Mutex::new(Vec::new()),
         });
         let serve = tokio::spawn(serve(listener, Arc::downgrade(&node)));
@@ -318,6 +323,36 @@ impl Node {
                 ok
             }
             Err(_) => false,
+        }
+    }
+
+    /// Let this node keep the fleet between `policy`'s bounds through `provisioner` (while it
+    /// leads partition 0).
+    pub fn manage_capacity(&self, policy: ScalePolicy, provisioner: Box<dyn Provisioner>) {
+        if let Ok(mut c) = self.capacity.lock() {
+            *c = Some((policy, provisioner));
+        }
+    }
+
+    /// One capacity-manager step, when this node leads partition 0 and manages capacity.
+    fn manage_fleet(&self) {
+        if !self.is_leader(0) {
+            return;
+        }
+        let live = self.workers();
+        let Ok(mut guard) = self.capacity.lock() else {
+            return;
+        };
+        let Some((policy, provisioner)) = guard.as_mut() else {
+            return;
+        };
+        match capacity::step(policy, &live, provisioner.as_mut()) {
+            Action::Held => {}
+            Action::Started(n) => tracing::info!(workers = live.len(), started = n, "fleet grown"),
+            Action::Stopped(w) => {
+                tracing::info!(workers = live.len(), stopped = %w, "fleet shrunk")
+            }
+            Action::Failed(e) => tracing::warn!("capacity manager: {e}"),
         }
     }
 
@@ -568,6 +603,7 @@ async fn serve(listener: TcpListener, node: std::sync::Weak<Node>) {
 }
 
 async fn tick(node: std::sync::Weak<Node>, every_ms: u64) {
+    let mut ticks: u64 = 0;
     let mut interval = tokio::time::interval(Duration::from_millis(every_ms.max(10)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -579,6 +615,11 @@ async fn tick(node: std::sync::Weak<Node>, every_ms: u64) {
             }
         }
         n.reap_workers().await;
+        // The fleet changes slowly: the capacity manager looks every few ticks.
+        ticks += 1;
+        if ticks.is_multiple_of(4) {
+            n.manage_fleet();
+        }
     }
 }
 

@@ -243,6 +243,11 @@ pub struct RemoteConfig {
     /// Whether sandboxes restored from snapshots keep network access (as the workers' engine
     /// reports; the front end states it in SnapStart versions' configuration).
     pub snapshots_keep_network: bool,
+    /// How long the front end keeps a lease after an invocation for the next invocation of the
+    /// same function version, which then journals nothing (zero: every invocation acquires and
+    /// releases). A held lease counts against the function's concurrency; functions with
+    /// reserved concurrency never hold.
+    pub lease_hold: Duration,
 }
 
 impl Default for RemoteConfig {
@@ -252,9 +257,23 @@ impl Default for RemoteConfig {
             keep_alive: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(2),
             snapshots_keep_network: false,
+            lease_hold: Duration::ZERO,
         }
     }
 }
+
+/// A lease the front end holds between invocations (see [`RemoteConfig::lease_hold`]).
+struct Held {
+    p: u32,
+    lease: LeaseId,
+    worker: String,
+    addr: String,
+    /// When the lease expires, by this process's clock (conservative: from before the acquire).
+    expires: Instant,
+    idle_since: Instant,
+}
+
+type HeldMap = HashMap<(String, String), Vec<Held>>;
 
 /// A front end's invoker over the assignment service and remote workers.
 pub struct RemoteInvoker {
@@ -266,6 +285,9 @@ pub struct RemoteInvoker {
     /// Idle connections per worker id (a restarted worker has a new id, so none of these
     /// belongs to an earlier run of a process).
     conns: Mutex<HashMap<String, Vec<Conn>>>,
+    /// Leases held between invocations, per (function, revision), most recent last.
+    held: Arc<Mutex<HeldMap>>,
+    reaper: std::sync::atomic::AtomicBool,
 }
 
 /// How an attempt on a worker ended.
@@ -305,6 +327,33 @@ pub fn worker_lost(worker: &str, why: &str) -> InvokeResult {
     }
 }
 
+/// Journals `Started` (when the sandbox was new) and `Release`.
+async fn release_lease(
+    client: &Client,
+    p: u32,
+    lease: LeaseId,
+    started: bool,
+    healthy: bool,
+    keep_alive_ms: u64,
+) {
+    let now_ms = 0;
+    if started && let Err(e) = client.call(p, Command::Started { lease, now_ms }).await {
+        tracing::warn!(lease = lease.0, "recording a started sandbox: {e}");
+    }
+    let cmd = Command::Release {
+        lease,
+        healthy,
+        keep_alive_ms,
+        now_ms,
+    };
+    match client.call(p, cmd).await {
+        Ok(Response::Ok) => {}
+        // The lease ended meanwhile (its worker was declared dead, or it expired).
+        Ok(other) => tracing::info!(lease = lease.0, "release: {other:?}"),
+        Err(e) => tracing::warn!(lease = lease.0, "release (the lease will expire): {e}"),
+    }
+}
+
 /// The locality keys of a spec (see [`crate::placement::locality_keys`]).
 pub fn spec_locality(spec: &FunctionSpec) -> Vec<String> {
     let image = hearth_core::runtimes::lookup(&spec.runtime)
@@ -321,7 +370,81 @@ impl RemoteInvoker {
             cfg,
             workers: Mutex::new((BTreeMap::new(), None)),
             conns: Mutex::new(HashMap::new()),
+            held: Arc::new(Mutex::new(HashMap::new())),
+            reaper: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// A held lease of this revision that has at least half its time to live left.
+    fn take_held(&self, key: &(String, String), ttl: Duration) -> Option<Held> {
+        let mut map = self.held.lock().ok()?;
+        let list = map.get_mut(key)?;
+        let now = Instant::now();
+        // Leases too close to expiry are released; the most recent usable one is taken.
+        let mut stale = Vec::new();
+        let mut found = None;
+        while let Some(h) = list.pop() {
+            if h.expires.saturating_duration_since(now) > ttl / 2 {
+                found = Some(h);
+                break;
+            }
+            stale.push(h);
+        }
+        if list.is_empty() {
+            map.remove(key);
+        }
+        drop(map);
+        for h in stale {
+            self.release_later(h);
+        }
+        found
+    }
+
+    /// Keeps a lease for the next invocation of the revision; starts the reaper that releases
+    /// leases held longer than the hold period.
+    fn hold(&self, key: (String, String), h: Held) {
+        if let Ok(mut map) = self.held.lock() {
+            map.entry(key).or_default().push(h);
+        }
+        if self.reaper.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let held = Arc::downgrade(&self.held);
+        let (client, hold) = (self.client.clone(), self.cfg.lease_hold);
+        let keep_alive_ms = self.cfg.keep_alive.as_millis() as u64;
+        tokio::spawn(async move {
+            let every = (hold / 2).max(Duration::from_millis(10));
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(held) = held.upgrade() else { return };
+                let due: Vec<Held> = match held.lock() {
+                    Ok(mut map) => {
+                        let mut due = Vec::new();
+                        for list in map.values_mut() {
+                            let (old, keep): (Vec<Held>, Vec<Held>) = std::mem::take(list)
+                                .into_iter()
+                                .partition(|h| h.idle_since.elapsed() >= hold);
+                            *list = keep;
+                            due.extend(old);
+                        }
+                        map.retain(|_, l| !l.is_empty());
+                        due
+                    }
+                    Err(_) => return,
+                };
+                for h in due {
+                    release_lease(&client, h.p, h.lease, false, true, keep_alive_ms).await;
+                }
+            }
+        });
+    }
+
+    fn release_later(&self, h: Held) {
+        let client = self.client.clone();
+        let keep_alive_ms = self.cfg.keep_alive.as_millis() as u64;
+        tokio::spawn(async move {
+            release_lease(&client, h.p, h.lease, false, true, keep_alive_ms).await;
+        });
     }
 
     /// The address of worker `id`, asking the fleet when it is not known.
@@ -430,27 +553,8 @@ impl RemoteInvoker {
     }
 
     async fn release(&self, p: u32, lease: LeaseId, started: bool, healthy: bool) {
-        let now_ms = 0;
-        if started
-            && let Err(e) = self
-                .client
-                .call(p, Command::Started { lease, now_ms })
-                .await
-        {
-            tracing::warn!(lease = lease.0, "recording a started sandbox: {e}");
-        }
-        let cmd = Command::Release {
-            lease,
-            healthy,
-            keep_alive_ms: self.cfg.keep_alive.as_millis() as u64,
-            now_ms,
-        };
-        match self.client.call(p, cmd).await {
-            Ok(Response::Ok) => {}
-            // The lease ended meanwhile (its worker was declared dead, or it expired).
-            Ok(other) => tracing::info!(lease = lease.0, "release: {other:?}"),
-            Err(e) => tracing::warn!(lease = lease.0, "release (the lease will expire): {e}"),
-        }
+        let keep_alive_ms = self.cfg.keep_alive.as_millis() as u64;
+        release_lease(&self.client, p, lease, started, healthy, keep_alive_ms).await;
     }
 
     /// Sends `call` to every live worker, in the background.
@@ -492,9 +596,37 @@ impl Invoker for RemoteInvoker {
         };
         // Init (at most 10 s), the timeout, and a margin: the lease outlives the invocation.
         let lease_ttl_ms = (u64::from(spec.timeout_s) + 10 + 30) * 1000;
+        let ttl = Duration::from_millis(lease_ttl_ms);
+        let holding = !self.cfg.lease_hold.is_zero() && req.reserved_concurrency.is_none();
+        let key = (spec.name.clone(), spec.revision_id.clone());
         let mut avoid: Vec<String> = Vec::new();
         let mut last = String::new();
+        // A lease this front end held since the last invocation: no journal write at all.
+        if holding && let Some(h) = self.take_held(&key, ttl) {
+            match self.run_on(&h.worker, &h.addr, &req).await {
+                Attempt::Finished(Ok(res)) if !res.function_error => {
+                    self.hold(
+                        key,
+                        Held {
+                            idle_since: Instant::now(),
+                            ..h
+                        },
+                    );
+                    return Ok(res);
+                }
+                Attempt::Finished(r) => {
+                    self.release(h.p, h.lease, false, false).await;
+                    return r;
+                }
+                Attempt::Unreachable(why) => {
+                    self.release(h.p, h.lease, false, false).await;
+                    last = format!("worker {} at {}: {why}", h.worker, h.addr);
+                    avoid.push(h.worker);
+                }
+            }
+        }
         for _ in 0..ATTEMPTS {
+            let asked = Instant::now();
             let acquire = Command::Acquire {
                 key: FnKey {
                     function: spec.name.clone(),
@@ -564,6 +696,26 @@ impl Invoker for RemoteInvoker {
                 }
                 Attempt::Finished(r) => {
                     let healthy = matches!(&r, Ok(res) if !res.function_error);
+                    if healthy && holding {
+                        if cold {
+                            let _ = self
+                                .client
+                                .call(p, Command::Started { lease, now_ms: 0 })
+                                .await;
+                        }
+                        self.hold(
+                            key,
+                            Held {
+                                p,
+                                lease,
+                                worker,
+                                addr,
+                                expires: asked + ttl,
+                                idle_since: Instant::now(),
+                            },
+                        );
+                        return r;
+                    }
                     self.release(p, lease, cold && r.is_ok(), healthy).await;
                     return r;
                 }

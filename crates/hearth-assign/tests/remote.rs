@@ -396,3 +396,59 @@ async fn a_worker_lost_mid_invocation_is_a_clean_function_error_and_is_not_rerun
     s.beats.abort();
     s.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lease_serves_the_next_invocation_without_journal_writes_and_is_then_returned() {
+    let s = setup().await;
+    let inv = RemoteInvoker::new(
+        s.client.clone(),
+        Secret::new(SECRET),
+        RemoteConfig {
+            holder: "fe-hold".into(),
+            lease_hold: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let applied = |st: &hearth_assign::node::NodeStatus| -> u64 {
+        st.partitions.iter().filter_map(|p| p.last_applied).sum()
+    };
+    let first = inv
+        .invoke(request("held", serde_json::json!({}), None))
+        .await
+        .expect("invoke");
+    let w = worker_of(&first);
+    let before = s.node.status().await;
+    for _ in 0..10 {
+        let r = inv
+            .invoke(request("held", serde_json::json!({}), None))
+            .await
+            .expect("invoke");
+        assert_eq!(worker_of(&r), w, "the same sandbox's worker");
+    }
+    let after = s.node.status().await;
+    // Ticks are journaled too (one per 100 ms); ten invocations without the hold would add at
+    // least twenty lease commands.
+    let ticks_allowed = 10;
+    assert!(
+        applied(&after) - applied(&before) <= ticks_allowed,
+        "{} entries for ten held invocations",
+        applied(&after) - applied(&before)
+    );
+    let leases: u32 = after.partitions.iter().map(|p| p.stats.leases).sum();
+    assert_eq!(leases, 1, "the held lease counts");
+    // Idle past the hold period, it is returned: the sandbox is idle in the service.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let later = s.node.status().await;
+    let leases: u32 = later.partitions.iter().map(|p| p.stats.leases).sum();
+    let idle: u32 = later.partitions.iter().map(|p| p.stats.idle).sum();
+    assert_eq!((leases, idle), (0, 1), "{later:?}");
+    // Functions with reserved concurrency never hold.
+    inv.invoke(request("held-reserved", serde_json::json!({}), Some(1)))
+        .await
+        .expect("invoke");
+    let st = s.node.status().await;
+    let leases: u32 = st.partitions.iter().map(|p| p.stats.leases).sum();
+    assert_eq!(leases, 0);
+    s.beats.abort();
+    s.node.shutdown().await;
+}

@@ -100,6 +100,17 @@ pub struct AssignmentArgs {
     /// invocations on it fail.
     #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
     pub worker_dead_ms: u64,
+    /// Capacity manager: start `hearth worker` processes on this machine to keep at least this
+    /// many workers (while this node leads partition 0). 0: this node starts none.
+    #[arg(long, default_value_t = 0)]
+    pub workers_min: u32,
+    /// Capacity manager: the most workers it lets the fleet grow to under load.
+    #[arg(long, default_value_t = 4)]
+    pub workers_max: u32,
+    /// Capacity manager: the arguments of each `hearth worker` it starts, besides `--name`,
+    /// `--listen` and `--data-dir` (e.g. `--assignment ... --store ...`; split at spaces).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub worker_args: String,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -119,6 +130,12 @@ pub fn run_assignment(args: AssignmentArgs) -> anyhow::Result<std::process::Exit
         && !m.contains_key(&args.id)
     {
         bail!("--initialize does not name this node (id {})", args.id);
+    }
+    if args.workers_min > args.workers_max {
+        bail!("--workers-min is above --workers-max");
+    }
+    if args.workers_min > 0 && args.worker_args.trim().is_empty() {
+        bail!("--workers-min needs --worker-args (at least --assignment and --store)");
     }
     let secret = args.secret.load()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -142,6 +159,24 @@ pub fn run_assignment(args: AssignmentArgs) -> anyhow::Result<std::process::Exit
         .await?;
         if let Some(m) = &members {
             node.initialize(m).await?;
+        }
+        if args.workers_min > 0 {
+            let mut worker_args = vec!["worker".to_string()];
+            worker_args.extend(args.worker_args.split_whitespace().map(String::from));
+            let provisioner = hearth_assign::capacity::LocalProvisioner::new(
+                std::env::current_exe().context("finding this executable")?,
+                worker_args,
+                args.data_dir.join("workers"),
+                &format!("n{}", args.id),
+            );
+            node.manage_capacity(
+                hearth_assign::fleet::ScalePolicy {
+                    min_workers: args.workers_min,
+                    max_workers: args.workers_max,
+                    ..Default::default()
+                },
+                Box::new(provisioner),
+            );
         }
         println!(
             "hearth assignment node {} listening on {} ({} partitions, journals in {})",

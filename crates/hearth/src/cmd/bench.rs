@@ -38,6 +38,9 @@ pub enum BenchCmd {
     Sandbox(SandboxArgs),
     /// Concurrent invokes through the Lambda API of a running `hearth up`.
     Api(super::client::ApiBenchArgs),
+    /// Warm invokes through `hearth up` beside the same through a cluster of processes on
+    /// loopback (three assignment nodes, a worker, a front end): what the distributed path adds.
+    Cluster(super::bench_cluster::ClusterBenchArgs),
     /// Asynchronous invocations against a running `hearth up`: accepted events/s, drain rate,
     /// and the delay from acknowledgement to execution, beside sync invokes/s.
     Async(super::client::AsyncBenchArgs),
@@ -365,6 +368,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Sandbox(a) => rt()?.block_on(sandbox(a)),
         BenchCmd::Api(a) => super::client::api_bench(a),
+        BenchCmd::Cluster(a) => super::bench_cluster::run(a),
         BenchCmd::Async(a) => super::client::async_bench(a),
         BenchCmd::Store(a) => rt()?.block_on(store_bench(a)),
         BenchCmd::Assign(a) => rt()?

@@ -710,38 +710,67 @@ pub struct ApiBenchArgs {
     conn: Conn,
 }
 
-/// `hearth bench api`: concurrent clients invoking one function; prints throughput and latency
-/// percentiles, and fails if any request failed unexpectedly.
-pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
+/// What a load run measured.
+pub struct LoadResult {
+    pub clients: usize,
+    /// Latencies of the successful invocations, sorted.
+    pub lat: Vec<std::time::Duration>,
+    pub failed: usize,
+    pub throttled: usize,
+    pub secs: f64,
+}
+
+impl LoadResult {
+    pub fn throughput(&self) -> f64 {
+        self.lat.len() as f64 / self.secs.max(1e-9)
+    }
+}
+
+impl Conn {
+    /// The server whose `client.env` is in `data_dir`.
+    pub fn for_data_dir(data_dir: &std::path::Path) -> Self {
+        Self {
+            endpoint_url: None,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+}
+
+/// `clients` concurrent clients invoking `function` (created as a trivial python3.11 echo
+/// function if missing) `requests` times in all, after one warm-up call; each response must
+/// echo its request.
+pub fn run_load(
+    conn: &Conn,
+    function: &str,
+    clients: usize,
+    requests: usize,
+    max_seconds: u64,
+) -> anyhow::Result<LoadResult> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let c = args.conn.client()?;
-    let path = format!(
-        "/2015-03-31/functions/{}",
-        encode_path_segment(&args.function)
-    );
+    let c = conn.client()?;
+    let path = format!("/2015-03-31/functions/{}", encode_path_segment(function));
     ensure_python_function(
         &c,
-        &args.function,
+        function,
         b"def handler(event, context):\n    return event\n",
     )?;
     let invoke_path = format!("{path}/invocations");
     // One warm-up call so the first sandbox exists.
     c.call("POST", &invoke_path, b"{}", &[])?.check()?;
     let next = Arc::new(AtomicUsize::new(0));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.max_seconds);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(max_seconds);
     let started = std::time::Instant::now();
     let mut threads = Vec::new();
-    for _ in 0..args.clients {
-        let c = args.conn.client()?;
+    for _ in 0..clients {
+        let c = conn.client()?;
         let next = next.clone();
         let p = invoke_path.clone();
-        let total = args.requests;
         threads.push(std::thread::spawn(move || {
             let mut lat = Vec::new();
             let (mut failed, mut throttled) = (0usize, 0usize);
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= total || std::time::Instant::now() > deadline {
+                if i >= requests || std::time::Instant::now() > deadline {
                     break;
                 }
                 let body = format!("{{\"i\":{i}}}");
@@ -772,20 +801,45 @@ pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort();
-    println!(
-        "hearth bench api: {} clients, {} ok, {failed} failed, {throttled} throttled in {secs:.1} s -> {:.1} invokes/s",
+    Ok(LoadResult {
+        clients,
+        lat,
+        failed,
+        throttled,
+        secs,
+    })
+}
+
+/// `hearth bench api`: concurrent clients invoking one function; prints throughput and latency
+/// percentiles, and fails if any request failed unexpectedly.
+pub fn api_bench(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
+    let r = run_load(
+        &args.conn,
+        &args.function,
         args.clients,
-        lat.len(),
-        lat.len() as f64 / secs
+        args.requests,
+        args.max_seconds,
+    )?;
+    println!(
+        "hearth bench api: {} clients, {} ok, {} failed, {} throttled in {:.1} s -> {:.1} invokes/s",
+        r.clients,
+        r.lat.len(),
+        r.failed,
+        r.throttled,
+        r.secs,
+        r.throughput()
     );
     println!(
         "latency p50={:.2} ms p90={:.2} ms p99={:.2} ms max={:.2} ms",
-        super::bench::pct(&lat, 0.5),
-        super::bench::pct(&lat, 0.9),
-        super::bench::pct(&lat, 0.99),
-        lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
+        super::bench::pct(&r.lat, 0.5),
+        super::bench::pct(&r.lat, 0.9),
+        super::bench::pct(&r.lat, 0.99),
+        r.lat
+            .last()
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
     );
-    Ok(if failed == 0 {
+    Ok(if r.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -127,6 +127,12 @@ pub struct FrontendArgs {
     /// Size bound (MiB) of this front end's cache of chunks.
     #[arg(long, default_value_t = 256)]
     pub chunk_cache_mb: u64,
+    /// Milliseconds the front end keeps a lease after an invocation for the next invocation of
+    /// the same version, which then needs no journal write (0: acquire and release every
+    /// time). Held leases count against concurrency; functions with reserved concurrency
+    /// never hold.
+    #[arg(long, env = "HEARTH_LEASE_HOLD_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub lease_hold_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -194,6 +200,7 @@ async fn worker_main(args: WorkerNodeArgs) -> anyhow::Result<ExitCode> {
         &args.store,
     )?;
     let worker = super::up::start_worker(&args.common, &args.worker, &data_dir, &chunks).await?;
+    println!("hearth worker: sandboxes ready; registering with the assignment service");
     let images = hearth_worker::ImageStore::new(
         args.worker
             .image_cache
@@ -293,6 +300,7 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
             keep_alive: Duration::from_secs(args.common.keep_alive),
             connect_timeout: Duration::from_secs(2),
             snapshots_keep_network: false,
+            lease_hold: Duration::from_millis(args.lease_hold_ms),
         },
     );
     super::up::serve_api(

@@ -2,6 +2,7 @@
 pub mod assign;
 pub mod bench;
 pub mod bench_assign;
+pub mod bench_cluster;
 pub mod client;
 pub mod cluster;
 pub mod image;
