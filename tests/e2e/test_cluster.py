@@ -102,6 +102,7 @@ class Net:
         self.tag = os.getpid() % 100000
         self.bridge = f"hcb{self.tag}"
         self.spaces = []
+        self.links = []
 
     def setup(self):
         ip("link", "add", self.bridge, "type", "bridge")
@@ -119,10 +120,24 @@ class Net:
         ip("netns", "add", ns)
         self.spaces.append(ns)
         ip("link", "add", self.host_side(i), "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self.links.append(self.host_side(i))
         ip("link", "set", self.host_side(i), "master", self.bridge, "up")
         ip("-n", ns, "addr", "add", f"10.231.0.{i}/24", "dev", "eth0")
         ip("-n", ns, "link", "set", "eth0", "up")
         ip("-n", ns, "link", "set", "lo", "up")
+
+    def add_client_link(self, i):
+        """A second link into node i's namespace, to this namespace only (10.232.0.4i+1/30 here,
+        +2 there, no route beyond it): a client can reach a process there while the node's
+        bridge link is cut."""
+        ns, host = self.ns(i), f"hcl{self.tag}c{i}"
+        ip("link", "add", host, "type", "veth", "peer", "name", "cli0", "netns", ns)
+        self.links.append(host)
+        ip("addr", "add", f"10.232.0.{4 * i + 1}/30", "dev", host)
+        ip("link", "set", host, "up")
+        ip("-n", ns, "addr", "add", f"10.232.0.{4 * i + 2}/30", "dev", "cli0")
+        ip("-n", ns, "link", "set", "cli0", "up")
+        return f"10.232.0.{4 * i + 2}"
 
     def cut(self, i):
         ip("link", "set", self.host_side(i), "down")
@@ -131,6 +146,8 @@ class Net:
         ip("link", "set", self.host_side(i), "up")
 
     def teardown(self):
+        for link in self.links:  # both ends of a veth go at once
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
         for ns in self.spaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
@@ -286,6 +303,9 @@ def cluster():
             for p in c.extra:
                 p.stop()
             c.net.teardown()
+            deadline = time.time() + 10
+            while c.net.leftovers() and time.time() < deadline:
+                time.sleep(0.2)
             assert c.net.leftovers() == []
             for name in c.workers:
                 assert c.containers(name) == [], f"sandboxes left by {name}"
@@ -440,8 +460,9 @@ def test_the_leader_cut_off_grants_nothing_and_the_majority_serves(cluster):
     assert old
     # A second front end inside the leader's namespace: it can reach only that node.
     lone_dir = cluster.root / "lone"
+    lone_ip = cluster.net.add_client_link(old)
     args = ["ip", "netns", "exec", cluster.net.ns(old), _bin(), "frontend",
-            "--listen", f"10.231.0.{old}:9000", "--data-dir", str(lone_dir),
+            "--listen", f"{lone_ip}:9000", "--data-dir", str(lone_dir),
             "--assignment", cluster.node_addrs[old - 1], "--store", str(cluster.root / "lone-store"),
             "--partitions", "1"]
     lone = Proc("lone", args, cluster.root / "lone.log").start()
