@@ -74,6 +74,48 @@ pub struct Limits {
     /// This partition's share of the account's unreserved concurrency: leases of all functions
     /// without a reservation, together, never exceed it.
     pub unreserved: u32,
+    /// The function's scaling rate (new sandboxes per window), if limited.
+    #[serde(default)]
+    pub burst: Option<BurstLimit>,
+}
+
+/// Lambda's scaling rate: at most `per_window` new sandboxes of one function per `window_ms`
+/// (a token bucket that starts full and refills evenly over the window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BurstLimit {
+    pub per_window: u32,
+    pub window_ms: u64,
+}
+
+/// One function's scaling-rate bucket, in thousandths of a sandbox (integer arithmetic, so
+/// every replica computes the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    milli: u64,
+    at_ms: u64,
+    limit: BurstLimit,
+}
+
+impl Bucket {
+    fn cap(limit: BurstLimit) -> u64 {
+        u64::from(limit.per_window).saturating_mul(1000)
+    }
+
+    /// Refilled to `now_ms` under `limit` (a changed limit applies from now).
+    fn refill(&mut self, limit: BurstLimit, now_ms: u64) {
+        let cap = Self::cap(limit);
+        let elapsed = now_ms.saturating_sub(self.at_ms);
+        let added = elapsed.saturating_mul(cap) / limit.window_ms.max(1);
+        self.milli = self.milli.saturating_add(added).min(cap);
+        self.at_ms = self.at_ms.max(now_ms);
+        self.limit = limit;
+    }
+
+    fn full_at(&self, now_ms: u64) -> bool {
+        let mut b = *self;
+        b.refill(self.limit, now_ms);
+        b.milli >= Self::cap(self.limit)
+    }
 }
 
 /// Where a sandbox is in its life.
@@ -213,6 +255,8 @@ pub enum ThrottleReason {
     ReservedFunctionConcurrency,
     /// The function's reserved concurrency is 0.
     ReservedFunctionConcurrencyZero,
+    /// A new sandbox would exceed the function's scaling rate ([`Limits::burst`]).
+    FunctionScalingRate,
     /// The functions without a reservation hold this partition's whole unreserved share.
     AccountConcurrency,
 }
@@ -297,6 +341,9 @@ pub struct Partition {
     idle: BTreeMap<FnKey, BTreeMap<u64, SandboxId>>,
     /// The idle sequence number of each Idle sandbox.
     idle_seq: BTreeMap<SandboxId, u64>,
+    /// Scaling-rate buckets of functions that started sandboxes recently (a full bucket is
+    /// dropped by Tick: it is the same as none).
+    burst: BTreeMap<String, Bucket>,
 }
 
 /// The serialized form of a [`Partition`].
@@ -309,6 +356,8 @@ struct Snapshot {
     leases: Vec<Lease>,
     /// (idle sequence number, sandbox) of every Idle sandbox.
     idle: Vec<(u64, SandboxId)>,
+    #[serde(default)]
+    burst: Vec<(String, Bucket)>,
 }
 
 impl From<Partition> for Snapshot {
@@ -320,6 +369,7 @@ impl From<Partition> for Snapshot {
             idle: p.idle_seq.iter().map(|(s, q)| (*q, *s)).collect(),
             sandboxes: p.sandboxes.into_values().collect(),
             leases: p.leases.into_values().collect(),
+            burst: p.burst.into_iter().collect(),
         }
     }
 }
@@ -332,6 +382,7 @@ impl TryFrom<Snapshot> for Partition {
             last_sandbox: s.last_sandbox,
             last_lease: s.last_lease,
             last_idle: s.last_idle,
+            burst: s.burst.into_iter().collect(),
             ..Partition::default()
         };
         for sandbox in s.sandboxes {
@@ -615,10 +666,27 @@ impl Partition {
             _ => {}
         }
 
+        let warm = self.warm_pick(&key, now_ms);
+        if warm.is_none()
+            && let Some(limit) = limits.burst
+        {
+            let bucket = self.burst.entry(key.function.clone()).or_insert(Bucket {
+                milli: Bucket::cap(limit),
+                at_ms: now_ms,
+                limit,
+            });
+            bucket.refill(limit, now_ms);
+            if bucket.milli < 1000 {
+                return Response::Throttled {
+                    reason: ThrottleReason::FunctionScalingRate,
+                };
+            }
+            bucket.milli -= 1000;
+        }
         self.last_lease += 1;
         let lease = LeaseId(self.last_lease);
         let expires_ms = now_ms.saturating_add(lease_ttl_ms);
-        let (sandbox, response) = match self.warm_pick(&key, now_ms) {
+        let (sandbox, response) = match warm {
             Some((sandbox, worker)) => {
                 self.remove_idle(sandbox);
                 if let Some(s) = self.sandboxes.get_mut(&sandbox) {
@@ -792,6 +860,7 @@ impl Partition {
     }
 
     fn tick(&mut self, now_ms: u64) -> Response {
+        self.burst.retain(|_, b| !b.full_at(now_ms));
         let leases_ended: Vec<LeaseId> = self
             .leases
             .values()
@@ -948,6 +1017,7 @@ mod tests {
         Limits {
             reserved: None,
             unreserved: 100,
+            burst: None,
         }
     }
 
@@ -989,6 +1059,85 @@ mod tests {
 
     fn tick(p: &mut Partition, now_ms: u64) -> Response {
         p.apply(Command::Tick { now_ms })
+    }
+
+    #[test]
+    fn the_scaling_rate_bounds_new_sandboxes_not_warm_ones_and_refills_evenly() {
+        let mut p = Partition::new();
+        let k = key("f", "r1");
+        let limits = Limits {
+            burst: Some(BurstLimit {
+                per_window: 3,
+                window_ms: 3_000,
+            }),
+            ..open()
+        };
+        // Three new sandboxes at once, then the fourth is refused.
+        let mut leases = Vec::new();
+        for _ in 0..3 {
+            leases.push(cold(&mut p, &k, limits, "w", 0));
+        }
+        assert_eq!(
+            acquire(&mut p, &k, limits, 10),
+            Response::Throttled {
+                reason: ThrottleReason::FunctionScalingRate
+            }
+        );
+        // A warm lease takes no token.
+        assert_eq!(release(&mut p, leases[0].0, true, 20), Response::Ok);
+        assert!(matches!(
+            acquire(&mut p, &k, limits, 30),
+            Response::Leased { .. }
+        ));
+        // One token per second comes back.
+        assert!(matches!(
+            acquire(&mut p, &k, limits, 900),
+            Response::Throttled { .. }
+        ));
+        assert!(matches!(
+            acquire(&mut p, &k, limits, 1_000),
+            Response::Place { .. }
+        ));
+        assert!(matches!(
+            acquire(&mut p, &k, limits, 1_100),
+            Response::Throttled { .. }
+        ));
+        // Other functions have their own bucket; without a limit there is none.
+        assert!(matches!(
+            acquire(&mut p, &key("g", "r1"), limits, 1_100),
+            Response::Place { .. }
+        ));
+        assert!(matches!(
+            acquire(&mut p, &k, open(), 1_100),
+            Response::Place { .. }
+        ));
+        p.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn scaling_rate_buckets_survive_a_snapshot_and_full_ones_are_dropped() {
+        let mut p = Partition::new();
+        let k = key("f", "r1");
+        let limits = Limits {
+            burst: Some(BurstLimit {
+                per_window: 1,
+                window_ms: 1_000,
+            }),
+            ..open()
+        };
+        cold(&mut p, &k, limits, "w", 0);
+        let copy: Partition =
+            serde_json::from_slice(&serde_json::to_vec(&p).expect("ser")).expect("de");
+        assert_eq!(copy, p);
+        let mut copy = copy;
+        assert!(matches!(
+            acquire(&mut copy, &k, limits, 500),
+            Response::Throttled { .. }
+        ));
+        tick(&mut p, 500);
+        assert_eq!(p.burst.len(), 1, "still refilling");
+        tick(&mut p, 1_000);
+        assert!(p.burst.is_empty(), "full again: dropped");
     }
 
     /// A cold start through to Busy on `worker`.
@@ -1207,6 +1356,7 @@ mod tests {
         let limits = Limits {
             reserved: Some(2),
             unreserved: 0,
+            burst: None,
         };
         let (busy, s_busy) = cold(&mut p, &k, limits, "w1", 0);
         // An Initializing sandbox with a worker, and one still without.
@@ -1260,6 +1410,7 @@ mod tests {
         let limits = Limits {
             reserved: Some(1),
             unreserved: 0,
+            burst: None,
         };
         let Response::Place { lease, .. } = acquire(&mut p, &k, limits, 0) else {
             panic!("expected a cold placement");
@@ -1346,6 +1497,7 @@ mod tests {
         let limits = Limits {
             reserved: Some(2),
             unreserved: 0,
+            burst: None,
         };
         let (l1, s1) = cold(&mut p, &k, limits, "w1", 0);
         let _ = cold(&mut p, &k, limits, "w1", 0);
@@ -1380,6 +1532,7 @@ mod tests {
         let zero = Limits {
             reserved: Some(0),
             unreserved: 100,
+            burst: None,
         };
         assert_eq!(
             acquire(&mut p, &k, zero, 1),
@@ -1397,6 +1550,7 @@ mod tests {
         let pool = Limits {
             reserved: None,
             unreserved: 3,
+            burst: None,
         };
         let (a1, _) = cold(&mut p, &key("a", "1"), pool, "w1", 0);
         let _ = cold(&mut p, &key("a", "1"), pool, "w1", 0);
@@ -1430,10 +1584,12 @@ mod tests {
         let reserved = Limits {
             reserved: Some(5),
             unreserved: 1,
+            burst: None,
         };
         let pool = Limits {
             reserved: None,
             unreserved: 1,
+            burst: None,
         };
         for _ in 0..3 {
             cold(&mut p, &key("r", "1"), reserved, "w1", 0);
@@ -1771,6 +1927,7 @@ mod tests {
         let reserved = Limits {
             reserved: Some(3),
             unreserved: 0,
+            burst: None,
         };
         cold(&mut p, &key("g", "1"), reserved, "w2", 4);
         acquire(&mut p, &key("f", "1"), open(), 5);
@@ -2009,6 +2166,7 @@ mod tests {
                 Limits {
                     reserved: *reserved,
                     unreserved: *unreserved,
+                    burst: None,
                 },
                 now_ms,
                 *ttl,

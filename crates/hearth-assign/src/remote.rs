@@ -248,6 +248,8 @@ pub struct RemoteConfig {
     /// releases). A held lease counts against the function's concurrency; functions with
     /// reserved concurrency never hold.
     pub lease_hold: Duration,
+    /// Each function's scaling rate, enforced by its partition across every front end.
+    pub burst: Option<crate::partition::BurstLimit>,
 }
 
 impl Default for RemoteConfig {
@@ -258,6 +260,7 @@ impl Default for RemoteConfig {
             connect_timeout: Duration::from_secs(2),
             snapshots_keep_network: false,
             lease_hold: Duration::ZERO,
+            burst: None,
         }
     }
 }
@@ -308,6 +311,7 @@ fn throttle_reason(r: ThrottleReason) -> &'static str {
             "ReservedFunctionConcurrentInvocationLimitExceeded"
         }
         ThrottleReason::AccountConcurrency => "ConcurrentInvocationLimitExceeded",
+        ThrottleReason::FunctionScalingRate => "FunctionInvocationRateLimitExceeded",
     }
 }
 
@@ -593,6 +597,7 @@ impl Invoker for RemoteInvoker {
             unreserved: req
                 .unreserved_limit
                 .div_ceil(self.client.partitions().max(1)),
+            burst: self.cfg.burst,
         };
         // Init (at most 10 s), the timeout, and a margin: the lease outlives the invocation.
         let lease_ttl_ms = (u64::from(spec.timeout_s) + 10 + 30) * 1000;

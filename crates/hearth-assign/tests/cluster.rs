@@ -151,6 +151,7 @@ fn limits() -> Limits {
     Limits {
         reserved: None,
         unreserved: 1_000,
+        burst: None,
     }
 }
 

@@ -452,3 +452,57 @@ async fn a_held_lease_serves_the_next_invocation_without_journal_writes_and_is_t
     s.beats.abort();
     s.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scaling_rate_holds_across_front_ends() {
+    let s = setup().await;
+    let cfg = RemoteConfig {
+        burst: Some(hearth_assign::partition::BurstLimit {
+            per_window: 2,
+            window_ms: 60_000,
+        }),
+        ..Default::default()
+    };
+    // Two front ends, four concurrent calls that each need a new sandbox: two start, two are
+    // refused with Lambda's reason.
+    let fronts = [
+        Arc::new(RemoteInvoker::new(
+            s.client.clone(),
+            Secret::new(SECRET),
+            cfg.clone(),
+        )),
+        Arc::new(RemoteInvoker::new(
+            s.client.clone(),
+            Secret::new(SECRET),
+            cfg,
+        )),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let inv = fronts[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            inv.invoke(request("burst", serde_json::json!({"delay_ms": 300}), None))
+                .await
+        }));
+    }
+    let mut reasons = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(_) => reasons.push("ok".to_string()),
+            Err(InvokeError::TooManyRequests { reason }) => reasons.push(reason),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            "FunctionInvocationRateLimitExceeded",
+            "FunctionInvocationRateLimitExceeded",
+            "ok",
+            "ok"
+        ]
+    );
+    s.beats.abort();
+    s.node.shutdown().await;
+}

@@ -60,6 +60,7 @@ fn acquire(function: &str, now_ms: u64) -> Command {
         limits: Limits {
             reserved: None,
             unreserved: 100_000,
+            burst: None,
         },
         now_ms,
         lease_ttl_ms: 30_000,

@@ -133,6 +133,10 @@ pub struct FrontendArgs {
     /// never hold.
     #[arg(long, env = "HEARTH_LEASE_HOLD_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub lease_hold_ms: u64,
+    /// New sandboxes one function may add per 10 seconds, over the whole cluster (Lambda's
+    /// scaling rate: 1,000); a cold start past it gets 429 `FunctionInvocationRateLimitExceeded`.
+    #[arg(long, env = "HEARTH_SCALING_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub scaling_rate: u32,
 }
 
 fn now_ms() -> u64 {
@@ -301,6 +305,10 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
             connect_timeout: Duration::from_secs(2),
             snapshots_keep_network: false,
             lease_hold: Duration::from_millis(args.lease_hold_ms),
+            burst: Some(hearth_assign::partition::BurstLimit {
+                per_window: args.scaling_rate,
+                window_ms: 10_000,
+            }),
         },
     );
     super::up::serve_api(
