@@ -372,6 +372,56 @@ def test_reserved_concurrency_holds_across_workers(cluster):
         assert inside <= 2
 
 
+SNAP_APP = """
+import os, time, uuid
+from snapshot_restore_py import register_after_restore
+INIT_ID = str(uuid.uuid4())
+RESTORES = []
+
+@register_after_restore
+def after():
+    RESTORES.append(time.time())
+
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"init_type": os.environ["AWS_LAMBDA_INITIALIZATION_TYPE"], "init_id": INIT_ID,
+            "restores": len(RESTORES)}
+"""
+
+
+def test_a_snapstart_version_restores_on_every_worker(cluster):
+    """The snapshot is taken on one worker and stored in the S3 bucket; cold starts on both
+    workers restore it (the same init, so the same INIT_ID)."""
+    lam = cluster.client()
+    lam.create_function(FunctionName="snappy", Runtime="python3.11", Handler="app.handler", Role=ROLE,
+                        MemorySize=256, Timeout=30, Code={"ZipFile": make_zip({"app.py": SNAP_APP})},
+                        SnapStart={"ApplyOn": "PublishedVersions"})
+    lam.get_waiter("function_active_v2").wait(FunctionName="snappy")
+    v = lam.publish_version(FunctionName="snappy")["Version"]
+    lam.get_waiter("published_version_active").wait(FunctionName="snappy", Qualifier=v,
+                                                     WaiterConfig={"Delay": 1, "MaxAttempts": 90})
+    conf = lam.get_function_configuration(FunctionName="snappy", Qualifier=v)
+    assert conf["SnapStart"]["OptimizationStatus"] == "On", conf
+
+    def call(_):
+        r = lam.invoke(FunctionName="snappy", Qualifier=v, Payload=json.dumps({"sleep": 2}))
+        assert "FunctionError" not in r, r["Payload"].read()
+        return json.load(r["Payload"])
+
+    busy = set()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(call, i) for i in range(2)]
+        deadline = time.time() + 20
+        while len(busy) < 2 and time.time() < deadline and not all(f.done() for f in futures):
+            busy |= {n for n, w in cluster.live_workers().items() if w["busy"] > 0}
+            time.sleep(0.2)
+        outs = [f.result() for f in futures]
+    assert busy == {"wa", "wb"}, f"the two cold starts ran on {busy}"
+    for out in outs:
+        assert out["init_type"] == "snap-start" and out["restores"] == 1, out
+    assert outs[0]["init_id"] == outs[1]["init_id"], "both restored the one snapshot"
+
+
 def test_a_worker_killed_mid_invocation_fails_its_caller_cleanly(cluster):
     lam = cluster.client()
     create(lam, "victim")
