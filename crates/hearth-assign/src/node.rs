@@ -310,6 +310,11 @@ impl Node {
         }
     }
 
+    /// Whether this node leads partition `p` now.
+    pub fn leads(&self, p: u32) -> bool {
+        self.is_leader(p as usize)
+    }
+
     /// A worker's heartbeat; false when that worker run was declared dead.
     pub fn heartbeat(&self, report: WorkerReport) -> bool {
         match self.fleet.lock() {
@@ -738,5 +743,52 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                 Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
             },
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::remote::Assignment for Node {
+    fn partitions(&self) -> u32 {
+        Node::partitions(self)
+    }
+
+    async fn call(&self, p: u32, cmd: Command) -> Result<Response, crate::client::ClientError> {
+        match self.write(p, cmd).await {
+            WriteReply::Done(r) => Ok(r),
+            WriteReply::NotLeader { .. } => Err(crate::client::ClientError::Unavailable {
+                partition: p,
+                last: "this node does not lead the partition".into(),
+            }),
+            WriteReply::Unavailable(last) => {
+                Err(crate::client::ClientError::Unavailable { partition: p, last })
+            }
+        }
+    }
+
+    async fn place(
+        &self,
+        p: u32,
+        lease: LeaseId,
+        memory_mb: u32,
+        locality: Vec<String>,
+        avoid: Vec<String>,
+    ) -> Result<crate::client::Placed, crate::client::ClientError> {
+        use crate::client::Placed;
+        match Node::place(self, p, lease, memory_mb, locality, avoid).await {
+            PlaceReply::Placed { worker, addr } => Ok(Placed::Worker { id: worker, addr }),
+            PlaceReply::NoWorker(m) => Ok(Placed::NoWorker(m)),
+            PlaceReply::Rejected(m) => Ok(Placed::Rejected(m)),
+            PlaceReply::NotLeader { .. } => Err(crate::client::ClientError::Unavailable {
+                partition: p,
+                last: "this node does not lead the partition".into(),
+            }),
+            PlaceReply::Unavailable(last) => {
+                Err(crate::client::ClientError::Unavailable { partition: p, last })
+            }
+        }
+    }
+
+    async fn fleet(&self) -> Result<Vec<WorkerReport>, crate::client::ClientError> {
+        Ok(self.workers())
     }
 }

@@ -28,6 +28,49 @@ use crate::client::{Client, ClientError, Placed};
 use crate::net::{Conn, NetError, Secret};
 use crate::partition::{Command, FnKey, LeaseId, Limits, Response, ThrottleReason};
 
+/// What the front end's invoker needs of the assignment service: over the network
+/// ([`Client`]), or in the same process ([`crate::node::Node`], for `hearth up`).
+#[async_trait::async_trait]
+pub trait Assignment: Send + Sync + 'static {
+    fn partitions(&self) -> u32;
+    fn partition_of(&self, function: &str) -> u32 {
+        crate::partition_of(function, self.partitions())
+    }
+    async fn call(&self, p: u32, cmd: Command) -> Result<Response, ClientError>;
+    async fn place(
+        &self,
+        p: u32,
+        lease: LeaseId,
+        memory_mb: u32,
+        locality: Vec<String>,
+        avoid: Vec<String>,
+    ) -> Result<Placed, ClientError>;
+    async fn fleet(&self) -> Result<Vec<crate::fleet::WorkerReport>, ClientError>;
+}
+
+#[async_trait::async_trait]
+impl Assignment for Client {
+    fn partitions(&self) -> u32 {
+        Client::partitions(self)
+    }
+    async fn call(&self, p: u32, cmd: Command) -> Result<Response, ClientError> {
+        Client::call(self, p, cmd).await
+    }
+    async fn place(
+        &self,
+        p: u32,
+        lease: LeaseId,
+        memory_mb: u32,
+        locality: Vec<String>,
+        avoid: Vec<String>,
+    ) -> Result<Placed, ClientError> {
+        Client::place(self, p, lease, memory_mb, locality, avoid).await
+    }
+    async fn fleet(&self) -> Result<Vec<crate::fleet::WorkerReport>, ClientError> {
+        Client::fleet(self).await
+    }
+}
+
 /// Tries of one invocation when the worker cannot be reached before it was sent.
 pub const ATTEMPTS: usize = 3;
 
@@ -280,7 +323,9 @@ type HeldMap = HashMap<(String, String), Vec<Held>>;
 
 /// A front end's invoker over the assignment service and remote workers.
 pub struct RemoteInvoker {
-    client: Arc<Client>,
+    client: Arc<dyn Assignment>,
+    /// `hearth up`: the one worker is this process's pool, called directly.
+    local: Option<Arc<dyn Invoker>>,
     secret: Secret,
     cfg: RemoteConfig,
     /// Worker id -> address, from the fleet; refreshed when a lease names an unknown worker.
@@ -333,7 +378,7 @@ pub fn worker_lost(worker: &str, why: &str) -> InvokeResult {
 
 /// Journals `Started` (when the sandbox was new) and `Release`.
 async fn release_lease(
-    client: &Client,
+    client: &dyn Assignment,
     p: u32,
     lease: LeaseId,
     started: bool,
@@ -368,8 +413,28 @@ pub fn spec_locality(spec: &FunctionSpec) -> Vec<String> {
 
 impl RemoteInvoker {
     pub fn new(client: Arc<Client>, secret: Secret, cfg: RemoteConfig) -> Self {
+        Self::with_assignment(client, None, secret, cfg)
+    }
+
+    /// The invoker of `hearth up`: the assignment service's node and the worker pool both in
+    /// this process, no network in between.
+    pub fn embedded(
+        node: Arc<crate::node::Node>,
+        worker: Arc<dyn Invoker>,
+        cfg: RemoteConfig,
+    ) -> Self {
+        Self::with_assignment(node, Some(worker), Secret::new(b"embedded: no peers"), cfg)
+    }
+
+    fn with_assignment(
+        client: Arc<dyn Assignment>,
+        local: Option<Arc<dyn Invoker>>,
+        secret: Secret,
+        cfg: RemoteConfig,
+    ) -> Self {
         Self {
             client,
+            local,
             secret,
             cfg,
             workers: Mutex::new((BTreeMap::new(), None)),
@@ -437,7 +502,7 @@ impl RemoteInvoker {
                     Err(_) => return,
                 };
                 for h in due {
-                    release_lease(&client, h.p, h.lease, false, true, keep_alive_ms).await;
+                    release_lease(client.as_ref(), h.p, h.lease, false, true, keep_alive_ms).await;
                 }
             }
         });
@@ -447,7 +512,7 @@ impl RemoteInvoker {
         let client = self.client.clone();
         let keep_alive_ms = self.cfg.keep_alive.as_millis() as u64;
         tokio::spawn(async move {
-            release_lease(&client, h.p, h.lease, false, true, keep_alive_ms).await;
+            release_lease(client.as_ref(), h.p, h.lease, false, true, keep_alive_ms).await;
         });
     }
 
@@ -491,6 +556,13 @@ impl RemoteInvoker {
 
     /// Runs `req` on `worker`, streaming its log into the request's sink.
     async fn run_on(&self, worker: &str, addr: &str, req: &InvokeRequest) -> Attempt {
+        if let Some(local) = &self.local {
+            let mut req = req.clone();
+            // The lease was the admission.
+            req.reserved_concurrency = None;
+            req.unreserved_limit = u32::MAX;
+            return Attempt::Finished(local.invoke(req).await);
+        }
         let mut conn = match self.conn(worker, addr).await {
             Ok(c) => c,
             Err(e) => return Attempt::Unreachable(e.to_string()),
@@ -558,11 +630,31 @@ impl RemoteInvoker {
 
     async fn release(&self, p: u32, lease: LeaseId, started: bool, healthy: bool) {
         let keep_alive_ms = self.cfg.keep_alive.as_millis() as u64;
-        release_lease(&self.client, p, lease, started, healthy, keep_alive_ms).await;
+        release_lease(
+            self.client.as_ref(),
+            p,
+            lease,
+            started,
+            healthy,
+            keep_alive_ms,
+        )
+        .await;
     }
 
     /// Sends `call` to every live worker, in the background.
     fn broadcast(&self, call: impl Fn() -> WorkerCall + Send + 'static) {
+        if let Some(local) = &self.local {
+            match call() {
+                WorkerCall::Retire { function } => local.retire(&function),
+                WorkerCall::Forget { function_arn } => local.forget(&function_arn),
+                WorkerCall::ForgetVersion {
+                    function_arn,
+                    version,
+                } => local.forget_version(&function_arn, &version),
+                WorkerCall::Invoke(_) | WorkerCall::Prepare(_) => {}
+            }
+            return;
+        }
         let (client, secret, timeout) = (
             self.client.clone(),
             self.secret.clone(),
@@ -760,6 +852,9 @@ impl Invoker for RemoteInvoker {
     /// A snapshot is taken on the live worker with the most free memory; it goes to the chunk
     /// store, from which every worker restores.
     async fn prepare(&self, spec: FunctionSpec) -> Result<(), String> {
+        if let Some(local) = &self.local {
+            return local.prepare(spec).await;
+        }
         let fleet = self
             .client
             .fleet()

@@ -1,5 +1,5 @@
-//! `hearth bench cluster`: warm invocations through `hearth up` (everything in one process)
-//! beside the same through a cluster of processes on loopback (three assignment nodes, one
+//! `hearth bench cluster`: warm invocations through `hearth up` (everything in one process,
+//! with and without its in-process assignment service) beside the same through a cluster of processes on loopback (three assignment nodes, one
 //! worker, one front end), in one run, so the difference is what the distributed path adds:
 //! two journaled lease commands (acquire, release) replicated to a majority, and a hop from
 //! the front end to the worker.
@@ -126,8 +126,8 @@ fn worker_flags(a: &ClusterBenchArgs) -> Vec<String> {
     v
 }
 
-fn embedded(a: &ClusterBenchArgs, dir: &Path) -> anyhow::Result<LoadResult> {
-    let data = dir.join("up");
+fn embedded(a: &ClusterBenchArgs, dir: &Path, service: bool) -> anyhow::Result<LoadResult> {
+    let data = dir.join(format!("up-{service}-{}", free_port()?));
     let _ = std::fs::remove_file(data.join("client.env"));
     let mut procs = Procs(Vec::new());
     let mut args: Vec<String> = vec![
@@ -136,6 +136,9 @@ fn embedded(a: &ClusterBenchArgs, dir: &Path) -> anyhow::Result<LoadResult> {
         data.display().to_string(),
         "--listen".into(),
         "127.0.0.1:0".into(),
+        format!("--assignment-service={service}"),
+        "--lease-hold-ms".into(),
+        a.lease_hold_ms.to_string(),
     ];
     args.extend(worker_flags(a));
     procs.spawn("up", &args, dir)?;
@@ -262,21 +265,35 @@ pub fn run(a: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
     let mut added = Vec::new();
     for round in 1..=a.rounds.max(1) {
-        let e = embedded(&a, dir.path())?;
-        eprintln!("round {round}: {}", row("embedded", &e));
+        let e = embedded(&a, dir.path(), false)?;
+        eprintln!("round {round}: {}", row("embedded, pool alone", &e));
+        let es = embedded(&a, dir.path(), true)?;
+        eprintln!(
+            "round {round}: {}",
+            row("embedded, assignment service", &es)
+        );
         let c0 = cluster(&a, dir.path(), 0)?;
         eprintln!("round {round}: {}", row("cluster, hold 0", &c0));
         let ch = cluster(&a, dir.path(), a.lease_hold_ms)?;
         eprintln!("round {round}: {}", row("cluster, hold", &ch));
-        failed += e.failed + c0.failed + ch.failed;
+        failed += e.failed + es.failed + c0.failed + ch.failed;
         let p50 = |r: &LoadResult| super::bench::pct(&r.lat, 0.5);
         added.push(format!(
-            "round {round}: {:.2} ms (every lease journaled), {:.2} ms (leases held {} ms)",
+            "round {round}: {:.2} ms (every lease journaled), {:.2} ms (leases held {} ms); \
+             `hearth up` with its in-process assignment service: {:.2} ms",
             p50(&c0) - p50(&e),
             p50(&ch) - p50(&e),
-            a.lease_hold_ms
+            a.lease_hold_ms,
+            p50(&es) - p50(&e),
         ));
-        rows.push(row(&format!("round {round}: `hearth up` (embedded)"), &e));
+        rows.push(row(
+            &format!("round {round}: `hearth up`, the pool decides alone"),
+            &e,
+        ));
+        rows.push(row(
+            &format!("round {round}: `hearth up`, in-process assignment service"),
+            &es,
+        ));
         rows.push(row(
             &format!("round {round}: cluster, every invocation acquires and releases"),
             &c0,

@@ -221,56 +221,86 @@ async fn worker_main(args: WorkerNodeArgs) -> anyhow::Result<ExitCode> {
     if name.contains('/') {
         bail!("--name must not contain '/'");
     }
-    let client = Client::new(&args.cluster.assignment, 1, secret, Duration::from_secs(5));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let client = Arc::new(Client::new(
+        &args.cluster.assignment,
+        1,
+        secret,
+        Duration::from_secs(5),
+    ));
     let every = Duration::from_millis(args.heartbeat_ms);
-    let beat = {
-        let worker = worker.clone();
-        let addr = addr.clone();
-        async move {
-            let mut id = format!("{name}/{}", now_ms());
-            let mut registered = false;
-            loop {
-                let load = worker.load();
-                let report = WorkerReport {
-                    id: id.clone(),
-                    addr: addr.clone(),
-                    memory_mb: load.memory_budget_mb,
-                    memory_free_mb: load
-                        .memory_budget_mb
-                        .saturating_sub(load.memory_committed_mb),
-                    cores,
-                    busy: load.busy as u32,
-                    sandboxes: load.sandboxes as u32,
-                    cached: cached_keys(&data_dir, &images),
-                };
-                let (taken, dead) = client
+    let beat = heartbeats(
+        worker.clone(),
+        name,
+        addr,
+        data_dir,
+        images,
+        every,
+        move |report| {
+            let client = client.clone();
+            async move {
+                client
                     .heartbeat(&report, every.max(Duration::from_secs(1)))
-                    .await;
-                if dead {
-                    let old = std::mem::replace(&mut id, format!("{name}/{}", now_ms()));
-                    tracing::warn!(
-                        %old, new = %id,
-                        "the assignment service declared this worker dead: registering again"
-                    );
-                    continue;
-                }
-                if taken > 0 && !registered {
-                    registered = true;
-                    println!("hearth worker {id} registered; serving front ends at {addr}");
-                } else if taken == 0 {
-                    tracing::warn!("no assignment node took the heartbeat");
-                }
-                tokio::time::sleep(every).await;
+                    .await
             }
-        }
-    };
+        },
+    );
     tokio::select! {
         _ = beat => {}
         _ = super::up::shutdown_signal() => {}
     }
     worker.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Heartbeats of `worker` through `send` (which answers how many nodes took the report and
+/// whether one said this worker run is dead) every `every`, forever. A run declared dead
+/// registers again under a new id.
+pub async fn heartbeats<F, Fut>(
+    worker: hearth_worker::Worker,
+    name: String,
+    addr: String,
+    data_dir: std::path::PathBuf,
+    images: hearth_worker::ImageStore,
+    every: Duration,
+    send: F,
+) where
+    F: Fn(WorkerReport) -> Fut,
+    Fut: std::future::Future<Output = (usize, bool)>,
+{
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let mut id = format!("{name}/{}", now_ms());
+    let mut registered = false;
+    loop {
+        let load = worker.load();
+        let report = WorkerReport {
+            id: id.clone(),
+            addr: addr.clone(),
+            memory_mb: load.memory_budget_mb,
+            memory_free_mb: load
+                .memory_budget_mb
+                .saturating_sub(load.memory_committed_mb),
+            cores,
+            busy: load.busy as u32,
+            sandboxes: load.sandboxes as u32,
+            cached: cached_keys(&data_dir, &images),
+        };
+        let (taken, dead) = send(report).await;
+        if dead {
+            let old = std::mem::replace(&mut id, format!("{name}/{}", now_ms()));
+            tracing::warn!(
+                %old, new = %id,
+                "the assignment service declared this worker dead: registering again"
+            );
+            continue;
+        }
+        if taken > 0 && !registered {
+            registered = true;
+            println!("hearth worker {id} registered; serving front ends at {addr}");
+        } else if taken == 0 {
+            tracing::warn!("no assignment node took the heartbeat");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 pub fn run_frontend(args: FrontendArgs) -> anyhow::Result<ExitCode> {

@@ -122,6 +122,15 @@ pub struct StoreArgs {
 
 #[derive(clap::Args)]
 pub struct UpArgs {
+    /// Decide assignment (leases, concurrency limits, the scaling rate, placement) in an
+    /// in-process member of the assignment service, journaled in <data-dir>/assignment, as a
+    /// cluster does; `--assignment-service=false`: the worker's pool decides alone.
+    #[arg(long, env = "HEARTH_ASSIGNMENT_SERVICE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub assignment_service: bool,
+    /// With --assignment-service: milliseconds a lease is kept after an invocation for the
+    /// next one of the same version (as `hearth frontend --lease-hold-ms`).
+    #[arg(long, env = "HEARTH_LEASE_HOLD_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub lease_hold_ms: u64,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -414,14 +423,104 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         &args.store,
     )?;
     let worker = start_worker(&args.common, &args.worker, &data_dir, &chunks).await?;
-    serve_api(
-        &args.common,
-        &args.api,
-        &data_dir,
-        Arc::new(worker.clone()),
-        &chunks,
-    )
-    .await?;
+    let (invoker, node): (Arc<dyn hearth_core::invoker::Invoker>, _) = if args.assignment_service {
+        let node = embedded_assignment(&args, &data_dir, &worker).await?;
+        let invoker = hearth_assign::remote::RemoteInvoker::embedded(
+            node.clone(),
+            Arc::new(worker.clone()),
+            hearth_assign::remote::RemoteConfig {
+                holder: "hearth up".into(),
+                keep_alive: Duration::from_secs(args.common.keep_alive),
+                snapshots_keep_network: hearth_core::invoker::Invoker::snapshots_keep_network(
+                    &worker,
+                ),
+                lease_hold: Duration::from_millis(args.lease_hold_ms),
+                burst: Some(hearth_assign::partition::BurstLimit {
+                    per_window: args.worker.scaling_rate,
+                    window_ms: 10_000,
+                }),
+                ..Default::default()
+            },
+        );
+        (Arc::new(invoker), Some(node))
+    } else {
+        (Arc::new(worker.clone()), None)
+    };
+    serve_api(&args.common, &args.api, &data_dir, invoker, &chunks).await?;
+    if let Some(node) = node {
+        node.shutdown().await;
+    }
     worker.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A one-member assignment service in this process (one partition, its journal in
+/// `<data-dir>/assignment`), with this process's worker registered and heartbeating directly.
+async fn embedded_assignment(
+    args: &UpArgs,
+    data_dir: &Path,
+    worker: &Worker,
+) -> anyhow::Result<Arc<hearth_assign::node::Node>> {
+    use hearth_assign::node::{Node, NodeConfig, Timing};
+    // Peers would need this secret; the node listens on loopback and has none.
+    let secret = hearth_assign::net::Secret::new(random_string(32, b"0123456789abcdef").as_bytes());
+    let node = Node::start(NodeConfig {
+        id: 1,
+        listen: "127.0.0.1:0".into(),
+        advertise: None,
+        data_dir: data_dir.join("assignment"),
+        partitions: 1,
+        secret,
+        timing: Timing {
+            // Only this process's own worker: it is dead only if this process stalls.
+            worker_dead_ms: 60_000,
+            ..Timing::default()
+        },
+    })
+    .await
+    .context("starting the embedded assignment service")?;
+    let members = std::collections::BTreeMap::from([(1, node.addr().to_string())]);
+    node.initialize(&members)
+        .await
+        .context("forming the embedded assignment service")?;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !node.leads(0) {
+        if std::time::Instant::now() > until {
+            anyhow::bail!("the embedded assignment service elected no leader within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let images = hearth_worker::ImageStore::new(
+        args.worker
+            .image_cache
+            .clone()
+            .unwrap_or_else(|| data_dir.join("images")),
+    );
+    let beat_node = node.clone();
+    tokio::spawn(super::cluster::heartbeats(
+        worker.clone(),
+        "local".into(),
+        "in-process".into(),
+        data_dir.to_path_buf(),
+        images,
+        Duration::from_millis(500),
+        move |report| {
+            let node = beat_node.clone();
+            async move {
+                if node.heartbeat(report) {
+                    (1, false)
+                } else {
+                    (0, true)
+                }
+            }
+        },
+    ));
+    // Until the worker is registered, placement has nowhere to go.
+    while node.workers().is_empty() {
+        if std::time::Instant::now() > until {
+            anyhow::bail!("the worker did not register with the embedded assignment service");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(node)
 }
