@@ -506,3 +506,74 @@ async fn the_scaling_rate_holds_across_front_ends() {
     s.beats.abort();
     s.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_invoker_leases_through_the_node_and_calls_its_worker_directly() {
+    let s = setup().await;
+    // The embedded form: the node itself is the assignment service, the fake its worker.
+    let local = Arc::new(FakeWorker {
+        name: "local".into(),
+        running: AtomicU32::new(0),
+        most: AtomicU32::new(0),
+        calls: AtomicUsize::new(0),
+        retired: Mutex::new(Vec::new()),
+    });
+    // Only the local worker may be placed on: the network workers stop heartbeating.
+    s.beats.abort();
+    assert!(s.node.heartbeat(WorkerReport {
+        id: "local/1".into(),
+        addr: "in-process".into(),
+        memory_mb: 4096,
+        memory_free_mb: 4096,
+        cores: 2,
+        busy: 0,
+        sandboxes: 0,
+        cached: Default::default(),
+    }));
+    let inv = RemoteInvoker::embedded(s.node.clone(), local.clone(), RemoteConfig::default());
+    let r = inv
+        .invoke(request("emb", serde_json::json!({"n": 7}), Some(1)))
+        .await
+        .expect("invoke");
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+    assert_eq!(
+        (v["worker"].as_str(), v["payload"]["n"].as_u64()),
+        (Some("local"), Some(7))
+    );
+    assert_eq!(local.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        s.workers
+            .iter()
+            .all(|(w, ..)| w.calls.load(Ordering::SeqCst) == 0),
+        "nothing went over the network"
+    );
+    // The limit is the partition's: with reserved concurrency 1, a second concurrent call is
+    // throttled although the fake would run it.
+    let inv = Arc::new(inv);
+    let slow = {
+        let inv = inv.clone();
+        tokio::spawn(async move {
+            inv.invoke(request(
+                "emb",
+                serde_json::json!({"delay_ms": 500}),
+                Some(1),
+            ))
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = inv
+        .invoke(request("emb", serde_json::json!({}), Some(1)))
+        .await;
+    assert!(
+        matches!(&second, Err(InvokeError::TooManyRequests { reason }) if reason == "ReservedFunctionConcurrentInvocationLimitExceeded"),
+        "{second:?}"
+    );
+    slow.await.expect("task").expect("invoke");
+    inv.retire("emb");
+    assert_eq!(
+        *local.retired.lock().expect("lock"),
+        vec!["emb".to_string()]
+    );
+    s.node.shutdown().await;
+}
