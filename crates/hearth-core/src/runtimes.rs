@@ -23,6 +23,12 @@ pub const RUNTIMES: &[Runtime] = &[
         needs_handler: true,
     },
     Runtime {
+        name: "python3.13",
+        image: "python3.13",
+        execution_env: Some("AWS_Lambda_python3.13"),
+        needs_handler: true,
+    },
+    Runtime {
         name: "provided",
         image: "provided",
         execution_env: None,

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(
-        "unknown runtime {0:?} (supported: python3.11, provided, provided.al2, provided.al2023)"
+        "unknown runtime {0:?} (supported: python3.11, python3.13, provided, provided.al2, provided.al2023)"
     )]
     UnknownRuntime(String),
     #[error("runtime image {name:?} is not built yet: run `hearth image build {name}`")]
@@ -143,10 +143,21 @@ pub struct Recipe {
     /// Contents of `/var/runtime/prestart`: the runtime started before its function is known,
     /// which the agent hands the function's environment at claim time (see hearth-agent).
     pub prestart: Option<&'static str>,
+    /// The Debian suite to build from (`None`: this machine's own); a newer suite brings a
+    /// newer interpreter into the image only, never onto the host.
+    pub suite: Option<&'static str>,
+    /// The Python version the image's `python3` must be (checked after the build; the wheels
+    /// are fetched for it).
+    pub python: Option<&'static str>,
 }
 
 const PYTHON_BOOTSTRAP: &str = "#!/bin/sh\n\
 # hearth python3.11 runtime: the official AWS Lambda runtime interface client\n\
+export PYTHONPATH=\"/var/runtime${PYTHONPATH:+:$PYTHONPATH}\"\n\
+exec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n";
+
+const PYTHON313_BOOTSTRAP: &str = "#!/bin/sh\n\
+# hearth python3.13 runtime: the official AWS Lambda runtime interface client\n\
 export PYTHONPATH=\"/var/runtime${PYTHONPATH:+:$PYTHONPATH}\"\n\
 exec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n";
 
@@ -160,6 +171,18 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
         bootstrap: Some(PYTHON_BOOTSTRAP),
         prestart: Some(PYTHON_PRESTART),
+        suite: None,
+        python: Some("3.11"),
+    },
+    Recipe {
+        name: "python3.13",
+        packages: &["python3", "libstdc++6"],
+        wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
+        bootstrap: Some(PYTHON313_BOOTSTRAP),
+        prestart: Some(PYTHON_PRESTART),
+        // Debian 13 (trixie) ships Python 3.13.
+        suite: Some("trixie"),
+        python: Some("3.13"),
     },
     Recipe {
         name: "provided",
@@ -167,10 +190,17 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &[],
         bootstrap: None,
         prestart: None,
+        suite: None,
+        python: None,
     },
 ];
 
 impl Recipe {
+    /// The Debian suite this recipe builds from.
+    pub fn suite(&self) -> String {
+        self.suite.map(String::from).unwrap_or_else(host_suite)
+    }
+
     /// Every Debian package the image gets: [`BASE_PACKAGES`], then the recipe's own.
     pub fn all_packages(&self) -> Vec<&'static str> {
         let mut all: Vec<&'static str> = BASE_PACKAGES.to_vec();
@@ -293,7 +323,7 @@ impl ImageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(_) => Some(Err(())),
         };
-        judge(info, &recipe.digest(&host_suite()))
+        judge(info, &recipe.digest(&recipe.suite()))
     }
 
     /// Identity of the built image serving a runtime: a digest of its `image.json` (a rebuild
@@ -380,7 +410,7 @@ impl ImageStore {
         })?;
         let tmp = self.fresh_tmp(recipe.name)?;
         let rootfs = tmp.join("rootfs");
-        let suite = host_suite();
+        let suite = recipe.suite();
         let packages = recipe.all_packages();
         progress(&format!(
             "{}: mmdebstrap {suite} + {}",
@@ -534,7 +564,7 @@ fn finish_build(
             "manylinux2014_x86_64",
             "--only-binary=:all:",
             "--python-version",
-            "3.11",
+            recipe.python.unwrap_or("3.11"),
             "--implementation",
             "cp",
         ])
@@ -542,6 +572,18 @@ fn finish_build(
         run_streaming(pip, "pip install", &mut |line| {
             progress(&format!("{}: {line}", recipe.name))
         })?;
+    }
+    if let Some(v) = recipe.python {
+        let interpreter = rootfs.join(format!("usr/bin/python{v}"));
+        if !interpreter.exists() {
+            return Err(ImageError::Step {
+                step: format!("{}: checking the interpreter", recipe.name),
+                detail: format!(
+                    "Debian {} has no python{v} (the runtime would run another version)",
+                    recipe.suite()
+                ),
+            });
+        }
     }
     amazon_linux_userland(rootfs)?;
     finish_rootfs(rootfs, recipe.bootstrap, true)?;
@@ -941,10 +983,22 @@ mod tests {
     }
 
     #[test]
+    fn python313_builds_from_trixie_and_python311_from_this_machine() {
+        let p313 = recipe_for("python3.13").unwrap();
+        assert_eq!(p313.suite(), "trixie");
+        assert_eq!(p313.python, Some("3.13"));
+        let p311 = recipe_for("python3.11").unwrap();
+        assert_eq!(p311.suite(), host_suite());
+        assert_ne!(p313.digest(&p313.suite()), p311.digest(&p311.suite()));
+        // The same recipe on another suite is another image.
+        assert_ne!(p313.digest("trixie"), p313.digest("sid"));
+    }
+
+    #[test]
     fn state_reads_image_json_and_ensure_all_keeps_current_images() {
         let cache = tempfile::tempdir().unwrap();
         let store = ImageStore::new(cache.path());
-        let recipe = &RECIPES[1];
+        let recipe = recipe_for("provided").unwrap();
         assert_eq!(store.state(recipe), ImageState::Missing);
         let dir = cache.path().join(recipe.name);
         fs::create_dir_all(dir.join("rootfs")).unwrap();
@@ -964,7 +1018,7 @@ mod tests {
             fs::create_dir_all(d.join("rootfs")).unwrap();
             let i = ImageInfo {
                 name: r.name.into(),
-                recipe_digest: r.digest(&host_suite()),
+                recipe_digest: r.digest(&r.suite()),
                 ..info("mmdebstrap bookworm", "")
             };
             fs::write(d.join("image.json"), serde_json::to_vec(&i).unwrap()).unwrap();
