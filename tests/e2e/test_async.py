@@ -301,3 +301,54 @@ def test_every_acknowledged_event_runs_although_the_server_is_killed_repeatedly(
         assert dupes <= 3 * 32, f"{dupes} duplicates: at most the attempts in flight at each kill"
     finally:
         h.stop()
+
+
+def test_metrics_show_queue_depth_age_and_outcomes_per_function(tmp_path):
+    """`--metrics-listen` serves Prometheus text without authentication; the API's
+    `/hearth/v1/metrics` (and `hearth metrics`) serves the same behind SigV4 only."""
+    import socket
+    import urllib.error
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    h = Hearth(tmp_path / "data", extra_args=["--metrics-listen", f"127.0.0.1:{port}",
+                                              "--async-retry-delay", "1"]).start()
+    try:
+        lam = h.client()
+        _create(lam, "metered", WORKER)
+        _create(lam, "failing", WORKER, env={"FAIL": "1"})
+        lam.put_function_concurrency(FunctionName="metered", ReservedConcurrentExecutions=1)
+        lam.put_function_event_invoke_config(FunctionName="failing", MaximumRetryAttempts=0)
+        for n in range(4):
+            _event(lam, "metered", {"n": n, "sleep": 1})
+        _event(lam, "failing", {"n": 0})
+
+        def scrape():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                assert r.headers["Content-Type"].startswith("text/plain")
+                text = r.read().decode()
+            values = {}
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    k, v = line.rsplit(" ", 1)
+                    values[k] = float(v)
+            return values
+
+        # While the reserved function works through its backlog: a queue, and an age.
+        m = _wait("a backlog", lambda: (lambda v: v if v.get('hearth_async_queue_depth{function="metered"}', 0) >= 2 else None)(scrape()))
+        assert m['hearth_async_oldest_event_age_seconds{function="metered"}'] > 0
+        m = _wait("all done", lambda: (lambda v: v if v.get('hearth_async_succeeded_total{function="metered"}') == 4
+                                       and v.get('hearth_async_failed_total{function="failing"}') == 1 else None)(scrape()))
+        assert m['hearth_async_queue_depth{function="metered"}'] == 0
+        assert m['hearth_async_oldest_event_age_seconds{function="metered"}'] == 0
+        assert m['hearth_async_retried_total{function="failing"}'] == 0
+        # Behind SigV4 on the API's address: the CLI signs; an unsigned request is refused.
+        cp = _cli(h, "metrics", "--data-dir", str(h.data_dir))
+        assert cp.returncode == 0, cp.stderr
+        assert 'hearth_async_succeeded_total{function="metered"} 4' in cp.stdout
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{h.endpoint}/hearth/v1/metrics", timeout=10)
+        assert e.value.code == 403
+    finally:
+        h.stop()

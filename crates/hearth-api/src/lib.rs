@@ -27,6 +27,7 @@ pub mod functions;
 pub mod invoke;
 pub use hearth_core::invoker;
 pub mod logs;
+pub mod metrics;
 pub mod model;
 pub mod router;
 pub mod sigv4;
@@ -36,5 +37,5 @@ pub mod store;
 pub mod validate;
 
 pub use error::{ApiError, ErrorKind};
-pub use router::{app, serve};
+pub use router::{app, serve, serve_metrics};
 pub use state::{ApiConfig, AppState, InitError};

@@ -99,6 +99,7 @@ pub fn app(state: AppState) -> Router {
             "/hearth/v1/functions/{function}/status",
             get(function_status),
         )
+        .route("/hearth/v1/metrics", get(metrics))
         .route("/hearth/v1/failed-events", get(list_failed_events))
         .route(
             "/hearth/v1/failed-events/{event}",
@@ -577,6 +578,38 @@ async fn list_event_configs(State(s): State<AppState>, p: Params) -> ApiResult<i
 async fn function_status(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
     validate::function_name(&p.function)?;
     Ok(Json(events::status(&s, &p.function).await?))
+}
+
+/// `GET /hearth/v1/metrics`: Prometheus' text format.
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    metrics_response(&s)
+}
+
+/// The metrics as an HTTP response (also served, unauthenticated, by [`serve_metrics`]).
+fn metrics_response(s: &AppState) -> Response {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(s, now),
+    )
+        .into_response()
+}
+
+/// Serves only `GET /metrics`, unauthenticated, for a Prometheus scraper on a listener of
+/// its own (`hearth up --metrics-listen`).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { metrics_response(&s) }),
+        )
+        .with_state(state);
+    axum::serve(listener, app).await
 }
 
 /// `GET /hearth/v1/failed-events[?function=NAME]`.

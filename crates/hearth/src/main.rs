@@ -25,6 +25,8 @@ enum Command {
     Invoke(cmd::client::InvokeArgs),
     /// Print a function's recent log.
     Logs(cmd::client::LogsArgs),
+    /// Print the server's metrics (Prometheus' text format): asynchronous queues per function.
+    Metrics(cmd::client::MetricsArgs),
     /// List, inspect, re-drive and delete failed asynchronous invocations.
     #[command(subcommand)]
     Events(cmd::client::EventsCmd),
@@ -62,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Function(c) => cmd::client::run_fn(c),
         Command::Invoke(a) => cmd::client::run_invoke(a),
         Command::Logs(a) => cmd::client::run_logs(a),
+        Command::Metrics(a) => cmd::client::run_metrics(a),
         Command::Events(c) => cmd::client::run_events(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Assignment(a) => cmd::assign::run_assignment(a),

@@ -136,6 +136,21 @@ impl Events {
         self.sched().stats(function)
     }
 
+    /// Every function's queue and counters (functions with events queued or counted since
+    /// start), and the attempts in flight over all of them.
+    pub fn all_stats(&self) -> (Vec<(String, sched::LaneStats)>, usize) {
+        let s = self.sched();
+        let all = s
+            .functions()
+            .into_iter()
+            .map(|f| {
+                let st = s.stats(&f);
+                (f, st)
+            })
+            .collect();
+        (all, s.inflight())
+    }
+
     /// Stop dispatching (attempts in flight finish; what is queued stays queued).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);

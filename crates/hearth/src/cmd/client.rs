@@ -693,6 +693,20 @@ fn ensure_python_function(c: &Client, name: &str, code: &[u8]) -> anyhow::Result
 }
 
 #[derive(Args)]
+pub struct MetricsArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `hearth metrics`: the server's metrics (Prometheus' text format).
+pub fn run_metrics(args: MetricsArgs) -> anyhow::Result<ExitCode> {
+    let c = args.conn.client()?;
+    let r = c.call("GET", "/hearth/v1/metrics", b"", &[])?.check()?;
+    print!("{}", String::from_utf8_lossy(&r.body));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
 pub struct ApiBenchArgs {
     /// Function to invoke (created as a trivial python3.11 echo function if missing).
     #[arg(long, default_value = "hearth-bench-echo")]

@@ -53,6 +53,11 @@ pub struct ApiArgs {
     /// waits twice as long); Lambda waits about a minute.
     #[arg(long, env = "HEARTH_ASYNC_RETRY_DELAY", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub async_retry_delay: u64,
+    /// Also serve the metrics (`GET /metrics`, Prometheus' text format) without
+    /// authentication on this address, for a scraper (they are behind SigV4 at
+    /// `/hearth/v1/metrics` on the API's address).
+    #[arg(long, env = "HEARTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The worker (sandboxes) settings.
@@ -403,6 +408,21 @@ pub async fn serve_api(
         "point boto3 and the AWS CLI at it with:  source {}",
         env_file.display()
     );
+    if let Some(at) = args.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("binding the metrics listener {at}"))?;
+        println!(
+            "  metrics:           http://{}/metrics",
+            metrics.local_addr()?
+        );
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = hearth_api::serve_metrics(metrics, state).await {
+                tracing::warn!("metrics listener: {e}");
+            }
+        });
+    }
     let events = state.events().clone();
     hearth_api::serve(listener, state, shutdown_signal()).await?;
     // Queued events stay in the queue for the next start.
