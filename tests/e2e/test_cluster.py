@@ -348,6 +348,30 @@ def test_invocations_run_on_the_workers_and_status_shows_the_cluster(cluster):
     assert "WORKER" in text and "wa/" in text and "wb/" in text, text
 
 
+def test_asynchronous_invocations_run_on_the_workers(cluster):
+    """Events accepted by the front end (202) run through the same leases on the workers."""
+    lam = cluster.client()
+    lam.create_function(FunctionName="events", Runtime="python3.11", Handler="app.handler",
+                        Role=ROLE, Timeout=30, Code={"ZipFile": make_zip({"app.py": """
+def handler(event, context):
+    print("RAN", event["n"])
+    return event
+"""})})
+    lam.get_waiter("function_active_v2").wait(FunctionName="events")
+    for n in range(5):
+        r = lam.invoke(FunctionName="events", InvocationType="Event", Payload=json.dumps({"n": n}))
+        assert r["StatusCode"] == 202
+    log = cluster.root / "frontend" / "logs" / "events.log"
+    deadline = time.time() + 60
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        ran = {int(l.split()[-1]) for l in text.splitlines() if "RAN " in l}
+        if ran == set(range(5)):
+            break
+        assert time.time() < deadline, f"ran {sorted(ran)}"
+        time.sleep(0.3)
+
+
 def test_reserved_concurrency_holds_across_workers(cluster):
     lam = cluster.client()
     create(lam, "reserved")
