@@ -155,3 +155,29 @@ def test_scaling_rate_throttles_new_sandboxes_with_429(tmp_path):
         assert _invoke(lam, "rate", {"echo": 4})["echo"] == 4
     finally:
         h.stop()
+
+
+def test_a_lease_held_by_a_killed_server_does_not_throttle_after_restart(fresh_hearth):
+    """The assignment service's journal outlives a SIGKILL: the lease of the invocation that
+    was running must not count against reserved concurrency 1 after the restart."""
+    lam = fresh_hearth.client()
+    _create(lam, "kept")
+    lam.put_function_concurrency(FunctionName="kept", ReservedConcurrentExecutions=1)
+    t = threading.Thread(target=lambda: _try(lambda: _invoke(lam, "kept", {"sleep": 20})))
+    t.start()
+    time.sleep(3)  # the invocation holds the only lease
+    _expect_throttle(lam, "kept", "ReservedFunctionConcurrentInvocationLimitExceeded")
+    fresh_hearth.proc.kill()
+    fresh_hearth.proc.wait()
+    fresh_hearth.proc = None
+    t.join(timeout=30)
+    fresh_hearth.start()
+    lam = fresh_hearth.client()
+    assert _invoke(lam, "kept", {"echo": 1})["echo"] == 1
+
+
+def _try(f):
+    try:
+        f()
+    except Exception:
+        pass  # the server was killed under it

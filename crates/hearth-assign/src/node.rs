@@ -361,6 +361,33 @@ impl Node {
         }
     }
 
+    /// Declares every worker that holds sandboxes in this node's partitions dead (`WorkerDead`
+    /// in each partition it leads): for a node whose only worker is its own process, at start,
+    /// when every worker the journal names is an earlier run. Answers how many were removed.
+    pub async fn forget_all_workers(&self) -> usize {
+        let mut removed = 0;
+        for p in 0..self.groups.len() {
+            if !self.is_leader(p) {
+                continue;
+            }
+            let workers = self
+                .read(p as u32, |part| {
+                    part.sandboxes()
+                        .filter_map(|s| s.worker.clone())
+                        .collect::<std::collections::BTreeSet<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            for worker in workers {
+                let cmd = Command::WorkerDead { worker, now_ms: 0 };
+                if let WriteReply::Done(_) = self.write(p as u32, cmd).await {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// The live workers this node knows.
     pub fn workers(&self) -> Vec<WorkerReport> {
         self.fleet.lock().map(|f| f.live()).unwrap_or_default()

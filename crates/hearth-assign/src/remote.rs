@@ -469,6 +469,18 @@ impl RemoteInvoker {
         found
     }
 
+    /// Returns every held lease (at shutdown: a lease left held would count against its
+    /// function's concurrency until it expires).
+    pub async fn release_held(&self) {
+        let all: Vec<Held> = match self.held.lock() {
+            Ok(mut map) => map.drain().flat_map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        for h in all {
+            self.release(h.p, h.lease, false, true).await;
+        }
+    }
+
     /// Keeps a lease for the next invocation of the revision; starts the reaper that releases
     /// leases held longer than the hold period.
     fn hold(&self, key: (String, String), h: Held) {

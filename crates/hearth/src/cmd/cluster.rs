@@ -341,13 +341,8 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
             }),
         },
     );
-    super::up::serve_api(
-        &args.common,
-        &args.api,
-        &data_dir,
-        Arc::new(invoker),
-        &chunks,
-    )
-    .await?;
+    let invoker = Arc::new(invoker);
+    super::up::serve_api(&args.common, &args.api, &data_dir, invoker.clone(), &chunks).await?;
+    invoker.release_held().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -462,12 +462,17 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             },
         );
-        (Arc::new(invoker), Some(node))
+        let invoker = Arc::new(invoker);
+        (
+            invoker.clone() as Arc<dyn hearth_core::invoker::Invoker>,
+            Some((node, invoker)),
+        )
     } else {
         (Arc::new(worker.clone()), None)
     };
     serve_api(&args.common, &args.api, &data_dir, invoker, &chunks).await?;
-    if let Some(node) = node {
+    if let Some((node, invoker)) = node {
+        invoker.release_held().await;
         node.shutdown().await;
     }
     worker.shutdown().await;
@@ -509,6 +514,15 @@ async fn embedded_assignment(
             anyhow::bail!("the embedded assignment service elected no leader within 10 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every worker the journal names is an earlier run of this process: its sandboxes and
+    // leases (a crash leaves some) are gone.
+    let removed = node.forget_all_workers().await;
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "earlier runs' sandboxes removed from the assignment service"
+        );
     }
     let images = hearth_worker::ImageStore::new(
         args.worker
