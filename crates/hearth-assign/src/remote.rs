@@ -293,6 +293,10 @@ pub struct RemoteConfig {
     pub lease_hold: Duration,
     /// Each function's scaling rate, enforced by its partition across every front end.
     pub burst: Option<crate::partition::BurstLimit>,
+    /// Hold leases of functions with reserved concurrency too: right for the only front end
+    /// (`hearth up`), where a throttle first returns this front end's held leases of the
+    /// function; with several front ends one's held lease could throttle another's call.
+    pub hold_reserved: bool,
 }
 
 impl Default for RemoteConfig {
@@ -304,6 +308,7 @@ impl Default for RemoteConfig {
             snapshots_keep_network: false,
             lease_hold: Duration::ZERO,
             burst: None,
+            hold_reserved: false,
         }
     }
 }
@@ -317,6 +322,8 @@ struct Held {
     /// When the lease expires, by this process's clock (conservative: from before the acquire).
     expires: Instant,
     idle_since: Instant,
+    /// Counted against the account's unreserved pool (the function had no reservation).
+    unreserved: bool,
 }
 
 type HeldMap = HashMap<(String, String), Vec<Held>>;
@@ -472,13 +479,31 @@ impl RemoteInvoker {
     /// Returns every held lease (at shutdown: a lease left held would count against its
     /// function's concurrency until it expires).
     pub async fn release_held(&self) {
-        let all: Vec<Held> = match self.held.lock() {
-            Ok(mut map) => map.drain().flat_map(|(_, v)| v).collect(),
-            Err(_) => return,
+        self.release_held_where(|_, _| true).await;
+    }
+
+    /// Returns the held leases `pick` chooses (by (function, revision) and lease); answers how
+    /// many.
+    async fn release_held_where(&self, pick: impl Fn(&(String, String), &Held) -> bool) -> usize {
+        let chosen: Vec<Held> = match self.held.lock() {
+            Ok(mut map) => {
+                let mut chosen = Vec::new();
+                for (k, list) in map.iter_mut() {
+                    let (take, keep): (Vec<Held>, Vec<Held>) =
+                        std::mem::take(list).into_iter().partition(|h| pick(k, h));
+                    *list = keep;
+                    chosen.extend(take);
+                }
+                map.retain(|_, l| !l.is_empty());
+                chosen
+            }
+            Err(_) => return 0,
         };
-        for h in all {
+        let n = chosen.len();
+        for h in chosen {
             self.release(h.p, h.lease, false, true).await;
         }
+        n
     }
 
     /// Keeps a lease for the next invocation of the revision; starts the reaper that releases
@@ -706,7 +731,9 @@ impl Invoker for RemoteInvoker {
         // Init (at most 10 s), the timeout, and a margin: the lease outlives the invocation.
         let lease_ttl_ms = (u64::from(spec.timeout_s) + 10 + 30) * 1000;
         let ttl = Duration::from_millis(lease_ttl_ms);
-        let holding = !self.cfg.lease_hold.is_zero() && req.reserved_concurrency.is_none();
+        let unreserved = req.reserved_concurrency.is_none();
+        let holding = !self.cfg.lease_hold.is_zero() && (unreserved || self.cfg.hold_reserved);
+        let mut freed_held = false;
         let key = (spec.name.clone(), spec.revision_id.clone());
         let mut avoid: Vec<String> = Vec::new();
         let mut last = String::new();
@@ -754,6 +781,25 @@ impl Invoker for RemoteInvoker {
                 .map_err(assignment_down)?
             {
                 Response::Throttled { reason } => {
+                    // Leases this front end holds idle may be what is in the way: return
+                    // them and ask once more.
+                    if !freed_held {
+                        freed_held = true;
+                        let function = spec.name.clone();
+                        let freed = self
+                            .release_held_where(|k, h| match reason {
+                                ThrottleReason::ReservedFunctionConcurrency
+                                | ThrottleReason::ReservedFunctionConcurrencyZero => {
+                                    k.0 == function
+                                }
+                                ThrottleReason::AccountConcurrency => h.unreserved,
+                                ThrottleReason::FunctionScalingRate => false,
+                            })
+                            .await;
+                        if freed > 0 {
+                            continue;
+                        }
+                    }
                     return Err(InvokeError::TooManyRequests {
                         reason: throttle_reason(reason).into(),
                     });
@@ -821,6 +867,7 @@ impl Invoker for RemoteInvoker {
                                 addr,
                                 expires: asked + ttl,
                                 idle_since: Instant::now(),
+                                unreserved,
                             },
                         );
                         return r;

@@ -577,3 +577,40 @@ async fn the_embedded_invoker_leases_through_the_node_and_calls_its_worker_direc
     );
     s.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_first_returns_the_front_ends_own_held_leases() {
+    let s = setup().await;
+    let inv = RemoteInvoker::new(
+        s.client.clone(),
+        Secret::new(SECRET),
+        RemoteConfig {
+            lease_hold: Duration::from_secs(5),
+            hold_reserved: true,
+            ..Default::default()
+        },
+    );
+    // Version 1 of a function with reserved concurrency 1 runs; its lease is held.
+    inv.invoke(request("one", serde_json::json!({}), Some(1)))
+        .await
+        .expect("invoke");
+    let leases: u32 = s
+        .node
+        .status()
+        .await
+        .partitions
+        .iter()
+        .map(|p| p.stats.leases)
+        .sum();
+    assert_eq!(leases, 1, "held");
+    // Another version of it (another revision) needs the function's only lease: the held one
+    // is returned and the call runs instead of being throttled.
+    let mut other = request("one", serde_json::json!({"v": 2}), Some(1));
+    other.spec.revision_id = "r2".into();
+    other.spec.version = "2".into();
+    let r = inv.invoke(other).await.expect("not throttled");
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+    assert_eq!(v["payload"]["v"], 2);
+    s.beats.abort();
+    s.node.shutdown().await;
+}

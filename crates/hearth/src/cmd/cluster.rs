@@ -339,6 +339,8 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
                 per_window: args.scaling_rate,
                 window_ms: 10_000,
             }),
+            // Other front ends' calls could be throttled by this one's held leases.
+            hold_reserved: false,
         },
     );
     let invoker = Arc::new(invoker);

@@ -459,6 +459,8 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                     per_window: args.worker.scaling_rate,
                     window_ms: 10_000,
                 }),
+                // The only front end: a throttle returns its own held leases first.
+                hold_reserved: true,
                 ..Default::default()
             },
         );
