@@ -324,6 +324,9 @@ struct Held {
     idle_since: Instant,
     /// Counted against the account's unreserved pool (the function had no reservation).
     unreserved: bool,
+    /// The limits it was taken under: a held lease serves only calls under the same limits
+    /// (a changed reservation goes through the assignment service again).
+    limits: Limits,
 }
 
 type HeldMap = HashMap<(String, String), Vec<Held>>;
@@ -738,7 +741,19 @@ impl Invoker for RemoteInvoker {
         let mut avoid: Vec<String> = Vec::new();
         let mut last = String::new();
         // A lease this front end held since the last invocation: no journal write at all.
-        if holding && let Some(h) = self.take_held(&key, ttl) {
+        let held = if holding {
+            self.take_held(&key, ttl)
+        } else {
+            None
+        };
+        let held = match held {
+            Some(h) if h.limits != limits => {
+                self.release(h.p, h.lease, false, true).await;
+                None
+            }
+            other => other,
+        };
+        if let Some(h) = held {
             match self.run_on(&h.worker, &h.addr, &req).await {
                 Attempt::Finished(Ok(res)) if !res.function_error => {
                     self.hold(
@@ -868,6 +883,7 @@ impl Invoker for RemoteInvoker {
                                 expires: asked + ttl,
                                 idle_since: Instant::now(),
                                 unreserved,
+                                limits,
                             },
                         );
                         return r;

@@ -611,6 +611,14 @@ async fn a_throttle_first_returns_the_front_ends_own_held_leases() {
     let r = inv.invoke(other).await.expect("not throttled");
     let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
     assert_eq!(v["payload"]["v"], 2);
+    // A changed reservation is the assignment service's to check, never the held lease's:
+    // reserved concurrency 0 stops the function although a lease of it is held.
+    let mut zero = request("one", serde_json::json!({}), Some(0));
+    zero.spec.revision_id = "r2".into();
+    assert!(matches!(
+        inv.invoke(zero).await,
+        Err(InvokeError::TooManyRequests { .. })
+    ));
     s.beats.abort();
     s.node.shutdown().await;
 }
