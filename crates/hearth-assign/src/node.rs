@@ -365,27 +365,7 @@ impl Node {
     /// in each partition it leads): for a node whose only worker is its own process, at start,
     /// when every worker the journal names is an earlier run. Answers how many were removed.
     pub async fn forget_all_workers(&self) -> usize {
-        let mut removed = 0;
-        for p in 0..self.groups.len() {
-            if !self.is_leader(p) {
-                continue;
-            }
-            let workers = self
-                .read(p as u32, |part| {
-                    part.sandboxes()
-                        .filter_map(|s| s.worker.clone())
-                        .collect::<std::collections::BTreeSet<_>>()
-                })
-                .await
-                .unwrap_or_default();
-            for worker in workers {
-                let cmd = Command::WorkerDead { worker, now_ms: 0 };
-                if let WriteReply::Done(_) = self.write(p as u32, cmd).await {
-                    removed += 1;
-                }
-            }
-        }
-        removed
+        self.remove_workers(|_| true).await
     }
 
     /// The live workers this node knows.
@@ -494,6 +474,14 @@ impl Node {
         for w in &newly {
             tracing::warn!(worker = %w, "worker stopped heartbeating: marked dead");
         }
+        self.remove_workers(|w| self.fleet.lock().is_ok_and(|f| f.is_dead(w, now)))
+            .await;
+    }
+
+    /// In every partition this node leads, `WorkerDead` for each worker holding sandboxes there
+    /// that `dead` names. Answers how many workers were removed.
+    async fn remove_workers(&self, dead: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
         for p in 0..self.groups.len() {
             if !self.is_leader(p) {
                 continue;
@@ -506,25 +494,17 @@ impl Node {
                 })
                 .await
                 .unwrap_or_default();
-            let dead: Vec<String> = match self.fleet.lock() {
-                Ok(f) => on.into_iter().filter(|w| f.is_dead(w, now)).collect(),
-                Err(_) => return,
-            };
-            for worker in dead {
-                let reply = self
-                    .write(
-                        p as u32,
-                        Command::WorkerDead {
-                            worker: worker.clone(),
-                            now_ms: 0,
-                        },
-                    )
-                    .await;
+            for worker in on.into_iter().filter(|w| dead(w)) {
+                let cmd = Command::WorkerDead {
+                    worker: worker.clone(),
+                    now_ms: 0,
+                };
                 if let WriteReply::Done(Response::Expired {
                     destroy,
                     leases_ended,
-                }) = reply
+                }) = self.write(p as u32, cmd).await
                 {
+                    removed += 1;
                     tracing::warn!(
                         partition = p,
                         worker = %worker,
@@ -535,6 +515,7 @@ impl Node {
                 }
             }
         }
+        removed
     }
 
     fn is_leader(&self, p: usize) -> bool {

@@ -29,6 +29,18 @@ struct FakeWorker {
     retired: Mutex<Vec<String>>,
 }
 
+impl FakeWorker {
+    fn new(name: &str) -> Arc<Self> {
+        Arc::new(FakeWorker {
+            name: name.into(),
+            running: AtomicU32::new(0),
+            most: AtomicU32::new(0),
+            calls: AtomicUsize::new(0),
+            retired: Mutex::new(Vec::new()),
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl Invoker for FakeWorker {
     async fn invoke(&self, req: InvokeRequest) -> Result<InvokeResult, InvokeError> {
@@ -178,13 +190,7 @@ async fn setup() -> Setup {
     ));
     let mut workers = Vec::new();
     for name in ["wa", "wb"] {
-        let fake = Arc::new(FakeWorker {
-            name: name.into(),
-            running: AtomicU32::new(0),
-            most: AtomicU32::new(0),
-            calls: AtomicUsize::new(0),
-            retired: Mutex::new(Vec::new()),
-        });
+        let fake = FakeWorker::new(name);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         tokio::spawn(serve_worker(listener, Secret::new(SECRET), fake.clone()));
@@ -511,13 +517,7 @@ async fn the_scaling_rate_holds_across_front_ends() {
 async fn the_embedded_invoker_leases_through_the_node_and_calls_its_worker_directly() {
     let s = setup().await;
     // The embedded form: the node itself is the assignment service, the fake its worker.
-    let local = Arc::new(FakeWorker {
-        name: "local".into(),
-        running: AtomicU32::new(0),
-        most: AtomicU32::new(0),
-        calls: AtomicUsize::new(0),
-        retired: Mutex::new(Vec::new()),
-    });
+    let local = FakeWorker::new("local");
     // Only the local worker may be placed on: the network workers stop heartbeating.
     s.beats.abort();
     assert!(s.node.heartbeat(WorkerReport {
