@@ -2,6 +2,7 @@
 //! pool that assigns invocations to sandboxes.
 pub mod artifacts;
 pub mod cgroup;
+pub mod demand;
 pub mod engine;
 pub mod frames;
 pub mod images;
