@@ -12,8 +12,9 @@
 //! ([`crate::prewarm`]); a background task refills and trims off the request path, within the
 //! memory and disk budgets; with none ready a cold start creates one inline. One invocation at a time per sandbox; concurrent invocations
 //! of one function run in separate sandboxes. Idle sandboxes are destroyed after the
-//! keep-alive period, and least-recently-used idle sandboxes are evicted when a new one would
-//! pass the worker's memory budget.
+//! keep-alive period, except those beyond what the revision's recent demand predicts
+//! ([`crate::demand`]), which go after a short idle grace; least-recently-used idle sandboxes
+//! are evicted when a new one would pass the worker's memory budget.
 //!
 //! Failures follow Lambda: a handled function error keeps the sandbox; a timeout, a runtime
 //! exit, or the sandbox dying (out of memory) destroys it and the caller gets a function
@@ -35,6 +36,7 @@ use hearth_core::invoker::{
 use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, SandboxConfig};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::demand::{self, DemandConfig, DemandHistory};
 use crate::engine::{Claim, NetMode, RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
 use crate::frames;
 use crate::images::ImageStore;
@@ -46,8 +48,12 @@ use crate::snapshots::{RestorePoint, SnapshotError, SnapshotMeta, SnapshotMiss, 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub region: String,
-    /// How long an idle sandbox is kept for reuse.
+    /// How long an idle sandbox is kept for reuse (those beyond the predicted demand: see
+    /// [`WorkerConfig::demand`]).
     pub keep_alive: Duration,
+    /// How each revision's recent demand decides how many of its idle sandboxes keep the
+    /// keep-alive; the others go after the idle grace.
+    pub demand: DemandConfig,
     /// Memory all sandboxes together may be given (function memory + sentry overhead; a
     /// ready, unclaimed sandbox counts the sentry overhead).
     pub memory_budget_mb: u64,
@@ -80,6 +86,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             region: "us-east-1".into(),
             keep_alive: Duration::from_secs(300),
+            demand: DemandConfig::default(),
             memory_budget_mb: default_memory_budget_mb(),
             disk_budget_mb: 64 * 1024,
             prewarm: PrewarmConfig::default(),
@@ -141,6 +148,9 @@ pub struct PoolStats {
     pub paced: usize,
     /// Cold starts refused by the function's scaling rate ([`WorkerConfig::burst`]).
     pub burst_throttled: usize,
+    /// Idle sandboxes destroyed before their keep-alive because they were beyond their
+    /// revision's predicted demand ([`WorkerConfig::demand`]).
+    pub expired_beyond_demand: usize,
 }
 
 /// One execution environment owned by the pool.
@@ -161,6 +171,8 @@ struct Revision {
     cold_ms: Option<f64>,
     waiters: VecDeque<(u64, oneshot::Sender<Env>)>,
     next_waiter: u64,
+    /// The function's reserved concurrency, as its last invocation stated it.
+    reserved: Option<u32>,
 }
 
 impl Revision {
@@ -190,6 +202,10 @@ struct State {
     inflight_unreserved: u32,
     /// Per revision: how loaded it is, and the invocations waiting for one of its sandboxes.
     revisions: HashMap<String, Revision>,
+    /// Per revision: its recent invocations (how many of its sandboxes to keep warm).
+    revision_demand: HashMap<String, DemandHistory>,
+    /// Idle sandboxes destroyed early, beyond their revision's predicted demand.
+    expired_beyond_demand: usize,
     /// Cold starts running now (all revisions).
     starts_in_flight: usize,
     /// Misses that waited for a sandbox instead of starting one.
@@ -287,8 +303,8 @@ impl Worker {
         });
         tokio::spawn(refill_loop(Arc::downgrade(&inner)));
         let weak = Arc::downgrade(&inner);
-        let tick =
-            (inner.cfg.keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let tick = (inner.cfg.keep_alive.min(inner.cfg.demand.idle_grace) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(tick).await;
@@ -314,6 +330,7 @@ impl Worker {
             claimed_ready: st.claimed_ready,
             paced: st.paced,
             burst_throttled: st.burst_throttled,
+            expired_beyond_demand: st.expired_beyond_demand,
         }
     }
 
@@ -669,32 +686,87 @@ impl Inner {
         self.destroy_sandbox(sandbox);
     }
 
+    /// Destroy idle sandboxes past their keep-alive, and those beyond their revision's predicted
+    /// demand past the idle grace ([`demand::expired`]).
     fn expire_idle(self: &Arc<Self>) {
         let now = Instant::now();
+        let (keep_alive, dcfg) = (self.cfg.keep_alive, self.cfg.demand);
         let expired: Vec<Env> = {
             let mut st = self.lock();
+            let State {
+                idle,
+                revisions,
+                revision_demand,
+                ..
+            } = &mut *st;
             let mut out = Vec::new();
-            for envs in st.idle.values_mut() {
-                let (old, keep): (Vec<Env>, Vec<Env>) = envs
-                    .drain(..)
-                    .partition(|e| now.duration_since(e.last_used) >= self.cfg.keep_alive);
-                *envs = keep;
-                out.extend(old);
+            for (key, envs) in idle.iter_mut() {
+                let rev = revisions.get(key);
+                let in_use = rev.map_or(0, |r| r.busy + r.starting);
+                let predicted = revision_demand.get(key).map_or(0, |h| {
+                    demand::predict(h, now, &dcfg, keep_alive, rev.and_then(|r| r.reserved))
+                });
+                let last_used: Vec<Instant> = envs.iter().map(|e| e.last_used).collect();
+                let doomed = demand::expired(&last_used, in_use, predicted, now, keep_alive, &dcfg);
+                let (old, keep): (Vec<_>, Vec<_>) =
+                    envs.drain(..).zip(doomed).partition(|(_, d)| *d);
+                *envs = keep.into_iter().map(|(e, _)| e).collect();
+                if !old.is_empty() {
+                    tracing::debug!(
+                        revision = %key,
+                        predicted,
+                        in_use,
+                        idle = envs.len() + old.len(),
+                        expire = old.len(),
+                        "idle sandboxes expire"
+                    );
+                }
+                out.extend(old.into_iter().map(|(e, _)| e));
             }
             st.idle.retain(|_, v| !v.is_empty());
-            // Load records of revisions with nothing running, starting, waiting or idle.
+            st.expired_beyond_demand += out
+                .iter()
+                .filter(|e| now.duration_since(e.last_used) < keep_alive)
+                .count();
+            // Load records and histories of revisions with nothing running, starting, waiting
+            // or idle (histories: and no invocation within the keep-alive).
             let State {
-                revisions, idle, ..
+                revisions,
+                idle,
+                revision_demand,
+                ..
             } = &mut *st;
             revisions.retain(|k, r| !r.unused() || idle.contains_key(k));
+            revision_demand.retain(|k, h| {
+                h.forget_old(now, &dcfg);
+                !h.is_stale(now, keep_alive) || idle.contains_key(k)
+            });
             // Allowances back at the whole burst are the same as none.
             let (rule, t) = (self.cfg.burst, self.epoch.elapsed());
             st.burst.retain(|_, b| !b.full(rule, t));
             out
         };
         for env in expired {
-            tracing::debug!(sandbox = %env.sandbox.id, function = %env.function, "keep-alive expired");
+            let idle_ms = now.duration_since(env.last_used).as_millis() as u64;
+            tracing::debug!(sandbox = %env.sandbox.id, function = %env.function, idle_ms, "idle sandbox expired");
             self.destroy(env);
+        }
+    }
+
+    /// An invocation of revision `key` arrived: it counts in the revision's demand until the
+    /// returned guard is dropped.
+    fn arrive(self: &Arc<Self>, key: &str, reserved: Option<u32>) -> InFlight {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.revision_demand
+            .entry(key.to_string())
+            .or_insert_with(|| DemandHistory::new(now))
+            .arrive(now, &self.cfg.demand);
+        st.revisions.entry(key.to_string()).or_default().reserved = reserved;
+        InFlight {
+            inner: self.clone(),
+            key: key.to_string(),
+            since: now,
         }
     }
 
@@ -785,6 +857,26 @@ impl Inner {
         if sandbox_gone {
             st.live = st.live.saturating_sub(1);
         }
+    }
+}
+
+/// One invocation in its revision's demand history, from its arrival until dropped.
+struct InFlight {
+    inner: Arc<Inner>,
+    key: String,
+    since: Instant,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let ran = now.saturating_duration_since(self.since);
+        let cfg = self.inner.cfg.demand;
+        let mut st = self.inner.lock();
+        st.revision_demand
+            .entry(self.key.clone())
+            .or_insert_with(|| DemandHistory::new(now))
+            .finish(now, ran, &cfg);
     }
 }
 
@@ -1663,6 +1755,7 @@ impl Worker {
         }
         let _admission = admit(inner, &req)?;
         let key = pool_key(&req.spec);
+        let _in_flight = inner.arrive(&key, req.reserved_concurrency);
         let request_id = req.request_id.clone();
         let mut log = InvLog::new(req.log.clone());
         let warm = match self.acquire(&key, &req.spec.name, &mut log).await {

@@ -585,6 +585,79 @@ async fn keep_alive_expiry_destroys_idle_sandboxes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sandboxes_beyond_the_predicted_demand_expire_after_the_grace() {
+    // A burst of 3 with at most 2 predicted: one goes after the 1 s grace, two stay while the
+    // burst is within the 8 s window, then one (the function was used within the keep-alive)
+    // stays for the keep-alive.
+    let h = Arc::new(Harness::with_configs(
+        Duration::from_secs(60),
+        |_| {},
+        |w| {
+            w.start_limit = 3;
+            w.demand = hearth_worker::demand::DemandConfig {
+                window: Duration::from_secs(8),
+                idle_grace: Duration::from_secs(1),
+                max_per_revision: 2,
+            };
+        },
+    ));
+    let spec = h.spec(
+        "pydemand",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
+    let (a, b, c) = tokio::join!(
+        h.invoke(&spec, json!({"sleep": 3})),
+        h.invoke(&spec, json!({"sleep": 3})),
+        h.invoke(&spec, json!({"sleep": 3}))
+    );
+    for r in [a, b, c] {
+        let r = r.expect("burst call");
+        assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    }
+    let ended = std::time::Instant::now();
+    let s = h.worker.stats();
+    assert_eq!((s.cold_starts, s.live), (3, 3), "{s:?}");
+
+    let until = |want: usize, limit: Duration| {
+        let h = h.clone();
+        async move {
+            let t = std::time::Instant::now();
+            while h.worker.stats().live != want && t.elapsed() < limit {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            h.worker.stats()
+        }
+    };
+    // The one beyond the prediction goes after the grace, long before the window ends.
+    let s = until(2, Duration::from_secs(5)).await;
+    assert_eq!((s.live, s.expired_beyond_demand), (2, 1), "{s:?}");
+    assert!(
+        ended.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        ended.elapsed()
+    );
+    // The predicted two stay past the grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.worker.stats().live, 2);
+    // Once the burst is out of the window, one is predicted: the other goes.
+    let s = until(1, Duration::from_secs(30)).await;
+    assert_eq!((s.live, s.expired_beyond_demand), (1, 2), "{s:?}");
+    // The last one keeps the keep-alive and serves warm.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.worker.stats().live, 1);
+    let r = h.invoke(&spec, json!({})).await.expect("warm call");
+    assert_eq!(json_of(&r)["count"], 2);
+    let s = h.worker.stats();
+    assert_eq!((s.cold_starts, s.warm_starts, s.live), (3, 1, 1), "{s:?}");
+    match Arc::try_unwrap(h) {
+        Ok(h) => h.finish().await,
+        Err(_) => panic!("harness still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
     let h = Arc::new(Harness::new(Duration::from_secs(60)));
     let spec = h.spec("pypar", "python3.11", "app.handler", &[("app.py", PY_APP)]);
