@@ -526,6 +526,67 @@ def test_killing_the_partition_leader_loses_no_invocation(cluster):
         time.sleep(0.2)
 
 
+def test_acknowledged_events_survive_the_leader_and_the_front_end(cluster):
+    """The front end's queue of Event invocations lives in the assignment service, replicated
+    with its partition: events acknowledged (202) while the partition's leader is SIGKILLed and
+    then the front end itself is SIGKILLed all run once the function may run again, and the
+    front end keeps no queue of its own on its disk."""
+    lam = cluster.client(read_timeout=60)
+    lam.create_function(FunctionName="durable", Runtime="python3.11", Handler="app.handler",
+                        Role=ROLE, Timeout=30, Code={"ZipFile": make_zip({"app.py": """
+def handler(event, context):
+    print("RAN", event["n"])
+    return event
+"""})})
+    lam.get_waiter("function_active_v2").wait(FunctionName="durable")
+    # Reserved concurrency 0: every attempt is throttled, so the events stay queued (throttled
+    # events wait; they are never dropped).
+    lam.put_function_concurrency(FunctionName="durable", ReservedConcurrentExecutions=0)
+    acked, refused = [], []
+    stop = threading.Event()
+
+    def send():
+        n = 0
+        while not stop.is_set():
+            try:
+                r = lam.invoke(FunctionName="durable", InvocationType="Event",
+                               Payload=json.dumps({"n": n}))
+                (acked if r["StatusCode"] == 202 else refused).append(n)
+            except Exception as e:  # not acknowledged: the caller would retry
+                refused.append((n, str(e)))
+            n += 1
+            time.sleep(0.02)
+
+    leader = cluster.leader()
+    assert leader
+    th = threading.Thread(target=send)
+    th.start()
+    time.sleep(1.5)
+    cluster.nodes[leader].kill()
+    time.sleep(3)
+    stop.set()
+    th.join(timeout=90)
+    assert len(acked) >= 20, (acked, refused)
+    assert not (cluster.root / "frontend" / "events.redb").exists()
+    # The front end dies with every event still queued; a new one on the same data directory
+    # (so the same queue name) reads the queue back from the assignment service.
+    cluster.frontend.kill()
+    cluster.node(leader)
+    cluster.start_frontend()
+    lam = cluster.client(read_timeout=60)
+    lam.delete_function_concurrency(FunctionName="durable")
+    log = cluster.root / "frontend" / "logs" / "durable.log"
+    deadline = time.time() + 120
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        ran = {int(l.split()[-1]) for l in text.splitlines() if "RAN " in l}
+        missing = set(acked) - ran
+        if not missing:
+            break
+        assert time.time() < deadline, f"{len(missing)} acknowledged events never ran: {sorted(missing)[:20]}"
+        time.sleep(0.5)
+
+
 def test_the_leader_cut_off_grants_nothing_and_the_majority_serves(cluster):
     lam = cluster.client(read_timeout=60)
     create(lam, "cut")

@@ -35,6 +35,9 @@ pub struct ApiConfig {
     pub code_url_ttl: std::time::Duration,
     /// The asynchronous path: retry back-off, attempts in flight.
     pub async_config: crate::events::AsyncConfig,
+    /// Where asynchronous events are kept: `None` is `<data-dir>/events.redb`; a front end in
+    /// a cluster passes the assignment service's replicated log.
+    pub event_log: Option<std::sync::Arc<dyn hearth_core::eventlog::EventLog>>,
 }
 
 impl ApiConfig {
@@ -50,6 +53,7 @@ impl ApiConfig {
             chunk_store: None,
             code_url_ttl: crate::download::DEFAULT_TTL,
             async_config: crate::events::AsyncConfig::default(),
+            event_log: None,
         }
     }
 
@@ -200,10 +204,13 @@ impl AppState {
         let key_path = config.data_dir.join("download.key");
         let download_key = DownloadKey::load_or_create(&key_path).map_err(io(&key_path))?;
         let logs = std::sync::Arc::new(LogStore::new(config.data_dir.join("logs")));
-        let events = Arc::new(crate::events::Events::open(
-            &config.data_dir.join("events.redb"),
-            config.async_config,
-        )?);
+        let events = Arc::new(match &config.event_log {
+            Some(log) => crate::events::Events::with_log(log.clone(), config.async_config)?,
+            None => crate::events::Events::open(
+                &config.data_dir.join("events.redb"),
+                config.async_config,
+            )?,
+        });
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,

@@ -9,11 +9,13 @@
 
 pub mod capacity;
 pub mod client;
+pub mod eventlog;
 pub mod fleet;
 pub mod net;
 pub mod node;
 pub mod partition;
 pub mod placement;
+pub mod queues;
 pub mod remote;
 pub mod store;
 

@@ -230,6 +230,8 @@ pub enum Request {
         partition: u32,
         vote: VoteOf<TypeConfig>,
         meta: SnapshotMetaOf<TypeConfig>,
+        /// base64 on the wire (a JSON array of numbers would be four times the size).
+        #[serde(with = "crate::queues::b64")]
         data: Vec<u8>,
     },
     /// A command for a partition's journal (a client's write).

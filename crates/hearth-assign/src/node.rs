@@ -586,6 +586,7 @@ fn stamp(cmd: &mut Command, now: u64) {
         | Command::WorkerDead { now_ms, .. }
         | Command::Tick { now_ms }
         | Command::Gone { now_ms, .. } => *now_ms = now,
+        Command::Events { .. } | Command::ReadQueue { .. } => {}
     }
 }
 

@@ -47,6 +47,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::queues::{Blob, QueueOp, Queues};
+
 /// The name of a worker.
 pub type WorkerId = String;
 
@@ -202,6 +204,17 @@ pub enum Command {
     /// A worker reports it destroyed a sandbox (evicted, crashed): remove it; if it was
     /// Busy/Initializing its lease ends.
     Gone { sandbox: SandboxId, now_ms: u64 },
+    /// Changes to a front end's asynchronous event queue ([`crate::queues`]): applied together,
+    /// or refused together (`QueueFull`) when they add bytes past `max_bytes` and delete
+    /// nothing.
+    Events {
+        queue: String,
+        ops: Vec<QueueOp>,
+        max_bytes: u64,
+    },
+    /// Everything in a front end's queue, read through the journal (so it reflects every write
+    /// acknowledged before it). Changes nothing.
+    ReadQueue { queue: String },
 }
 
 impl fmt::Display for Command {
@@ -244,6 +257,10 @@ impl fmt::Display for Command {
             Command::Gone { sandbox, now_ms } => {
                 write!(f, "sandbox {} gone at {now_ms}", sandbox.0)
             }
+            Command::Events { queue, ops, .. } => {
+                write!(f, "{} change(s) to event queue {queue}", ops.len())
+            }
+            Command::ReadQueue { queue } => write!(f, "read event queue {queue}"),
         }
     }
 }
@@ -305,6 +322,15 @@ pub enum Response {
     Rejected {
         reason: RejectReason,
     },
+    /// An `Events` batch was refused: the partition's queues would pass their bound.
+    QueueFull {
+        why: String,
+    },
+    /// A queue's events and failed records (`ReadQueue`).
+    Queue {
+        events: Vec<(u64, Blob)>,
+        failed: Vec<(String, Blob)>,
+    },
 }
 
 /// How many sandboxes a partition holds in each state, and its leases.
@@ -315,6 +341,11 @@ pub struct Stats {
     pub busy: u32,
     pub dead: u32,
     pub leases: u32,
+    /// Asynchronous events queued in the partition (front ends' queues), and their bytes.
+    #[serde(default)]
+    pub events: u64,
+    #[serde(default)]
+    pub event_bytes: u64,
 }
 
 /// The state of one partition. See the module documentation.
@@ -344,6 +375,8 @@ pub struct Partition {
     /// Scaling-rate buckets of functions that started sandboxes recently (a full bucket is
     /// dropped by Tick: it is the same as none).
     burst: BTreeMap<String, Bucket>,
+    /// Front ends' asynchronous event queues kept in this partition ([`crate::queues`]).
+    queues: Queues,
 }
 
 /// The serialized form of a [`Partition`].
@@ -358,6 +391,8 @@ struct Snapshot {
     idle: Vec<(u64, SandboxId)>,
     #[serde(default)]
     burst: Vec<(String, Bucket)>,
+    #[serde(default)]
+    queues: Queues,
 }
 
 impl From<Partition> for Snapshot {
@@ -370,6 +405,7 @@ impl From<Partition> for Snapshot {
             sandboxes: p.sandboxes.into_values().collect(),
             leases: p.leases.into_values().collect(),
             burst: p.burst.into_iter().collect(),
+            queues: p.queues,
         }
     }
 }
@@ -383,6 +419,7 @@ impl TryFrom<Snapshot> for Partition {
             last_lease: s.last_lease,
             last_idle: s.last_idle,
             burst: s.burst.into_iter().collect(),
+            queues: s.queues,
             ..Partition::default()
         };
         for sandbox in s.sandboxes {
@@ -452,6 +489,23 @@ impl Partition {
             Command::WorkerDead { worker, now_ms: _ } => self.worker_dead(&worker),
             Command::Tick { now_ms } => self.tick(now_ms),
             Command::Gone { sandbox, now_ms: _ } => self.gone(sandbox),
+            Command::Events {
+                queue,
+                ops,
+                max_bytes,
+            } => match self.queues.apply(&queue, ops, max_bytes) {
+                Ok(()) => Response::Ok,
+                Err(full) => Response::QueueFull {
+                    why: full.to_string(),
+                },
+            },
+            Command::ReadQueue { queue } => {
+                let q = self.queues.get(&queue);
+                Response::Queue {
+                    events: q.events.into_iter().collect(),
+                    failed: q.failed.into_iter().collect(),
+                }
+            }
         };
         debug_assert_eq!(self.check_invariants(), Ok(()));
         response
@@ -498,6 +552,8 @@ impl Partition {
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
             leases: count(self.leases.len()),
+            events: self.queues.events(),
+            event_bytes: self.queues.bytes(),
             ..Stats::default()
         };
         for sandbox in self.sandboxes.values() {
@@ -516,6 +572,7 @@ impl Partition {
     /// while Initializing; ids are below the counters; the counts equal a recount from the lease
     /// table; the idle index holds exactly the Idle sandboxes.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.queues.check_invariants()?;
         let mut referenced = BTreeSet::new();
         let mut running: BTreeMap<String, u32> = BTreeMap::new();
         let mut unreserved = 0u32;
@@ -1949,6 +2006,8 @@ mod tests {
                 busy: 2,
                 dead: 1,
                 leases: 3,
+                events: 0,
+                event_bytes: 0,
             }
         );
         ok(&p);
@@ -2113,7 +2172,19 @@ mod tests {
         Gone {
             sandbox: Ref,
         },
+        /// A change to one of two event queues: an event of `size` bytes put, or deleted.
+        Events {
+            queue: usize,
+            seq: u64,
+            size: usize,
+            delete: bool,
+        },
+        ReadQueue {
+            queue: usize,
+        },
     }
+
+    const QUEUES: [&str; 2] = ["fe1", "fe2"];
 
     const FUNCTIONS: [&str; 3] = ["a", "b", "c"];
     const REVISIONS: [&str; 2] = ["1", "2"];
@@ -2150,6 +2221,10 @@ mod tests {
             1 => (0..WORKERS.len()).prop_map(|worker| Op::WorkerDead { worker }),
             1 => Just(Op::Tick),
             1 => reference().prop_map(|sandbox| Op::Gone { sandbox }),
+            2 => (0..QUEUES.len(), 0u64..6, 0usize..400, prop::bool::weighted(0.3)).prop_map(
+                |(queue, seq, size, delete)| Op::Events { queue, seq, size, delete }
+            ),
+            1 => (0..QUEUES.len()).prop_map(|queue| Op::ReadQueue { queue }),
         ]
     }
 
@@ -2204,6 +2279,23 @@ mod tests {
                 sandbox: sandbox.sandbox(p),
                 now_ms,
             },
+            Op::Events {
+                queue,
+                seq,
+                size,
+                delete,
+            } => Command::Events {
+                queue: QUEUES[*queue].into(),
+                ops: vec![if *delete {
+                    QueueOp::Delete(*seq)
+                } else {
+                    QueueOp::Put(*seq, Blob(vec![1; *size]))
+                }],
+                max_bytes: 1_000,
+            },
+            Op::ReadQueue { queue } => Command::ReadQueue {
+                queue: QUEUES[*queue].into(),
+            },
         }
     }
 
@@ -2251,7 +2343,10 @@ mod tests {
                     Response::Expired { leases_ended, .. } => {
                         held.retain(|_, l| !leases_ended.contains(l));
                     }
-                    Response::Rejected { .. } | Response::Throttled { .. } => {
+                    Response::Rejected { .. }
+                    | Response::Throttled { .. }
+                    | Response::QueueFull { .. }
+                    | Response::Queue { .. } => {
                         prop_assert_eq!(&p, &before, "{:?} changed the state", r);
                     }
                     Response::Renewed { .. } => {}
@@ -2266,6 +2361,17 @@ mod tests {
                     p.sandboxes().count()
                 );
                 prop_assert_eq!(stats.leases, stats.initializing + stats.busy);
+                // The queues never pass their bound by a batch that only adds, and event
+                // commands leave sandboxes and leases alone.
+                if let Command::Events { queue, ops, .. } = &cmd {
+                    let new_event = ops.iter().any(|o| matches!(o,
+                        QueueOp::Put(seq, _) if !before.queues.get(queue).events.contains_key(seq)));
+                    if new_event && r == Response::Ok {
+                        prop_assert!(stats.event_bytes <= 1_000, "{:?}", stats);
+                    }
+                    prop_assert_eq!(p.leases().count(), before.leases().count());
+                    prop_assert_eq!(p.sandboxes().count(), before.sandboxes().count());
+                }
             }
             prop_assert_eq!(&p, &twin);
             let json = serde_json::to_string(&p).expect("serialize");

@@ -551,3 +551,145 @@ async fn placement_uses_the_fleet_and_a_silent_worker_loses_its_sandboxes() {
     assert!(dead);
     cluster.shutdown().await;
 }
+
+/// A front end's asynchronous queue in the assignment service: events committed while the
+/// partition's leader is shut down are all kept (commits wait for the new leader), a queue
+/// opened again (a restarted front end, anywhere) sees exactly what was acknowledged, a full
+/// partition refuses new events and changes nothing, and the stopped node catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_queue_keeps_every_acknowledged_event_across_a_failover() {
+    use hearth_assign::eventlog::ReplicatedLog;
+    use hearth_assign::remote::Assignment;
+    use hearth_core::eventlog::{EventLog, EventLogError, LogOp};
+
+    let mut c = Cluster::new().await;
+    let client: Arc<dyn Assignment> = Arc::new(c.client());
+    let log = Arc::new(
+        ReplicatedLog::open(client, "fe-test", 1 << 20, Duration::from_secs(15))
+            .await
+            .expect("open"),
+    );
+    assert!(log.events().expect("events").is_empty());
+    let p = log.partition();
+    let payload = |seq: u64| format!("event {seq}").into_bytes();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (log, done, acked) = (log.clone(), done.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut failed = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                seq += 1;
+                match log.commit(vec![LogOp::Put(seq, payload(seq))]).await {
+                    Ok(()) => acked.lock().await.push(seq),
+                    Err(e) => failed.push((seq, e)),
+                }
+            }
+            failed
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let leader = c.wait_leader(p, None, Duration::from_secs(5)).await;
+    let before = acked.lock().await.len();
+    c.stop(leader).await;
+    let new = c
+        .wait_leader(p, Some(leader), Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    done.store(true, Ordering::Relaxed);
+    let failed = writer.await.expect("writer");
+    let acked = acked.lock().await.clone();
+    assert!(
+        before > 0 && acked.len() > before,
+        "{before} then {}",
+        acked.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "commits failed across the failover: {failed:?}"
+    );
+
+    // Finishing an event: its deletion and its failed record commit together.
+    log.commit(vec![
+        LogOp::Delete(1),
+        LogOp::PutFailed("id-1".into(), b"record".to_vec()),
+    ])
+    .await
+    .expect("finish");
+    assert_eq!(log.get(1).expect("get"), None);
+
+    // Another opening of the queue, over a new client, sees every acknowledged event.
+    let reopened = ReplicatedLog::open(
+        Arc::new(c.client()),
+        "fe-test",
+        1 << 20,
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("reopen");
+    let seen: Vec<u64> = reopened
+        .events()
+        .expect("events")
+        .into_iter()
+        .map(|(seq, bytes)| {
+            assert_eq!(bytes, payload(seq));
+            seq
+        })
+        .collect();
+    assert_eq!(seen, acked[1..].to_vec());
+    assert_eq!(
+        reopened.failed().expect("failed"),
+        vec![("id-1".to_string(), b"record".to_vec())]
+    );
+    let other = ReplicatedLog::open(
+        Arc::new(c.client()),
+        "fe-other",
+        1 << 20,
+        Duration::from_secs(15),
+    )
+    .await
+    .expect("other queue");
+    assert!(other.events().expect("events").is_empty());
+
+    // Past the bound a new event is refused and nothing changes.
+    let small = ReplicatedLog::open(Arc::new(c.client()), "fe-test", 64, Duration::from_secs(15))
+        .await
+        .expect("small");
+    let big = LogOp::Put(1_000_000, vec![0u8; 100]);
+    match small.commit(vec![big]).await {
+        Err(EventLogError::Full(why)) => assert!(why.contains("bound"), "{why}"),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert_eq!(small.get(1_000_000).expect("get"), None);
+    assert_eq!(small.events().expect("events").len(), seen.len());
+
+    // The stopped node restarts on its journal and holds the same queue.
+    c.restart(leader).await;
+    let want = c.nodes[(new - 1) as usize]
+        .as_ref()
+        .expect("new leader")
+        .read(p, |part| part.stats())
+        .await
+        .expect("stats");
+    assert_eq!(want.events, seen.len() as u64);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = c.nodes[(leader - 1) as usize]
+            .as_ref()
+            .expect("restarted")
+            .read(p, |part| part.stats())
+            .await
+            .expect("stats");
+        if got.events == want.events && got.event_bytes == want.event_bytes {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "restarted node at {got:?}, leader at {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}

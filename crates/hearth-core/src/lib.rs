@@ -9,6 +9,8 @@
 //! - [`code`]: deployment packages: validating and unpacking zips into the content-addressed
 //!   code store, and the chunk-store artifact name of a package.
 //! - [`runtimes`]: the runtime catalogue.
+//! - [`eventlog`]: where the asynchronous queue stores its events ([`eventlog::EventLog`]).
 pub mod code;
+pub mod eventlog;
 pub mod invoker;
 pub mod runtimes;

@@ -92,7 +92,21 @@ pub fn now_ms() -> u64 {
 impl Events {
     /// Open `<data-dir>/events.redb`; what an earlier run left queued is scheduled again.
     pub fn open(path: &std::path::Path, config: AsyncConfig) -> Result<Events, queue::QueueError> {
-        let (queue, found) = Queue::open(path)?;
+        Events::from_queue(Queue::open(path)?, config)
+    }
+
+    /// The queue over another event log (the assignment service's, in a cluster).
+    pub fn with_log(
+        log: Arc<dyn hearth_core::eventlog::EventLog>,
+        config: AsyncConfig,
+    ) -> Result<Events, queue::QueueError> {
+        Events::from_queue(Queue::with_log(log)?, config)
+    }
+
+    fn from_queue(
+        (queue, found): (Queue, Vec<(u64, EventHeader)>),
+        config: AsyncConfig,
+    ) -> Result<Events, queue::QueueError> {
         let mut sched = Scheduler::new(config.policy, config.concurrency);
         let now = now_ms();
         let count = found.len();
@@ -125,7 +139,15 @@ impl Events {
         self.queue
             .commit(vec![Op::Put(seq, Event { header, payload })])
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(|e| match e {
+                queue::QueueError::Log(hearth_core::eventlog::EventLogError::Full(why)) => {
+                    ApiError {
+                        message: format!("The asynchronous event queue is full: {why}"),
+                        ..ApiError::throttled("EventQueueFull", 1)
+                    }
+                }
+                other => ApiError::internal(other),
+            })?;
         self.sched().add(&function, seq, accepted, due, now_ms());
         self.wake.notify_one();
         Ok(seq)

@@ -1,6 +1,8 @@
-//! The durable part of asynchronous invocation: `<data-dir>/events.redb`.
+//! The durable part of asynchronous invocation: the queue over an [`EventLog`], by default
+//! [`RedbLog`], `<data-dir>/events.redb` (a front end in a cluster uses the assignment
+//! service's replicated log instead).
 //!
-//! Two tables: `events` (sequence number → the event: a JSON header and the raw payload) and
+//! The redb log has two tables: `events` (sequence number → the event: a JSON header and the raw payload) and
 //! `failed` (event id → the record of an event that failed for good). Every change is a
 //! [`Batch`] of operations that commit together (an event's deletion with its failed record
 //! and the destination event it produces, say). One writer thread owns the write side and
@@ -13,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use hearth_core::eventlog::{EventLog, EventLogError, LogOp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,8 @@ pub enum QueueError {
     WriterGone,
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error(transparent)]
+    Log(#[from] EventLogError),
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> QueueError {
@@ -116,17 +121,21 @@ pub enum Op {
 /// Changes that commit together.
 pub type Batch = Vec<Op>;
 
-struct Pending {
-    ops: Batch,
-    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+impl Op {
+    fn into_log(self) -> Result<LogOp, QueueError> {
+        Ok(match self {
+            Op::Put(seq, event) => LogOp::Put(seq, event.encode()?),
+            Op::Delete(seq) => LogOp::Delete(seq),
+            Op::PutFailed(id, bytes) => LogOp::PutFailed(id, bytes),
+            Op::DeleteFailed(id) => LogOp::DeleteFailed(id),
+        })
+    }
 }
 
-/// The event database and its writer.
+/// The queue's events, in whichever [`EventLog`] holds them.
 pub struct Queue {
-    db: Arc<Database>,
-    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<Pending>>>,
+    log: Arc<dyn EventLog>,
     next_seq: AtomicU64,
-    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -136,41 +145,26 @@ impl std::fmt::Debug for Queue {
 }
 
 impl Queue {
-    /// Open (or create) the database and start its writer; returns the queue and every event
-    /// in it (left by an earlier run: they are all still to do).
+    /// Open (or create) the redb file at `path`; returns the queue and every event in it (left
+    /// by an earlier run: they are all still to do).
     pub fn open(path: &Path) -> Result<(Queue, Vec<(u64, EventHeader)>), QueueError> {
-        let db = Database::create(path).map_err(dberr)?;
-        let txn = db.begin_write().map_err(dberr)?;
-        {
-            txn.open_table(EVENTS).map_err(dberr)?;
-            txn.open_table(FAILED).map_err(dberr)?;
-        }
-        txn.commit().map_err(dberr)?;
+        Queue::with_log(Arc::new(RedbLog::open(path)?))
+    }
+
+    /// The queue over `log`, and every event already in it.
+    pub fn with_log(
+        log: Arc<dyn EventLog>,
+    ) -> Result<(Queue, Vec<(u64, EventHeader)>), QueueError> {
         let mut found = Vec::new();
         let mut last = 0u64;
-        {
-            let txn = db.begin_read().map_err(dberr)?;
-            let table = txn.open_table(EVENTS).map_err(dberr)?;
-            for entry in table.iter().map_err(dberr)? {
-                let (k, v) = entry.map_err(dberr)?;
-                let seq = k.value();
-                last = last.max(seq);
-                found.push((seq, Event::decode(seq, v.value())?.header));
-            }
+        for (seq, bytes) in log.events()? {
+            last = last.max(seq);
+            found.push((seq, Event::decode(seq, &bytes)?.header));
         }
-        let db = Arc::new(db);
-        let (tx, rx) = std::sync::mpsc::channel::<Pending>();
-        let writer_db = db.clone();
-        let writer = std::thread::Builder::new()
-            .name("hearth-events".into())
-            .spawn(move || write_loop(&writer_db, &rx))
-            .map_err(|e| QueueError::Commit(format!("starting the event writer: {e}")))?;
         Ok((
             Queue {
-                db,
-                tx: std::sync::Mutex::new(Some(tx)),
+                log,
                 next_seq: AtomicU64::new(last + 1),
-                writer: std::sync::Mutex::new(Some(writer)),
             },
             found,
         ))
@@ -183,47 +177,153 @@ impl Queue {
 
     /// Commit `ops` durably (with whatever else is waiting).
     pub async fn commit(&self, ops: Batch) -> Result<(), QueueError> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        {
-            let tx = self.tx.lock().map_err(|_| QueueError::WriterGone)?;
-            let tx = tx.as_ref().ok_or(QueueError::WriterGone)?;
-            tx.send(Pending { ops, done })
-                .map_err(|_| QueueError::WriterGone)?;
-        }
-        wait.await
-            .map_err(|_| QueueError::WriterGone)?
-            .map_err(QueueError::Commit)
+        let ops = ops
+            .into_iter()
+            .map(Op::into_log)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.log.commit(ops).await?)
     }
 
     /// One event (blocking).
     pub fn get(&self, seq: u64) -> Result<Option<Event>, QueueError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(EVENTS).map_err(dberr)?;
-        let value = table.get(seq).map_err(dberr)?;
-        value.map(|v| Event::decode(seq, v.value())).transpose()
+        self.log
+            .get(seq)?
+            .map(|bytes| Event::decode(seq, &bytes))
+            .transpose()
     }
 
     /// Every failed record (blocking), in id order.
     pub fn failed(&self) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(FAILED).map_err(dberr)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(dberr)? {
-            let (k, v) = entry.map_err(dberr)?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        Ok(self.log.failed()?)
     }
 
     /// One failed record (blocking).
     pub fn failed_one(&self, id: &str) -> Result<Option<Vec<u8>>, QueueError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(FAILED).map_err(dberr)?;
-        Ok(table.get(id).map_err(dberr)?.map(|v| v.value().to_vec()))
+        Ok(self.log.failed_one(id)?)
     }
 
     /// Stop the writer after what is queued has committed.
     pub fn close(&self) {
+        self.log.close();
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Pending {
+    ops: Vec<LogOp>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The embedded event log: `<data-dir>/events.redb`, one writer thread committing whatever
+/// batches wait in one transaction.
+pub struct RedbLog {
+    db: Arc<Database>,
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<Pending>>>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RedbLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbLog").finish_non_exhaustive()
+    }
+}
+
+impl RedbLog {
+    pub fn open(path: &Path) -> Result<RedbLog, QueueError> {
+        let db = Database::create(path).map_err(dberr)?;
+        let txn = db.begin_write().map_err(dberr)?;
+        {
+            txn.open_table(EVENTS).map_err(dberr)?;
+            txn.open_table(FAILED).map_err(dberr)?;
+        }
+        txn.commit().map_err(dberr)?;
+        let db = Arc::new(db);
+        let (tx, rx) = std::sync::mpsc::channel::<Pending>();
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("hearth-events".into())
+            .spawn(move || write_loop(&writer_db, &rx))
+            .map_err(|e| QueueError::Commit(format!("starting the event writer: {e}")))?;
+        Ok(RedbLog {
+            db,
+            tx: std::sync::Mutex::new(Some(tx)),
+            writer: std::sync::Mutex::new(Some(writer)),
+        })
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, QueueError>,
+    ) -> Result<T, EventLogError> {
+        let txn = self.db.begin_read().map_err(|e| from_queue(dberr(e)))?;
+        f(&txn).map_err(from_queue)
+    }
+}
+
+fn from_queue(e: QueueError) -> EventLogError {
+    EventLogError::Failed(e.to_string())
+}
+
+#[async_trait::async_trait]
+impl EventLog for RedbLog {
+    async fn commit(&self, ops: Vec<LogOp>) -> Result<(), EventLogError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        {
+            let tx = self.tx.lock().map_err(|_| EventLogError::Closed)?;
+            let tx = tx.as_ref().ok_or(EventLogError::Closed)?;
+            tx.send(Pending { ops, done })
+                .map_err(|_| EventLogError::Closed)?;
+        }
+        wait.await
+            .map_err(|_| EventLogError::Closed)?
+            .map_err(EventLogError::Failed)
+    }
+
+    fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, EventLogError> {
+        self.read(|txn| {
+            let table = txn.open_table(EVENTS).map_err(dberr)?;
+            let value = table.get(seq).map_err(dberr)?;
+            Ok(value.map(|v| v.value().to_vec()))
+        })
+    }
+
+    fn events(&self) -> Result<Vec<(u64, Vec<u8>)>, EventLogError> {
+        self.read(|txn| {
+            let table = txn.open_table(EVENTS).map_err(dberr)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(dberr)? {
+                let (k, v) = entry.map_err(dberr)?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    fn failed(&self) -> Result<Vec<(String, Vec<u8>)>, EventLogError> {
+        self.read(|txn| {
+            let table = txn.open_table(FAILED).map_err(dberr)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(dberr)? {
+                let (k, v) = entry.map_err(dberr)?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    fn failed_one(&self, id: &str) -> Result<Option<Vec<u8>>, EventLogError> {
+        self.read(|txn| {
+            let table = txn.open_table(FAILED).map_err(dberr)?;
+            Ok(table.get(id).map_err(dberr)?.map(|v| v.value().to_vec()))
+        })
+    }
+
+    fn close(&self) {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
@@ -235,7 +335,7 @@ impl Queue {
     }
 }
 
-impl Drop for Queue {
+impl Drop for RedbLog {
     fn drop(&mut self) {
         self.close();
     }
@@ -268,20 +368,18 @@ fn apply(db: &Database, group: &[Pending]) -> Result<(), QueueError> {
         for p in group {
             for op in &p.ops {
                 match op {
-                    Op::Put(seq, event) => {
-                        events
-                            .insert(*seq, event.encode()?.as_slice())
-                            .map_err(dberr)?;
+                    LogOp::Put(seq, bytes) => {
+                        events.insert(*seq, bytes.as_slice()).map_err(dberr)?;
                     }
-                    Op::Delete(seq) => {
+                    LogOp::Delete(seq) => {
                         events.remove(*seq).map_err(dberr)?;
                     }
-                    Op::PutFailed(id, bytes) => {
+                    LogOp::PutFailed(id, bytes) => {
                         failed
                             .insert(id.as_str(), bytes.as_slice())
                             .map_err(dberr)?;
                     }
-                    Op::DeleteFailed(id) => {
+                    LogOp::DeleteFailed(id) => {
                         failed.remove(id.as_str()).map_err(dberr)?;
                     }
                 }

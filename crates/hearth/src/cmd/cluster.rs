@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use clap::Args;
 use hearth_assign::client::Client;
+use hearth_assign::eventlog::ReplicatedLog;
 use hearth_assign::fleet::WorkerReport;
 use hearth_assign::remote::{RemoteConfig, RemoteInvoker, serve_worker};
 
@@ -137,6 +138,49 @@ pub struct FrontendArgs {
     /// scaling rate: 1,000); a cold start past it gets 429 `FunctionInvocationRateLimitExceeded`.
     #[arg(long, env = "HEARTH_SCALING_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub scaling_rate: u32,
+    /// The name of this front end's queue of asynchronous invocations, kept in the assignment
+    /// service (replicated with its partition). Default: a name made at first start and kept
+    /// in `<data-dir>/events-queue`. A front end started elsewhere with the same name takes
+    /// over the queue; two running front ends must never share one.
+    #[arg(long, env = "HEARTH_EVENTS_QUEUE")]
+    pub events_queue: Option<String>,
+    /// Bound (MiB) of the asynchronous events the assignment service keeps in one partition
+    /// (every front end's queue there together); past it `Event` invocations get 429.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=40))]
+    pub events_queue_mb: u64,
+}
+
+/// The front end's queue name: `--events-queue`, else the one kept in the data directory
+/// (made at first start).
+fn events_queue_name(given: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let valid = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 128
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if let Some(name) = given {
+        anyhow::ensure!(
+            valid(name),
+            "--events-queue {name:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
+        );
+        return Ok(name.to_string());
+    }
+    let path = data_dir.join("events-queue");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let name = text.trim().to_string();
+            anyhow::ensure!(valid(&name), "{} holds no valid queue name", path.display());
+            Ok(name)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name = format!("frontend-{}", hex::encode(rand::random::<[u8; 8]>()));
+            std::fs::write(&path, format!("{name}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(name)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -327,7 +371,7 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
         Duration::from_secs(10),
     ));
     let invoker = RemoteInvoker::new(
-        client,
+        client.clone(),
         secret,
         RemoteConfig {
             holder: format!("frontend {} pid {}", host_name(), std::process::id()),
@@ -344,7 +388,28 @@ async fn frontend_main(args: FrontendArgs) -> anyhow::Result<ExitCode> {
         },
     );
     let invoker = Arc::new(invoker);
-    super::up::serve_api(&args.common, &args.api, &data_dir, invoker.clone(), &chunks).await?;
+    let queue = events_queue_name(args.events_queue.as_deref(), &data_dir)?;
+    let events = ReplicatedLog::open(
+        client.clone(),
+        &queue,
+        args.events_queue_mb << 20,
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("opening the event queue {queue} in the assignment service"))?;
+    println!(
+        "asynchronous invocations queue in the assignment service as {queue} (partition {})",
+        events.partition()
+    );
+    super::up::serve_api(
+        &args.common,
+        &args.api,
+        &data_dir,
+        invoker.clone(),
+        &chunks,
+        Some(Arc::new(events)),
+    )
+    .await?;
     invoker.release_held().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -365,6 +365,7 @@ pub async fn serve_api(
     data_dir: &Path,
     invoker: Arc<dyn hearth_core::invoker::Invoker>,
     chunks: &hearth_store::ChunkStore,
+    event_log: Option<Arc<dyn hearth_core::eventlog::EventLog>>,
 ) -> anyhow::Result<()> {
     let creds = load_or_create_credentials(data_dir, args)?;
     let config = hearth_api::ApiConfig {
@@ -383,6 +384,7 @@ pub async fn serve_api(
             },
             concurrency: args.async_concurrency as usize,
         },
+        event_log,
     };
     let state = hearth_api::AppState::new(config, invoker)
         .await
@@ -472,7 +474,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         (Arc::new(worker.clone()), None)
     };
-    serve_api(&args.common, &args.api, &data_dir, invoker, &chunks).await?;
+    serve_api(&args.common, &args.api, &data_dir, invoker, &chunks, None).await?;
     if let Some((node, invoker)) = node {
         invoker.release_held().await;
         node.shutdown().await;
