@@ -284,7 +284,7 @@ fn print_status(
         }
     }
     println!();
-    println!("PARTITION  LEADER  TERM  APPLIED  INIT  IDLE  BUSY  DEAD  LEASES");
+    println!("PARTITION  LEADER  TERM  APPLIED  INIT  IDLE  BUSY  DEAD  LEASES  EVENTS");
     for (p, views) in by_partition {
         // The leader's own view is the freshest.
         let best = views
@@ -294,14 +294,16 @@ fn print_status(
         if let Some((_, v)) = best {
             let leader = v.leader.map_or("none".to_string(), |l| l.to_string());
             println!(
-                "{p:<10} {leader:<7} {:<5} {:<8} {:<5} {:<5} {:<5} {:<5} {}",
+                "{p:<10} {leader:<7} {:<5} {:<8} {:<5} {:<5} {:<5} {:<5} {:<7} {} ({} KiB)",
                 v.term,
                 v.last_applied.unwrap_or(0),
                 v.stats.initializing,
                 v.stats.idle,
                 v.stats.busy,
                 v.stats.dead,
-                v.stats.leases
+                v.stats.leases,
+                v.stats.events,
+                v.stats.event_bytes.div_ceil(1024)
             );
         }
     }
