@@ -110,6 +110,18 @@ pub struct WorkerArgs {
     /// cold start past it gets 429 `FunctionInvocationRateLimitExceeded`.
     #[arg(long, env = "HEARTH_SCALING_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub scaling_rate: u32,
+    /// Seconds an idle sandbox beyond its function version's predicted demand is kept (the
+    /// predicted ones keep --keep-alive); at or above --keep-alive every idle sandbox keeps
+    /// the keep-alive.
+    #[arg(long, env = "HEARTH_IDLE_GRACE", default_value_t = 30)]
+    pub idle_grace: u64,
+    /// Seconds of recent invocations (peak concurrency, arrival rate times mean duration) that
+    /// predict how many sandboxes of a function version to keep warm.
+    #[arg(long, env = "HEARTH_DEMAND_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub demand_window: u64,
+    /// Most sandboxes of one function version its predicted demand keeps warm.
+    #[arg(long, env = "HEARTH_KEEP_WARM_MAX", default_value_t = 100)]
+    pub keep_warm_max: usize,
 }
 
 /// The chunk store's collector settings.
@@ -314,6 +326,11 @@ pub async fn start_worker(
         WorkerConfig {
             region: common.region.clone(),
             keep_alive: Duration::from_secs(common.keep_alive),
+            demand: hearth_worker::demand::DemandConfig {
+                window: Duration::from_secs(args.demand_window),
+                idle_grace: Duration::from_secs(args.idle_grace),
+                max_per_revision: args.keep_warm_max,
+            },
             memory_budget_mb: args
                 .memory_budget_mb
                 .unwrap_or_else(hearth_worker::pool::default_memory_budget_mb),
