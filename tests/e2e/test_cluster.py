@@ -348,28 +348,38 @@ def test_invocations_run_on_the_workers_and_status_shows_the_cluster(cluster):
     assert "WORKER" in text and "wa/" in text and "wb/" in text, text
 
 
-def test_asynchronous_invocations_run_on_the_workers(cluster):
-    """Events accepted by the front end (202) run through the same leases on the workers."""
-    lam = cluster.client()
-    lam.create_function(FunctionName="events", Runtime="python3.11", Handler="app.handler",
+def create_printer(lam, name):
+    """A function that prints `RAN n` for its event's n."""
+    lam.create_function(FunctionName=name, Runtime="python3.11", Handler="app.handler",
                         Role=ROLE, Timeout=30, Code={"ZipFile": make_zip({"app.py": """
 def handler(event, context):
     print("RAN", event["n"])
     return event
 """})})
-    lam.get_waiter("function_active_v2").wait(FunctionName="events")
+    lam.get_waiter("function_active_v2").wait(FunctionName=name)
+
+
+def wait_ran(cluster, name, want, timeout):
+    """Until the function's log shows every n in `want` ran."""
+    log = cluster.root / "frontend" / "logs" / f"{name}.log"
+    deadline = time.time() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        missing = set(want) - {int(l.split()[-1]) for l in text.splitlines() if "RAN " in l}
+        if not missing:
+            return
+        assert time.time() < deadline, f"{len(missing)} never ran: {sorted(missing)[:20]}"
+        time.sleep(0.3)
+
+
+def test_asynchronous_invocations_run_on_the_workers(cluster):
+    """Events accepted by the front end (202) run through the same leases on the workers."""
+    lam = cluster.client()
+    create_printer(lam, "events")
     for n in range(5):
         r = lam.invoke(FunctionName="events", InvocationType="Event", Payload=json.dumps({"n": n}))
         assert r["StatusCode"] == 202
-    log = cluster.root / "frontend" / "logs" / "events.log"
-    deadline = time.time() + 60
-    while True:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        ran = {int(l.split()[-1]) for l in text.splitlines() if "RAN " in l}
-        if ran == set(range(5)):
-            break
-        assert time.time() < deadline, f"ran {sorted(ran)}"
-        time.sleep(0.3)
+    wait_ran(cluster, "events", range(5), 60)
 
 
 def test_reserved_concurrency_holds_across_workers(cluster):
@@ -532,13 +542,7 @@ def test_acknowledged_events_survive_the_leader_and_the_front_end(cluster):
     then the front end itself is SIGKILLed all run once the function may run again, and the
     front end keeps no queue of its own on its disk."""
     lam = cluster.client(read_timeout=60)
-    lam.create_function(FunctionName="durable", Runtime="python3.11", Handler="app.handler",
-                        Role=ROLE, Timeout=30, Code={"ZipFile": make_zip({"app.py": """
-def handler(event, context):
-    print("RAN", event["n"])
-    return event
-"""})})
-    lam.get_waiter("function_active_v2").wait(FunctionName="durable")
+    create_printer(lam, "durable")
     # Reserved concurrency 0: every attempt is throttled, so the events stay queued (throttled
     # events wait; they are never dropped).
     lam.put_function_concurrency(FunctionName="durable", ReservedConcurrentExecutions=0)
@@ -575,16 +579,7 @@ def handler(event, context):
     cluster.start_frontend()
     lam = cluster.client(read_timeout=60)
     lam.delete_function_concurrency(FunctionName="durable")
-    log = cluster.root / "frontend" / "logs" / "durable.log"
-    deadline = time.time() + 120
-    while True:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        ran = {int(l.split()[-1]) for l in text.splitlines() if "RAN " in l}
-        missing = set(acked) - ran
-        if not missing:
-            break
-        assert time.time() < deadline, f"{len(missing)} acknowledged events never ran: {sorted(missing)[:20]}"
-        time.sleep(0.5)
+    wait_ran(cluster, "durable", acked, 120)
 
 
 def test_the_leader_cut_off_grants_nothing_and_the_majority_serves(cluster):

@@ -11,7 +11,6 @@
 //! passed; its operations are idempotent, so a batch that landed but whose answer was lost does
 //! no harm when it lands again.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,39 +20,12 @@ use hearth_core::eventlog::{EventLog, EventLogError, LogOp};
 
 use crate::client::ClientError;
 use crate::partition::{Command, Response};
-use crate::queues::QueueOp;
+use crate::queues::{Queue, QueueOp};
 use crate::remote::Assignment;
 
 /// The largest bound a partition's queues may be given: a whole queue is read in one frame of
 /// the cluster's wire (64 MiB, base64 inflates by a third).
 pub const MAX_QUEUE_BYTES: u64 = 40 << 20;
-
-#[derive(Default)]
-struct Mirror {
-    events: BTreeMap<u64, Vec<u8>>,
-    failed: BTreeMap<String, Vec<u8>>,
-}
-
-impl Mirror {
-    fn apply(&mut self, ops: Vec<LogOp>) {
-        for op in ops {
-            match op {
-                LogOp::Put(seq, b) => {
-                    self.events.insert(seq, b);
-                }
-                LogOp::Delete(seq) => {
-                    self.events.remove(&seq);
-                }
-                LogOp::PutFailed(id, b) => {
-                    self.failed.insert(id, b);
-                }
-                LogOp::DeleteFailed(id) => {
-                    self.failed.remove(&id);
-                }
-            }
-        }
-    }
-}
 
 /// One front end's queue in the assignment service. See the module documentation.
 pub struct ReplicatedLog {
@@ -62,7 +34,7 @@ pub struct ReplicatedLog {
     partition: u32,
     max_bytes: u64,
     retry_for: Duration,
-    mirror: std::sync::Mutex<Mirror>,
+    mirror: std::sync::Mutex<Queue>,
     closed: AtomicBool,
 }
 
@@ -100,7 +72,7 @@ impl ReplicatedLog {
             partition,
             max_bytes,
             retry_for,
-            mirror: std::sync::Mutex::new(Mirror::default()),
+            mirror: std::sync::Mutex::new(Queue::default()),
             closed: AtomicBool::new(false),
         };
         let read = Command::ReadQueue {
@@ -109,8 +81,8 @@ impl ReplicatedLog {
         match log.send(read).await? {
             Response::Queue { events, failed } => {
                 let mut m = log.lock()?;
-                m.events = events.into_iter().map(|(k, b)| (k, b.0)).collect();
-                m.failed = failed.into_iter().map(|(k, b)| (k, b.0)).collect();
+                m.events = events.into_iter().collect();
+                m.failed = failed.into_iter().collect();
             }
             other => {
                 return Err(EventLogError::Failed(format!(
@@ -126,7 +98,7 @@ impl ReplicatedLog {
         self.partition
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Mirror>, EventLogError> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Queue>, EventLogError> {
         self.mirror
             .lock()
             .map_err(|_| EventLogError::Failed("the queue's mirror is poisoned".into()))
@@ -161,14 +133,18 @@ impl EventLog for ReplicatedLog {
         if self.closed.load(Ordering::Relaxed) {
             return Err(EventLogError::Closed);
         }
+        let ops: Vec<QueueOp> = ops.into_iter().map(QueueOp::from).collect();
         let cmd = Command::Events {
             queue: self.queue.clone(),
-            ops: ops.iter().cloned().map(QueueOp::from).collect(),
+            ops: ops.clone(),
             max_bytes: self.max_bytes,
         };
         match self.send(cmd).await? {
             Response::Ok => {
-                self.lock()?.apply(ops);
+                let mut mirror = self.lock()?;
+                for op in ops {
+                    mirror.apply(op);
+                }
                 Ok(())
             }
             Response::QueueFull { why } => Err(EventLogError::Full(why)),
@@ -179,7 +155,7 @@ impl EventLog for ReplicatedLog {
     }
 
     fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, EventLogError> {
-        Ok(self.lock()?.events.get(&seq).cloned())
+        Ok(self.lock()?.events.get(&seq).map(|b| b.0.clone()))
     }
 
     fn events(&self) -> Result<Vec<(u64, Vec<u8>)>, EventLogError> {
@@ -187,7 +163,7 @@ impl EventLog for ReplicatedLog {
             .lock()?
             .events
             .iter()
-            .map(|(k, v)| (*k, v.clone()))
+            .map(|(k, v)| (*k, v.0.clone()))
             .collect())
     }
 
@@ -196,12 +172,12 @@ impl EventLog for ReplicatedLog {
             .lock()?
             .failed
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.0.clone()))
             .collect())
     }
 
     fn failed_one(&self, id: &str) -> Result<Option<Vec<u8>>, EventLogError> {
-        Ok(self.lock()?.failed.get(id).cloned())
+        Ok(self.lock()?.failed.get(id).map(|b| b.0.clone()))
     }
 
     fn close(&self) {

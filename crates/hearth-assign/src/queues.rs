@@ -101,6 +101,24 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// Applies one change.
+    pub fn apply(&mut self, op: QueueOp) {
+        match op {
+            QueueOp::Put(seq, b) => {
+                self.events.insert(seq, b);
+            }
+            QueueOp::Delete(seq) => {
+                self.events.remove(&seq);
+            }
+            QueueOp::PutFailed(id, b) => {
+                self.failed.insert(id, b);
+            }
+            QueueOp::DeleteFailed(id) => {
+                self.failed.remove(&id);
+            }
+        }
+    }
+
     fn bytes(&self) -> u64 {
         let events: u64 = self.events.values().map(|b| b.0.len() as u64).sum();
         let failed: u64 = self
@@ -191,20 +209,7 @@ impl Queues {
         }
         let queue = self.queues.entry(name.to_string()).or_default();
         for op in ops {
-            match op {
-                QueueOp::Put(seq, b) => {
-                    queue.events.insert(seq, b);
-                }
-                QueueOp::Delete(seq) => {
-                    queue.events.remove(&seq);
-                }
-                QueueOp::PutFailed(id, b) => {
-                    queue.failed.insert(id, b);
-                }
-                QueueOp::DeleteFailed(id) => {
-                    queue.failed.remove(&id);
-                }
-            }
+            queue.apply(op);
         }
         if queue.is_empty() {
             self.queues.remove(name);
