@@ -224,6 +224,7 @@ mod tests {
             busy,
             sandboxes: busy,
             cached: Default::default(),
+            idle: None,
         }
     }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::partition::WorkerId;
+use crate::partition::{Sandbox, SandboxId, SandboxState, WorkerId};
 
 /// What a worker says about itself in every heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,11 @@ pub struct WorkerReport {
     pub sandboxes: u32,
     /// What its caches hold, as locality keys (see [`crate::placement::locality_keys`]).
     pub cached: BTreeSet<String>,
+    /// Its idle sandboxes, by function name and revision id (`None`: not reported). A worker
+    /// destroys idle sandboxes on its own (keep-alive, demand, memory); the partitions' leaders
+    /// drop the idle sandboxes it no longer has ([`stale_idle`]).
+    #[serde(default)]
+    pub idle: Option<BTreeMap<String, BTreeMap<String, u32>>>,
 }
 
 impl WorkerReport {
@@ -150,6 +155,15 @@ impl Fleet {
             .map(|e| &e.report)
     }
 
+    /// Each live worker's report with when it was last heard from.
+    pub fn live_seen(&self) -> Vec<(WorkerReport, u64)> {
+        self.workers
+            .values()
+            .filter(|e| e.dead_since_ms.is_none())
+            .map(|e| (e.report.clone(), e.last_seen_ms))
+            .collect()
+    }
+
     /// Milliseconds since each live worker was last heard from.
     pub fn silence_ms(&self, now_ms: u64) -> BTreeMap<WorkerId, u64> {
         self.workers
@@ -232,9 +246,129 @@ pub fn scale(policy: &ScalePolicy, live: &[WorkerReport], starting: u32) -> Scal
     Scale::Hold
 }
 
+/// Idle sandboxes of a partition that their workers no longer hold. For each worker that
+/// reports its idle sandboxes (`reports`: each with when it was heard), and each function
+/// revision, the partition's Idle sandboxes of that revision on that worker beyond the count
+/// the worker reported, oldest idle first. Only sandboxes idle since `margin_ms` before the
+/// report count: one that became idle after the report was taken may not be in it yet.
+pub fn stale_idle<'a>(
+    sandboxes: impl Iterator<Item = &'a Sandbox>,
+    reports: &[(WorkerReport, u64)],
+    margin_ms: u64,
+) -> Vec<SandboxId> {
+    // (worker, function, revision) → (idle since, sandbox) of each Idle sandbox there.
+    type Place<'a> = (&'a str, &'a str, &'a str);
+    let mut groups: BTreeMap<Place<'_>, Vec<(u64, SandboxId)>> = BTreeMap::new();
+    for s in sandboxes {
+        if let (Some(worker), SandboxState::Idle { since_ms, .. }) = (&s.worker, &s.state) {
+            groups
+                .entry((
+                    worker.as_str(),
+                    s.key.function.as_str(),
+                    s.key.revision.as_str(),
+                ))
+                .or_default()
+                .push((*since_ms, s.id));
+        }
+    }
+    let mut stale = Vec::new();
+    for ((worker, function, revision), mut idle) in groups {
+        let Some((report, seen_ms)) = reports.iter().find(|(r, _)| r.id == worker) else {
+            continue;
+        };
+        let Some(held) = &report.idle else { continue };
+        let reported = held
+            .get(function)
+            .and_then(|r| r.get(revision))
+            .copied()
+            .unwrap_or(0) as usize;
+        let excess = idle.len().saturating_sub(reported);
+        idle.sort();
+        stale.extend(
+            idle.into_iter()
+                .filter(|(since, _)| since.saturating_add(margin_ms) <= *seen_ms)
+                .take(excess)
+                .map(|(_, id)| id),
+        );
+    }
+    stale.sort();
+    stale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partition::FnKey;
+
+    fn idle(id: u64, worker: &str, function: &str, since_ms: u64) -> Sandbox {
+        Sandbox {
+            id: SandboxId(id),
+            key: FnKey {
+                function: function.into(),
+                revision: "r1".into(),
+            },
+            worker: Some(worker.into()),
+            memory_mb: 128,
+            state: SandboxState::Idle {
+                since_ms,
+                expires_ms: since_ms + 60_000,
+            },
+        }
+    }
+
+    fn holding(id: &str, idle: &[(&str, u32)]) -> WorkerReport {
+        let mut r = report(id, 1024, 1024, 0);
+        r.idle = Some(
+            idle.iter()
+                .map(|(f, n)| (f.to_string(), BTreeMap::from([("r1".to_string(), *n)])))
+                .collect(),
+        );
+        r
+    }
+
+    #[test]
+    fn idle_sandboxes_a_worker_no_longer_holds_are_stale_oldest_first() {
+        let sandboxes = [
+            idle(1, "w1", "f", 1_000),
+            idle(2, "w1", "f", 3_000),
+            idle(3, "w1", "f", 2_000),
+            idle(4, "w1", "g", 1_000),
+            idle(5, "w2", "f", 1_000),
+            idle(6, "w3", "f", 1_000),
+        ];
+        let reports = [
+            // w1 holds one idle sandbox of f and none of g.
+            (holding("w1", &[("f", 1)]), 10_000),
+            // w2 holds what the partition thinks.
+            (holding("w2", &[("f", 1)]), 10_000),
+            // w3 does not report idle sandboxes: nothing of it is judged.
+            (report("w3", 1024, 1024, 0), 10_000),
+        ];
+        assert_eq!(
+            stale_idle(sandboxes.iter(), &reports, 2_000),
+            vec![SandboxId(1), SandboxId(3), SandboxId(4)]
+        );
+        // A worker the node has not heard from is not judged either (the fleet declares it
+        // dead, which removes all its sandboxes).
+        assert!(stale_idle(sandboxes.iter(), &reports[1..], 2_000).is_empty());
+    }
+
+    #[test]
+    fn sandboxes_idle_since_just_before_the_report_are_kept() {
+        let sandboxes = [idle(1, "w1", "f", 9_000), idle(2, "w1", "f", 5_000)];
+        let reports = [(holding("w1", &[]), 10_000)];
+        // Sandbox 1 became idle 1 s before the report: it may be missing from it.
+        assert_eq!(
+            stale_idle(sandboxes.iter(), &reports, 2_000),
+            vec![SandboxId(2)]
+        );
+        // Busy and initializing sandboxes are never stale.
+        let mut busy = idle(3, "w1", "f", 0);
+        busy.state = SandboxState::Busy {
+            lease: crate::partition::LeaseId(1),
+        };
+        assert!(stale_idle([busy].iter(), &reports, 2_000).is_empty());
+    }
 
     pub(crate) fn report(id: &str, memory_mb: u64, free: u64, busy: u32) -> WorkerReport {
         WorkerReport {
@@ -246,6 +380,7 @@ mod tests {
             busy,
             sandboxes: busy,
             cached: BTreeSet::new(),
+            idle: None,
         }
     }
 

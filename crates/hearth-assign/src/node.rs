@@ -40,6 +40,11 @@ use crate::store::{self, StateMachine};
 
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
+/// An idle sandbox missing from its worker's heartbeat is dropped only when it had been idle
+/// this long before the heartbeat was received (it may have become idle after the worker took
+/// its report).
+const STALE_IDLE_MARGIN_MS: u64 = 2_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("opening partition {0}'s journal: {1}")]
@@ -478,6 +483,51 @@ impl Node {
             .await;
     }
 
+    /// In every partition this node leads, drops the idle sandboxes their workers no longer
+    /// hold (expired or evicted on the worker's own decision), as the workers' last heartbeats
+    /// tell ([`crate::fleet::stale_idle`]): so warm leases go where a warm sandbox is.
+    async fn drop_stale_idle(&self) {
+        let reports = match self.fleet.lock() {
+            Ok(f) => f.live_seen(),
+            Err(_) => return,
+        };
+        if reports.iter().all(|(r, _)| r.idle.is_none()) {
+            return;
+        }
+        for p in 0..self.groups.len() {
+            if !self.is_leader(p) {
+                continue;
+            }
+            let stale = self
+                .read(p as u32, |part| {
+                    crate::fleet::stale_idle(part.sandboxes(), &reports, STALE_IDLE_MARGIN_MS)
+                        .into_iter()
+                        .filter_map(|id| match part.sandbox(id)?.state {
+                            SandboxState::Idle { since_ms, .. } => Some((id, since_ms)),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            for (sandbox, since_ms) in stale {
+                let cmd = Command::IdleGone {
+                    sandbox,
+                    since_ms,
+                    now_ms: 0,
+                };
+                if let WriteReply::Done(Response::Expired { .. }) = self.write(p as u32, cmd).await
+                {
+                    tracing::debug!(
+                        partition = p,
+                        sandbox = sandbox.0,
+                        "an idle sandbox its worker no longer holds removed"
+                    );
+                }
+            }
+        }
+    }
+
     /// In every partition this node leads, `WorkerDead` for each worker holding sandboxes there
     /// that `dead` names. Answers how many workers were removed.
     async fn remove_workers(&self, dead: impl Fn(&str) -> bool) -> usize {
@@ -585,7 +635,8 @@ fn stamp(cmd: &mut Command, now: u64) {
         | Command::Release { now_ms, .. }
         | Command::WorkerDead { now_ms, .. }
         | Command::Tick { now_ms }
-        | Command::Gone { now_ms, .. } => *now_ms = now,
+        | Command::Gone { now_ms, .. }
+        | Command::IdleGone { now_ms, .. } => *now_ms = now,
         Command::Events { .. } | Command::ReadQueue { .. } => {}
     }
 }
@@ -629,6 +680,7 @@ async fn tick(node: std::sync::Weak<Node>, every_ms: u64) {
             }
         }
         n.reap_workers().await;
+        n.drop_stale_idle().await;
         // The fleet changes slowly: the capacity manager looks every few ticks.
         ticks += 1;
         if ticks.is_multiple_of(4) {

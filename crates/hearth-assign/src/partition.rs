@@ -204,6 +204,14 @@ pub enum Command {
     /// A worker reports it destroyed a sandbox (evicted, crashed): remove it; if it was
     /// Busy/Initializing its lease ends.
     Gone { sandbox: SandboxId, now_ms: u64 },
+    /// The worker no longer holds this idle sandbox (it expired or evicted it on its own):
+    /// removed if it is still Idle since `since_ms`; otherwise rejected and nothing changes (a
+    /// sandbox leased again in the meantime is not touched).
+    IdleGone {
+        sandbox: SandboxId,
+        since_ms: u64,
+        now_ms: u64,
+    },
     /// Changes to a front end's asynchronous event queue ([`crate::queues`]): applied together,
     /// or refused together (`QueueFull`) when they add bytes past `max_bytes` and delete
     /// nothing.
@@ -257,6 +265,9 @@ impl fmt::Display for Command {
             Command::Gone { sandbox, now_ms } => {
                 write!(f, "sandbox {} gone at {now_ms}", sandbox.0)
             }
+            Command::IdleGone {
+                sandbox, since_ms, ..
+            } => write!(f, "idle sandbox {} (since {since_ms}) gone", sandbox.0),
             Command::Events { queue, ops, .. } => {
                 write!(f, "{} change(s) to event queue {queue}", ops.len())
             }
@@ -489,6 +500,15 @@ impl Partition {
             Command::WorkerDead { worker, now_ms: _ } => self.worker_dead(&worker),
             Command::Tick { now_ms } => self.tick(now_ms),
             Command::Gone { sandbox, now_ms: _ } => self.gone(sandbox),
+            Command::IdleGone {
+                sandbox, since_ms, ..
+            } => match self.sandboxes.get(&sandbox).map(|s| &s.state) {
+                Some(SandboxState::Idle { since_ms: s, .. }) if *s == since_ms => {
+                    self.gone(sandbox)
+                }
+                Some(_) => rejected(RejectReason::WrongState),
+                None => rejected(RejectReason::UnknownSandbox),
+            },
             Command::Events {
                 queue,
                 ops,
@@ -1919,6 +1939,59 @@ mod tests {
         assert!(p.sandbox(sandbox).is_none());
         assert_eq!(p.running("f"), 0);
         ok(&p);
+    }
+
+    #[test]
+    fn idle_gone_removes_only_a_sandbox_still_idle_since_the_same_time() {
+        let mut p = Partition::new();
+        let k = key("f", "1");
+        let (a, s_a) = cold(&mut p, &k, open(), "w1", 0);
+        let (b, s_b) = cold(&mut p, &k, open(), "w1", 0);
+        release(&mut p, a, true, 10);
+        release(&mut p, b, true, 20);
+        // Sandbox b was leased again and released later: its idle time no longer matches.
+        let Response::Leased { lease, sandbox, .. } = acquire(&mut p, &k, open(), 30) else {
+            panic!("expected a warm lease");
+        };
+        assert_eq!(sandbox, s_b);
+        let before = p.clone();
+        let gone_b = |p: &mut Partition, since_ms| {
+            p.apply(Command::IdleGone {
+                sandbox: s_b,
+                since_ms,
+                now_ms: 40,
+            })
+        };
+        assert_eq!(gone_b(&mut p, 20), rejected(RejectReason::WrongState));
+        assert_eq!(p, before, "a busy sandbox is not touched");
+        release(&mut p, lease, true, 50);
+        assert_eq!(gone_b(&mut p, 20), rejected(RejectReason::WrongState));
+        assert!(p.sandbox(s_b).is_some());
+        let r = p.apply(Command::IdleGone {
+            sandbox: s_a,
+            since_ms: 10,
+            now_ms: 60,
+        });
+        assert_eq!(expired(r), (vec![], vec![]));
+        assert!(p.sandbox(s_a).is_none());
+        assert_eq!(gone_b(&mut p, 50), expired_ok());
+        assert!(p.sandbox(s_b).is_none());
+        assert_eq!(
+            p.apply(Command::IdleGone {
+                sandbox: s_a,
+                since_ms: 10,
+                now_ms: 70,
+            }),
+            rejected(RejectReason::UnknownSandbox)
+        );
+        ok(&p);
+    }
+
+    fn expired_ok() -> Response {
+        Response::Expired {
+            destroy: vec![],
+            leases_ended: vec![],
+        }
     }
 
     #[test]

@@ -136,6 +136,7 @@ mod tests {
                 .iter()
                 .map(|s| s.to_string())
                 .collect::<BTreeSet<_>>(),
+            idle: None,
         }
     }
 

@@ -199,7 +199,7 @@ impl Queues {
         if !ops.iter().any(QueueOp::deletes) && ops.iter().any(|op| op.adds_to(current)) {
             let adding = growth(current, &ops);
             let stored = self.bytes();
-            if adding > 0 && stored.saturating_add(adding) > max_bytes {
+            if stored.saturating_add(adding) > max_bytes {
                 return Err(Full {
                     stored,
                     adding,

@@ -448,6 +448,7 @@ fn report(id: &str, free_mb: u64, cached: &[&str]) -> hearth_assign::fleet::Work
         busy: 0,
         sandboxes: 0,
         cached: cached.iter().map(|s| s.to_string()).collect(),
+        idle: None,
     }
 }
 
@@ -692,4 +693,83 @@ async fn an_event_queue_keeps_every_acknowledged_event_across_a_failover() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.shutdown().await;
+}
+
+/// A worker destroys idle sandboxes on its own (keep-alive, demand, memory): its heartbeat
+/// tells which it still holds, and the leader drops the rest from the partition, so warm
+/// leases go only where a warm sandbox is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sandboxes_a_worker_no_longer_holds_leave_the_partition() {
+    let mut cluster = Cluster::new().await;
+    let client = cluster.client();
+    let p = client.partition_of("trimmed");
+    let holding = |n: u32| {
+        let mut r = report("w-a/1", 4096, &[]);
+        r.idle = Some(BTreeMap::from([(
+            "trimmed".to_string(),
+            BTreeMap::from([("r1".to_string(), n)]),
+        )]));
+        r
+    };
+    client.heartbeat(&holding(0), Duration::from_secs(2)).await;
+    // Three sandboxes of the function on w-a, run and released: Idle in the partition.
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        let Response::Place { lease, .. } = client
+            .call(p, acquire("trimmed", 60_000))
+            .await
+            .expect("acquire")
+        else {
+            panic!("expected a cold lease");
+        };
+        client
+            .place(p, lease, 128, vec![], vec![])
+            .await
+            .expect("place");
+        let started = Command::Started { lease, now_ms: 0 };
+        assert_eq!(
+            client.call(p, started).await.expect("started"),
+            Response::Ok
+        );
+        leases.push(lease);
+    }
+    for lease in leases {
+        let release = Command::Release {
+            lease,
+            healthy: true,
+            keep_alive_ms: 600_000,
+            now_ms: 0,
+        };
+        assert_eq!(
+            client.call(p, release).await.expect("release"),
+            Response::Ok
+        );
+    }
+    let leader = cluster.wait_leader(p, None, Duration::from_secs(5)).await;
+    let node = cluster.nodes[(leader - 1) as usize]
+        .clone()
+        .expect("leader");
+    let idle = || async { node.read(p, |part| part.stats().idle).await.expect("stats") };
+    assert_eq!(idle().await, 3);
+    // The worker says it holds one (it expired two): once the heartbeat is later than the
+    // sandboxes' idle times by the margin, the leader drops two and keeps one.
+    let until = Instant::now() + Duration::from_secs(10);
+    while idle().await != 1 {
+        assert!(Instant::now() < until, "idle sandboxes: {}", idle().await);
+        client.heartbeat(&holding(1), Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And it stays at one while the worker keeps holding one.
+    for _ in 0..5 {
+        client.heartbeat(&holding(1), Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(idle().await, 1);
+    // The one left is leased warm.
+    let r = client
+        .call(p, acquire("trimmed", 60_000))
+        .await
+        .expect("acquire");
+    assert!(matches!(r, Response::Leased { .. }), "{r:?}");
+    cluster.shutdown().await;
 }

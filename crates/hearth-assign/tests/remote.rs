@@ -208,6 +208,7 @@ async fn setup() -> Setup {
             busy: 0,
             sandboxes: 0,
             cached: Default::default(),
+            idle: None,
         })
         .collect();
     let beats = {
@@ -532,6 +533,7 @@ async fn the_embedded_invoker_leases_through_the_node_and_calls_its_worker_direc
         busy: 0,
         sandboxes: 0,
         cached: Default::default(),
+        idle: None,
     }));
     let inv = RemoteInvoker::embedded(s.node.clone(), local.clone(), RemoteConfig::default());
     let r = inv

@@ -120,7 +120,7 @@ pub fn default_memory_budget_mb() -> u64 {
 }
 
 /// A worker's load, as its heartbeats report it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerLoad {
     pub memory_budget_mb: u64,
     /// Memory promised to live and ready sandboxes.
@@ -129,6 +129,8 @@ pub struct WorkerLoad {
     pub busy: usize,
     /// Live and ready sandboxes.
     pub sandboxes: usize,
+    /// Idle sandboxes by function name and revision id.
+    pub idle: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
 }
 
 /// Counts of sandboxes, for status output, tests and benchmarks.
@@ -342,6 +344,7 @@ impl Worker {
             memory_committed_mb: st.committed_mb,
             busy: st.revisions.values().map(|r| r.busy + r.starting).sum(),
             sandboxes: st.live + st.ready.values().map(Vec::len).sum::<usize>(),
+            idle: idle_by_revision(&st.idle),
         }
     }
 
@@ -1022,6 +1025,31 @@ impl InvLog {
         let start = self.tail.len().saturating_sub(LOG_TAIL_BYTES);
         String::from_utf8_lossy(&self.tail[start..]).into_owned()
     }
+}
+
+/// Idle sandboxes by function name and revision id (the parts of their pool keys).
+fn idle_by_revision(
+    idle: &HashMap<String, Vec<Env>>,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>> {
+    let mut out: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>> =
+        Default::default();
+    for (key, envs) in idle.iter().filter(|(_, v)| !v.is_empty()) {
+        let Some((name, revision)) = name_and_revision(key) else {
+            continue;
+        };
+        *out.entry(name.to_string())
+            .or_default()
+            .entry(revision.to_string())
+            .or_default() += envs.len() as u32;
+    }
+    out
+}
+
+/// The function name and revision id of a [`pool_key`].
+fn name_and_revision(key: &str) -> Option<(&str, &str)> {
+    let mut parts = key.split('\u{0}');
+    let (name, _version, revision) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((name, revision))
 }
 
 fn pool_key(spec: &FunctionSpec) -> String {
@@ -2030,6 +2058,15 @@ mod tests {
         assert!(log.pending.is_empty());
         assert!(log.tail.len() <= 2 * LOG_TAIL_BYTES);
         assert_eq!(log.finish().len(), LOG_TAIL_BYTES);
+    }
+
+    #[test]
+    fn pool_keys_give_back_their_function_and_revision() {
+        assert_eq!(
+            name_and_revision("f\u{0}$LATEST\u{0}rev-1"),
+            Some(("f", "rev-1"))
+        );
+        assert_eq!(name_and_revision("f\u{0}3"), None);
     }
 
     #[test]

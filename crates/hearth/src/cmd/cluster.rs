@@ -327,6 +327,7 @@ pub async fn heartbeats<F, Fut>(
             busy: load.busy as u32,
             sandboxes: load.sandboxes as u32,
             cached: cached_keys(&data_dir, &images),
+            idle: Some(load.idle),
         };
         let (taken, dead) = send(report).await;
         if dead {
