@@ -4,6 +4,7 @@ pub mod artifacts;
 pub mod cgroup;
 pub mod demand;
 pub mod engine;
+pub mod evict;
 pub mod frames;
 pub mod images;
 pub mod netns;

@@ -38,6 +38,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::demand::{self, DemandConfig, DemandHistory};
 use crate::engine::{Claim, NetMode, RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
+use crate::evict;
 use crate::frames;
 use crate::images::ImageStore;
 use crate::prewarm::{self, PrewarmConfig};
@@ -774,42 +775,69 @@ impl Inner {
     }
 
     /// Reserve memory and disk for a sandbox, evicting least-recently-used idle sandboxes (and
-    /// then ready ones) when they do not fit. `new_sandbox`: count one more live sandbox.
+    /// then ready ones) when they do not fit (the choice is [`evict::plan`]'s; nothing is
+    /// evicted when even that would not make room). `new_sandbox`: count one more live sandbox.
     fn reserve(
         self: &Arc<Self>,
         need_mb: u64,
         disk_mb: u64,
         new_sandbox: bool,
     ) -> Result<(), InvokeError> {
-        let mut evict = Vec::new();
-        let mut evict_ready = Vec::new();
+        let (mut evict, mut evict_ready) = (Vec::new(), Vec::new());
         let fits = {
             let mut st = self.lock();
-            loop {
-                if st.committed_mb + need_mb <= self.cfg.memory_budget_mb
-                    && st.committed_disk_mb + disk_mb <= self.cfg.disk_budget_mb
-                {
-                    st.committed_mb += need_mb;
-                    st.committed_disk_mb += disk_mb;
-                    if new_sandbox {
-                        st.live += 1;
-                    }
-                    break true;
-                }
-                let oldest = st
-                    .idle
-                    .iter()
-                    .flat_map(|(k, v)| {
-                        v.iter()
-                            .enumerate()
-                            .map(move |(i, e)| (k.clone(), i, e.last_used))
+            let idle: Vec<evict::Idle<(String, String)>> = st
+                .idle
+                .iter()
+                .flat_map(|(k, v)| {
+                    v.iter().map(move |e| evict::Idle {
+                        id: (k.clone(), e.sandbox.id.clone()),
+                        last_used: e.last_used,
+                        size: evict::Size {
+                            memory_mb: e.memory_mb as u64 + SENTRY_OVERHEAD_MB,
+                            disk_mb: e.sandbox.spec.tmp_mb as u64,
+                        },
                     })
-                    .min_by_key(|(_, _, t)| *t);
-                if let Some((key, i, _)) = oldest {
-                    let Some(env) = st.idle.get_mut(&key).map(|v| v.remove(i)) else {
-                        break false;
+                })
+                .collect();
+            let ready: Vec<evict::Ready<(SlotSpec, String)>> = st
+                .ready
+                .iter()
+                .flat_map(|(kind, v)| {
+                    v.iter().rev().map(move |s| evict::Ready {
+                        id: (kind.clone(), s.id.clone()),
+                        size: evict::Size {
+                            memory_mb: SENTRY_OVERHEAD_MB,
+                            disk_mb: s.spec.tmp_mb as u64,
+                        },
+                    })
+                })
+                .collect();
+            let plan = evict::plan(
+                evict::Size {
+                    memory_mb: self.cfg.memory_budget_mb,
+                    disk_mb: self.cfg.disk_budget_mb,
+                },
+                evict::Size {
+                    memory_mb: st.committed_mb,
+                    disk_mb: st.committed_disk_mb,
+                },
+                evict::Size {
+                    memory_mb: need_mb,
+                    disk_mb,
+                },
+                &idle,
+                &ready,
+            );
+            if let Some(plan) = plan {
+                for (key, id) in plan.idle {
+                    let Some(v) = st.idle.get_mut(&key) else {
+                        continue;
                     };
-                    st.idle.retain(|_, v| !v.is_empty());
+                    let Some(i) = v.iter().position(|e| e.sandbox.id == id) else {
+                        continue;
+                    };
+                    let env = v.remove(i);
                     st.committed_mb = st
                         .committed_mb
                         .saturating_sub(env.memory_mb as u64 + SENTRY_OVERHEAD_MB);
@@ -818,23 +846,34 @@ impl Inner {
                         .saturating_sub(env.sandbox.spec.tmp_mb as u64);
                     st.live = st.live.saturating_sub(1);
                     evict.push(env);
-                    continue;
                 }
-                let ready = st
-                    .ready
-                    .iter_mut()
-                    .find(|(_, v)| !v.is_empty())
-                    .and_then(|(_, v)| v.pop());
-                let Some(sandbox) = ready else {
-                    break false;
-                };
+                for (kind, id) in plan.ready {
+                    let Some(v) = st.ready.get_mut(&kind) else {
+                        continue;
+                    };
+                    let Some(i) = v.iter().position(|s| s.id == id) else {
+                        continue;
+                    };
+                    let sandbox = v.remove(i);
+                    st.committed_mb = st.committed_mb.saturating_sub(SENTRY_OVERHEAD_MB);
+                    st.committed_disk_mb = st
+                        .committed_disk_mb
+                        .saturating_sub(sandbox.spec.tmp_mb as u64);
+                    evict_ready.push(sandbox);
+                }
+                st.idle.retain(|_, v| !v.is_empty());
                 st.ready.retain(|_, v| !v.is_empty());
-                st.committed_mb = st.committed_mb.saturating_sub(SENTRY_OVERHEAD_MB);
-                st.committed_disk_mb = st
-                    .committed_disk_mb
-                    .saturating_sub(sandbox.spec.tmp_mb as u64);
-                evict_ready.push(sandbox);
             }
+            let fits = st.committed_mb + need_mb <= self.cfg.memory_budget_mb
+                && st.committed_disk_mb + disk_mb <= self.cfg.disk_budget_mb;
+            if fits {
+                st.committed_mb += need_mb;
+                st.committed_disk_mb += disk_mb;
+                if new_sandbox {
+                    st.live += 1;
+                }
+            }
+            fits
         };
         for env in evict {
             tracing::debug!(sandbox = %env.sandbox.id, "evicted to make room");

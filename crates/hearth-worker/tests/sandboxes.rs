@@ -1522,3 +1522,45 @@ async fn a_function_past_its_scaling_rate_is_throttled_and_others_are_not() {
     );
     h.finish().await;
 }
+
+/// The memory budget holds two 256 MB sandboxes: a third function evicts the least recently
+/// used idle one (the others stay warm), and a function too big for the budget is refused
+/// without evicting anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_budget_evicts_the_least_recently_used_idle_sandbox() {
+    let budget = 2 * (256 + hearth_worker::engine::SENTRY_OVERHEAD_MB) + 60;
+    let h = Harness::with_configs(
+        Duration::from_secs(600),
+        |_| {},
+        |cfg| {
+            cfg.memory_budget_mb = budget;
+            cfg.prewarm = hearth_worker::prewarm::PrewarmConfig::disabled();
+            cfg.demand = hearth_worker::demand::DemandConfig::disabled();
+        },
+    );
+    let spec = |name: &str| h.spec(name, "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let (a, b, c) = (spec("lru-a"), spec("lru-b"), spec("lru-c"));
+    let count = |r: Result<InvokeResult, InvokeError>| {
+        let r = r.expect("invoke");
+        assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+        json_of(&r)["count"].as_u64().expect("count")
+    };
+    assert_eq!(count(h.invoke(&a, json!({})).await), 1);
+    assert_eq!(count(h.invoke(&b, json!({})).await), 1);
+    // c needs room: a, used longest ago, goes.
+    assert_eq!(count(h.invoke(&c, json!({})).await), 1);
+    assert_eq!(count(h.invoke(&b, json!({})).await), 2, "b stayed warm");
+    assert_eq!(count(h.invoke(&a, json!({})).await), 1, "a was evicted");
+    // That evicted c (b was used after it).
+    assert_eq!(count(h.invoke(&b, json!({})).await), 3, "b stayed warm");
+    let mut big = spec("lru-big");
+    big.memory_mb = 1024;
+    match h.invoke(&big, json!({})).await {
+        Err(InvokeError::TooManyRequests { .. }) => {}
+        other => panic!("a function bigger than the budget: {other:?}"),
+    }
+    // The refused one evicted nothing.
+    assert_eq!(count(h.invoke(&a, json!({})).await), 2, "a stayed warm");
+    assert_eq!(count(h.invoke(&b, json!({})).await), 4, "b stayed warm");
+    h.finish().await;
+}
