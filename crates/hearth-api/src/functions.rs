@@ -39,7 +39,7 @@ pub fn timestamp() -> String {
         .to_string()
 }
 
-fn new_revision() -> String {
+pub(crate) fn new_revision() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
@@ -193,7 +193,33 @@ impl AppState {
             dead_letter_config: v.dead_letter_target.as_ref().map(|t| DeadLetterConfig {
                 target_arn: Some(t.clone()),
             }),
+            layers: v
+                .layers
+                .iter()
+                .map(|l| LayerOut {
+                    arn: l.arn.clone(),
+                    code_size: l.code.size,
+                })
+                .collect(),
         }
+    }
+
+    /// A URL under `endpoint` (where the client reached this server, `http://host:port`)
+    /// that downloads the package with this hex SHA-256 without credentials for
+    /// [`ApiConfig::code_url_ttl`](crate::ApiConfig::code_url_ttl) (see [`crate::download`]).
+    pub(crate) fn code_location(
+        &self,
+        endpoint: &str,
+        sha256_hex: &str,
+    ) -> Result<String, ApiError> {
+        let ttl = chrono::TimeDelta::from_std(self.config().code_url_ttl)
+            .map_err(|e| ApiError::internal(format!("code URL lifetime: {e}")))?;
+        Ok(self.download_key().presign(
+            endpoint,
+            &self.config().account_id,
+            sha256_hex,
+            chrono::Utc::now() + ttl,
+        ))
     }
 
     /// A `DeadLetterConfig` from a request: `None` when absent or with an empty `TargetArn`.
@@ -258,7 +284,10 @@ impl AppState {
     /// Validate and unpack a package, and keep it in the chunk store for workers. The pin
     /// keeps a release of unused code from taking the package: hold it until the record that
     /// references the package is committed.
-    async fn store_code(&self, zip: Vec<u8>) -> Result<(StoredCode, PackagePin), ApiError> {
+    pub(crate) async fn store_code(
+        &self,
+        zip: Vec<u8>,
+    ) -> Result<(StoredCode, PackagePin), ApiError> {
         let zip = std::sync::Arc::new(zip);
         // The digest names the pin; taking it before anything is written is what makes the
         // store-then-commit atomic with respect to a release.
@@ -298,13 +327,27 @@ impl AppState {
         let _session = pins.release_session().await;
         let mut used: std::collections::HashSet<String> =
             pins.pinned().iter().map(|hex| code_artifact(hex)).collect();
-        match self.blocking(|s| Ok(s.store().all()?)).await {
-            Ok(records) => used.extend(
-                records
+        // Live packages: every function version's code and layers (a deleted layer version
+        // lives on in the functions that use it), and every layer version.
+        match self
+            .blocking(|s| Ok((s.store().all()?, s.store().layers()?)))
+            .await
+        {
+            Ok((records, layers)) => {
+                for v in records
                     .iter()
                     .flat_map(|r| std::iter::once(&r.latest).chain(r.versions.values()))
-                    .map(|v| code_artifact(&v.code.sha256_hex)),
-            ),
+                {
+                    used.insert(code_artifact(&v.code.sha256_hex));
+                    used.extend(v.layers.iter().map(|l| code_artifact(&l.code.sha256_hex)));
+                }
+                used.extend(
+                    layers
+                        .iter()
+                        .flat_map(|l| l.versions.values())
+                        .map(|v| code_artifact(&v.code.sha256_hex)),
+                );
+            }
             Err(_) => return,
         }
         let scope = self.owner_scope();
@@ -317,10 +360,21 @@ impl AppState {
         }
     }
 
-    /// Reject if storing `extra` more bytes of code passes the account's code storage limit.
-    async fn check_code_storage(&self, extra: u64) -> Result<(), ApiError> {
+    /// Reject if storing `extra` more bytes of code passes the account's code storage limit
+    /// (functions' code and layer versions count).
+    pub(crate) async fn check_code_storage(&self, extra: u64) -> Result<(), ApiError> {
         let used = self
-            .blocking(|s| Ok(s.store().all()?.iter().map(code_size).sum::<u64>()))
+            .blocking(|s| {
+                let functions = s.store().all()?.iter().map(code_size).sum::<u64>();
+                let layers = s
+                    .store()
+                    .layers()?
+                    .iter()
+                    .flat_map(|l| l.versions.values())
+                    .map(|v| v.code.size)
+                    .sum::<u64>();
+                Ok(functions + layers)
+            })
             .await?;
         if used.saturating_add(extra) > TOTAL_CODE_SIZE_LIMIT {
             return Err(ApiError::new(
@@ -338,7 +392,7 @@ fn code_size(rec: &FunctionRecord) -> u64 {
 }
 
 /// The zip bytes of a `Code` / `UpdateFunctionCode` request: only `ZipFile` is supported.
-fn zip_bytes(
+pub(crate) fn zip_bytes(
     zip_file: Option<&str>,
     other_sources: bool,
     limits: CodeLimits,
@@ -376,11 +430,11 @@ fn max_items(raw: Option<&str>) -> Result<usize, ApiError> {
     }
 }
 
-fn encode_marker(key: &str) -> String {
+pub(crate) fn encode_marker(key: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
 }
 
-fn decode_marker(marker: &str) -> Result<String, ApiError> {
+pub(crate) fn decode_marker(marker: &str) -> Result<String, ApiError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(marker)
         .ok()
@@ -390,7 +444,7 @@ fn decode_marker(marker: &str) -> Result<String, ApiError> {
 
 /// `items` sorted by key; returns those after `after`, at most `max`, and the marker key
 /// when more remain.
-fn paginate<K: Ord + Clone, T>(
+pub(crate) fn paginate<K: Ord + Clone, T>(
     items: Vec<(K, T)>,
     after: Option<&K>,
     max: usize,
@@ -454,9 +508,7 @@ pub async fn create_function(
     validate::environment(&environment)?;
     let tags = req.tags.unwrap_or_default();
     validate::tags(&tags)?;
-    if req.layers.as_ref().is_some_and(|l| !l.is_empty()) {
-        return Err(ApiError::invalid("Layers are not supported yet"));
-    }
+    let layers = state.resolve_layers(req.layers.unwrap_or_default()).await?;
     if let Some(archs) = &req.architectures {
         validate::architectures(archs)?;
     }
@@ -490,6 +542,11 @@ pub async fn create_function(
     state
         .check_code_storage(stored.size * if publish_now { 2 } else { 1 })
         .await?;
+    let hex = stored.sha256_hex.clone();
+    let layers_for_check = layers.clone();
+    state
+        .blocking(move |s| s.check_unzipped_total(&hex, &layers_for_check))
+        .await?;
 
     let latest = VersionRecord {
         runtime,
@@ -507,6 +564,7 @@ pub async fn create_function(
         state_reason: None,
         revision_id: new_revision(),
         dead_letter_target,
+        layers,
     };
     let mut record = FunctionRecord {
         name: name.clone(),
@@ -555,14 +613,7 @@ pub async fn get_function(
     let qualifier = validate::merge_qualifier(fref.qualifier, qualifier)?;
     let rec = state.load(&fref.name).await?;
     let (label, version) = state.resolve_static(&rec, qualifier.as_deref())?;
-    let ttl = chrono::TimeDelta::from_std(state.config().code_url_ttl)
-        .map_err(|e| ApiError::internal(format!("code URL lifetime: {e}")))?;
-    let location = state.download_key().presign(
-        endpoint,
-        &state.config().account_id,
-        &version.code.sha256_hex,
-        chrono::Utc::now() + ttl,
-    );
+    let location = state.code_location(endpoint, &version.code.sha256_hex)?;
     Ok(GetFunctionResponse {
         configuration: state.configuration(&rec.name, &label, &version, false),
         code: FunctionCodeLocation {
@@ -859,6 +910,7 @@ pub async fn update_function_code(
         .blocking(move |s| {
             s.store().update(&key, |rec, _| {
                 check_revision(revision.as_deref(), &rec.latest.revision_id)?;
+                s.check_unzipped_total(&code.sha256_hex, &rec.latest.layers)?;
                 rec.latest.code = code;
                 rec.latest.last_modified = timestamp();
                 rec.latest.revision_id = new_revision();
@@ -884,7 +936,7 @@ pub async fn update_function_code(
 pub async fn update_function_configuration(
     state: &AppState,
     function: &str,
-    req: UpdateFunctionConfigurationRequest,
+    mut req: UpdateFunctionConfigurationRequest,
 ) -> Result<FunctionConfiguration, ApiError> {
     let name = state.unqualified(function)?;
     if let Some(r) = &req.runtime {
@@ -905,9 +957,12 @@ pub async fn update_function_configuration(
     if let Some(env) = &environment {
         validate::environment(env)?;
     }
-    if req.layers.as_ref().is_some_and(|l| !l.is_empty()) {
-        return Err(ApiError::invalid("Layers are not supported yet"));
-    }
+    // Present: replace the function's layers (an empty list removes them).
+    let layers = match req.layers.take() {
+        Some(arns) => Some(state.resolve_layers(arns).await?),
+        None => None,
+    };
+    let layers_changed = layers.is_some();
     let ephemeral = req
         .ephemeral_storage
         .map(|e| validate::ephemeral_storage(e.size))
@@ -968,6 +1023,10 @@ pub async fn update_function_configuration(
                 if let Some(d) = dead_letter {
                     v.dead_letter_target = d;
                 }
+                if let Some(layers) = layers {
+                    s.check_unzipped_total(&v.code.sha256_hex, &layers)?;
+                    v.layers = layers;
+                }
                 v.last_modified = timestamp();
                 v.revision_id = new_revision();
                 mark_latest(rec, snap_latest);
@@ -978,6 +1037,10 @@ pub async fn update_function_configuration(
     let version = updated.ok_or_else(|| state.function_not_found(&name, None))?;
     state.invoker().retire(&name);
     state.schedule_snapshots(&name).await;
+    if layers_changed {
+        // A deleted layer version the function no longer uses may now be unused.
+        state.release_unused_code().await;
+    }
     tracing::info!(function = %name, "function configuration updated");
     Ok(state.configuration(&name, LATEST, &version, false))
 }

@@ -6,7 +6,7 @@
 //!
 //! - [`router`]: routes, the SigV4 gate every request passes, the server loop ([`app`],
 //!   [`serve`]). Handlers turn HTTP into plain values and back; nothing below sees HTTP.
-//! - [`functions`] (control plane) and [`invoke`] (data plane): the operations, with
+//! - [`functions`] and [`layers`] (control plane) and [`invoke`] (data plane): the operations, with
 //!   [`validate`] (Lambda's parameter rules) and [`model`] (the JSON wire types).
 //! - [`store`] (metadata in redb), [`code`] (deployment packages, content-addressed and
 //!   unpacked), [`logs`] (per-function invocation logs for `hearth logs`), [`download`]
@@ -25,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod functions;
 pub mod invoke;
+pub mod layers;
 pub use hearth_core::invoker;
 pub mod logs;
 pub mod metrics;

@@ -155,6 +155,36 @@ pub struct PutFunctionConcurrencyRequest {
     pub reserved_concurrent_executions: Option<i64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PublishLayerVersionRequest {
+    pub description: Option<String>,
+    pub content: Option<LayerVersionContentInput>,
+    pub compatible_runtimes: Option<Vec<String>>,
+    pub license_info: Option<String>,
+    pub compatible_architectures: Option<Vec<String>>,
+}
+
+/// `Content` of `PublishLayerVersion`: as a function's `Code`, only `ZipFile` is supported.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerVersionContentInput {
+    /// Base64 of the zip.
+    pub zip_file: Option<String>,
+    pub s3_bucket: Option<String>,
+    pub s3_key: Option<String>,
+    pub s3_object_version: Option<String>,
+}
+
+/// The query of `ListLayers` / `ListLayerVersions`.
+#[derive(Debug, Default, Clone)]
+pub struct LayerListParams {
+    pub compatible_runtime: Option<String>,
+    pub compatible_architecture: Option<String>,
+    pub marker: Option<String>,
+    pub max_items: Option<String>,
+}
+
 /// `Marker` / `MaxItems` (and `FunctionVersion` for the list operations that take it).
 #[derive(Debug, Default, Clone)]
 pub struct ListParams {
@@ -198,6 +228,17 @@ pub struct FunctionConfiguration {
     pub logging_config: LoggingConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_config: Option<DeadLetterConfig>,
+    /// The function's layers, in order; absent when it has none (as Lambda answers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerOut>,
+}
+
+/// One entry of a configuration's `Layers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerOut {
+    pub arn: String,
+    pub code_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +332,75 @@ pub struct ListAliasesResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_marker: Option<String>,
     pub aliases: Vec<AliasConfiguration>,
+}
+
+/// `Content` of a layer version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerVersionContentOutput {
+    /// A URL that downloads the zip without credentials for a while (as `GetFunction`'s
+    /// `Code.Location`).
+    pub location: String,
+    pub code_sha256: String,
+    pub code_size: u64,
+}
+
+/// `PublishLayerVersion`'s and `GetLayerVersion`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerVersion {
+    pub content: LayerVersionContentOutput,
+    pub layer_arn: String,
+    pub layer_version_arn: String,
+    pub description: String,
+    pub created_date: String,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compatible_runtimes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license_info: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compatible_architectures: Vec<String>,
+}
+
+/// A layer version in a listing (no `Content`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerVersionsListItem {
+    pub layer_version_arn: String,
+    pub version: u64,
+    pub description: String,
+    pub created_date: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compatible_runtimes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license_info: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compatible_architectures: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayersListItem {
+    pub layer_name: String,
+    pub layer_arn: String,
+    pub latest_matching_version: LayerVersionsListItem,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListLayersResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_marker: Option<String>,
+    pub layers: Vec<LayersListItem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListLayerVersionsResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_marker: Option<String>,
+    pub layer_versions: Vec<LayerVersionsListItem>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

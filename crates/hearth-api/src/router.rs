@@ -34,7 +34,8 @@ use crate::error::{ApiError, ErrorKind};
 use crate::events;
 use crate::functions;
 use crate::invoke::{self, InvokeCommand, InvokeOutcome};
-use crate::model::{ListParams, parse_json};
+use crate::layers;
+use crate::model::{LayerListParams, ListParams, parse_json};
 use crate::sigv4;
 use crate::state::AppState;
 use crate::validate;
@@ -80,6 +81,16 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/2019-09-30/functions/{function}/concurrency",
             get(get_concurrency),
+        )
+        .route("/2018-10-31/layers", get(list_layers))
+        .route("/2018-10-31/layers/", get(list_layers))
+        .route(
+            "/2018-10-31/layers/{layer}/versions",
+            post(publish_layer_version).get(list_layer_versions),
+        )
+        .route(
+            "/2018-10-31/layers/{layer}/versions/{version}",
+            get(get_layer_version).delete(delete_layer_version),
         )
         .route("/2016-08-19/account-settings", get(account_settings))
         .route("/2016-08-19/account-settings/", get(account_settings))
@@ -282,6 +293,8 @@ struct Params {
     function: String,
     alias: Option<String>,
     event: Option<String>,
+    layer: Option<String>,
+    version: Option<String>,
     query: HashMap<String, String>,
 }
 
@@ -298,6 +311,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
             function: path.remove("function").unwrap_or_default(),
             alias: path.remove("alias"),
             event: path.remove("event"),
+            layer: path.remove("layer"),
+            version: path.remove("version"),
             query,
         })
     }
@@ -318,6 +333,23 @@ impl Params {
 
     fn alias(&self) -> &str {
         self.alias.as_deref().unwrap_or_default()
+    }
+
+    fn layer(&self) -> &str {
+        self.layer.as_deref().unwrap_or_default()
+    }
+
+    fn version(&self) -> &str {
+        self.version.as_deref().unwrap_or_default()
+    }
+
+    fn layer_list(&self) -> LayerListParams {
+        LayerListParams {
+            compatible_runtime: self.q("CompatibleRuntime"),
+            compatible_architecture: self.q("CompatibleArchitecture"),
+            marker: self.q("Marker"),
+            max_items: self.q("MaxItems"),
+        }
     }
 }
 
@@ -361,16 +393,20 @@ async fn get_function(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
-    // The download URL goes to the endpoint the client used.
-    let endpoint = crate::download::endpoint_of(
-        header_string(&headers, "host")?.as_deref(),
-        uri.authority().map(|a| a.as_str()),
-        header_string(&headers, "x-forwarded-proto")?.as_deref(),
-    )
-    .ok_or_else(|| ApiError::invalid("GetFunction needs a valid Host header"))?;
+    let endpoint = client_endpoint(&uri, &headers)?;
     Ok(Json(
         functions::get_function(&s, &p.function, p.q("Qualifier"), &endpoint).await?,
     ))
+}
+
+/// The endpoint the client used: download URLs handed back to it go there.
+fn client_endpoint(uri: &axum::http::Uri, headers: &HeaderMap) -> ApiResult<String> {
+    crate::download::endpoint_of(
+        header_string(headers, "host")?.as_deref(),
+        uri.authority().map(|a| a.as_str()),
+        header_string(headers, "x-forwarded-proto")?.as_deref(),
+    )
+    .ok_or_else(|| ApiError::invalid("this operation needs a valid Host header"))
 }
 
 async fn delete_function(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
@@ -474,6 +510,70 @@ async fn get_concurrency(State(s): State<AppState>, p: Params) -> ApiResult<impl
 async fn delete_concurrency(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
     functions::delete_function_concurrency(&s, &p.function).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn publish_layer_version(
+    State(s): State<AppState>,
+    p: Params,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let endpoint = client_endpoint(&uri, &headers)?;
+    let req = parse_json(&body)?;
+    let layer = layers::publish_layer_version(&s, p.layer(), req, &endpoint).await?;
+    Ok((StatusCode::CREATED, Json(layer)))
+}
+
+async fn get_layer_version(
+    State(s): State<AppState>,
+    p: Params,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    let endpoint = client_endpoint(&uri, &headers)?;
+    Ok(Json(
+        layers::get_layer_version(&s, p.layer(), p.version(), &endpoint).await?,
+    ))
+}
+
+async fn delete_layer_version(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    layers::delete_layer_version(&s, p.layer(), p.version()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_layer_versions(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        layers::list_layer_versions(&s, p.layer(), p.layer_list()).await?,
+    ))
+}
+
+/// `ListLayers`, or `GetLayerVersionByArn` with `?find=LayerVersion` (same path).
+async fn list_layers(
+    State(s): State<AppState>,
+    QueryOnly(q): QueryOnly,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if let Some(find) = q.get("find") {
+        if find != "LayerVersion" {
+            return Err(ApiError::invalid(format!(
+                "Unsupported find {find:?}: only LayerVersion"
+            )));
+        }
+        let endpoint = client_endpoint(&uri, &headers)?;
+        let arn = q.get("Arn").map(String::as_str);
+        return Ok(
+            Json(layers::get_layer_version_by_arn(&s, arn, &endpoint).await?).into_response(),
+        );
+    }
+    let params = LayerListParams {
+        compatible_runtime: q.get("CompatibleRuntime").cloned(),
+        compatible_architecture: q.get("CompatibleArchitecture").cloned(),
+        marker: q.get("Marker").cloned(),
+        max_items: q.get("MaxItems").cloned(),
+    };
+    Ok(Json(layers::list_layers(&s, params).await?).into_response())
 }
 
 async fn account_settings(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {

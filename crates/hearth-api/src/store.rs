@@ -29,13 +29,15 @@ use serde::{Deserialize, Serialize};
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
 /// name → reserved concurrency (only functions with a reservation).
 const RESERVED: TableDefinition<&str, u32> = TableDefinition::new("reserved_concurrency");
+/// layer name → JSON [`LayerRecord`].
+const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
 
 /// Errors of the metadata store. All of them are internal faults to a caller.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("metadata database: {0}")]
     Db(#[from] redb::Error),
-    #[error("corrupt function record {name:?}: {source}")]
+    #[error("corrupt record {name:?}: {source}")]
     Corrupt {
         name: String,
         source: serde_json::Error,
@@ -78,6 +80,21 @@ pub struct VersionRecord {
     /// failed-events store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_target: Option<String>,
+    /// `Layers`, in order: each layer version's ARN and package, copied when the function was
+    /// configured, so deleting a layer version leaves this function as it was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<FunctionLayer>,
+}
+
+/// One layer version a function version uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionLayer {
+    /// The layer version ARN (`arn:aws:lambda:REGION:ACCOUNT:layer:NAME:VERSION`).
+    pub arn: String,
+    /// The layer's package (named by its SHA-256, as function code is).
+    pub code: CodeRef,
+    /// Bytes the package unpacks to (for the 250 MB limit on code and layers together).
+    pub unzipped_size: u64,
 }
 
 impl VersionRecord {
@@ -94,6 +111,7 @@ impl VersionRecord {
             && self.snap_start_apply_on == other.snap_start_apply_on
             && self.code == other.code
             && self.dead_letter_target == other.dead_letter_target
+            && self.layers == other.layers
     }
 }
 
@@ -126,6 +144,30 @@ pub struct FunctionRecord {
     pub event_invoke: BTreeMap<String, crate::events::config::EventInvokeRecord>,
 }
 
+/// One layer version: an immutable package with its metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerVersionRecord {
+    pub description: String,
+    pub license_info: Option<String>,
+    pub compatible_runtimes: Vec<String>,
+    pub compatible_architectures: Vec<String>,
+    /// `CreatedDate`, as `LastModified` is written.
+    pub created_date: String,
+    pub code: CodeRef,
+    /// Bytes the package unpacks to.
+    pub unzipped_size: u64,
+}
+
+/// A layer: its versions (deleted ones are gone) and the number the next one gets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub name: String,
+    pub versions: BTreeMap<u64, LayerVersionRecord>,
+    /// Version numbers count up from 1 and are never reused, even after every version of the
+    /// layer was deleted (the record stays for that).
+    pub next_version: u64,
+}
+
 /// The metadata database.
 pub struct Store {
     db: Database,
@@ -156,6 +198,7 @@ impl Store {
         {
             txn.open_table(FUNCTIONS).map_err(db_err)?;
             txn.open_table(RESERVED).map_err(db_err)?;
+            txn.open_table(LAYERS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Store { db })
@@ -294,6 +337,73 @@ impl Store {
     }
 }
 
+// ---- layers --------------------------------------------------------------------------------
+
+fn decode_layer(name: &str, bytes: &[u8]) -> Result<LayerRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        name: format!("layer {name}"),
+        source,
+    })
+}
+
+impl Store {
+    /// One layer's record.
+    pub fn layer(&self, name: &str) -> Result<Option<LayerRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(LAYERS).map_err(db_err)?;
+        let value = table.get(name).map_err(db_err)?;
+        value.map(|v| decode_layer(name, v.value())).transpose()
+    }
+
+    /// Read-modify-write one layer atomically; a layer that does not exist yet starts empty
+    /// (`f` may leave it so: an empty new record is not written). If `f` fails, nothing is
+    /// written.
+    pub fn update_layer<T, E>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut LayerRecord) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let out = {
+            let mut table = txn.open_table(LAYERS).map_err(db_err)?;
+            let existing = match table.get(name).map_err(db_err)? {
+                Some(v) => Some(decode_layer(name, v.value())?),
+                None => None,
+            };
+            let existed = existing.is_some();
+            let mut record = existing.unwrap_or_else(|| LayerRecord {
+                name: name.to_string(),
+                versions: BTreeMap::new(),
+                next_version: 1,
+            });
+            let out = f(&mut record)?;
+            record.name = name.to_string();
+            if existed || record.next_version > 1 {
+                let bytes = serde_json::to_vec(&record).map_err(StoreError::Encode)?;
+                table.insert(name, bytes.as_slice()).map_err(db_err)?;
+            }
+            out
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(out)
+    }
+
+    /// Every layer, in name order.
+    pub fn layers(&self) -> Result<Vec<LayerRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(LAYERS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            out.push(decode_layer(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +429,7 @@ mod tests {
             state: None,
             state_reason: None,
             dead_letter_target: None,
+            layers: Vec::new(),
         }
     }
 

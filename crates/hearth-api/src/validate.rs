@@ -365,6 +365,219 @@ pub fn tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+// ---- layers ----------------------------------------------------------------------------------
+
+/// Every `Runtime` value of Lambda's API model (botocore's `Runtime` enum): a layer may declare
+/// any of them compatible, whether or not hearth runs it.
+pub const LAMBDA_RUNTIMES: &[&str] = &[
+    "nodejs",
+    "nodejs4.3",
+    "nodejs6.10",
+    "nodejs8.10",
+    "nodejs10.x",
+    "nodejs12.x",
+    "nodejs14.x",
+    "nodejs16.x",
+    "java8",
+    "java8.al2",
+    "java11",
+    "python2.7",
+    "python3.6",
+    "python3.7",
+    "python3.8",
+    "python3.9",
+    "dotnetcore1.0",
+    "dotnetcore2.0",
+    "dotnetcore2.1",
+    "dotnetcore3.1",
+    "dotnet6",
+    "dotnet8",
+    "nodejs4.3-edge",
+    "go1.x",
+    "ruby2.5",
+    "ruby2.7",
+    "provided",
+    "provided.al2",
+    "nodejs18.x",
+    "python3.10",
+    "java17",
+    "ruby3.2",
+    "ruby3.3",
+    "ruby3.4",
+    "python3.11",
+    "nodejs20.x",
+    "provided.al2023",
+    "python3.12",
+    "java21",
+    "python3.13",
+    "nodejs22.x",
+    "nodejs24.x",
+    "python3.14",
+    "java25",
+    "dotnet10",
+    "ruby4.0",
+];
+/// `Architecture` values.
+pub const LAMBDA_ARCHITECTURES: &[&str] = &["x86_64", "arm64"];
+/// A function may use at most this many layers.
+pub const MAX_LAYERS: usize = 5;
+/// Longest layer name, layer ARN and layer version ARN.
+const MAX_LAYER_ARN: usize = 140;
+const LAYER_VERSION_ARN_PATTERN: &str =
+    "arn:[a-zA-Z0-9-]+:lambda:[a-zA-Z0-9-]+:\\d{12}:layer:[a-zA-Z0-9-_]+:[0-9]+";
+
+/// A layer version ARN, taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerVersionRef {
+    pub region: String,
+    pub account: String,
+    pub name: String,
+    pub version: u64,
+}
+
+/// The region, account and name of a layer ARN
+/// (`arn:PARTITION:lambda:REGION:ACCOUNT:layer:NAME`); `None` if `s` is not exactly one.
+fn layer_arn_parts(s: &str) -> Option<(&str, &str, &str)> {
+    let word = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    match s.split(':').collect::<Vec<_>>()[..] {
+        ["arn", partition, "lambda", region, account, "layer", name]
+            if word(partition)
+                && word(region)
+                && is_account(account)
+                && !name.is_empty()
+                && name.chars().all(is_name_char) =>
+        {
+            Some((region, account, name))
+        }
+        _ => None,
+    }
+}
+
+/// A layer version ARN as `Layers` and `GetLayerVersionByArn` take it.
+pub fn layer_version_arn(raw: &str, field: &str) -> Result<LayerVersionRef, ApiError> {
+    let bad = || {
+        constraint(
+            raw,
+            field,
+            &format!("Member must satisfy regular expression pattern: {LAYER_VERSION_ARN_PATTERN}"),
+        )
+    };
+    if raw.is_empty() || raw.len() > MAX_LAYER_ARN {
+        return Err(bad());
+    }
+    let (base, version) = raw.rsplit_once(':').ok_or_else(bad)?;
+    let (region, account, name) = layer_arn_parts(base).ok_or_else(bad)?;
+    if version.is_empty() || !version.chars().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let version = version.parse::<u64>().map_err(|_| bad())?;
+    Ok(LayerVersionRef {
+        region: region.to_string(),
+        account: account.to_string(),
+        name: name.to_string(),
+        version,
+    })
+}
+
+/// A `LayerName` path parameter: a name or a layer ARN. Returns the name and, for an ARN, its
+/// region and account.
+pub fn layer_name(raw: &str) -> Result<(String, Option<(String, String)>), ApiError> {
+    let bad = || {
+        constraint(
+            raw,
+            "layerName",
+            "Member must satisfy regular expression pattern: \
+             (arn:[a-zA-Z0-9-]+:lambda:[a-zA-Z0-9-]+:\\d{12}:layer:[a-zA-Z0-9-_]+)|[a-zA-Z0-9-_]+",
+        )
+    };
+    if raw.is_empty() || raw.len() > MAX_LAYER_ARN {
+        return Err(bad());
+    }
+    if raw.chars().all(is_name_char) {
+        return Ok((raw.to_string(), None));
+    }
+    let (region, account, name) = layer_arn_parts(raw).ok_or_else(bad)?;
+    Ok((
+        name.to_string(),
+        Some((region.to_string(), account.to_string())),
+    ))
+}
+
+/// A `VersionNumber` path parameter.
+pub fn layer_version_number(raw: &str) -> Result<u64, ApiError> {
+    raw.parse::<u64>()
+        .map_err(|_| constraint(raw, "versionNumber", "Member must be a number"))
+}
+
+/// `CompatibleRuntimes`: at most 15 of Lambda's runtime names.
+pub fn compatible_runtimes(runtimes: &[String]) -> Result<(), ApiError> {
+    if runtimes.len() > 15 {
+        return Err(constraint(
+            format!("{runtimes:?}"),
+            "compatibleRuntimes",
+            "Member must have length less than or equal to 15",
+        ));
+    }
+    for r in runtimes {
+        compatible_runtime(r, "compatibleRuntimes")?;
+    }
+    Ok(())
+}
+
+/// One runtime name of Lambda's model (a `CompatibleRuntime` filter or list member).
+pub fn compatible_runtime(runtime: &str, field: &str) -> Result<(), ApiError> {
+    if LAMBDA_RUNTIMES.contains(&runtime) {
+        return Ok(());
+    }
+    Err(constraint(
+        runtime,
+        field,
+        &format!(
+            "Member must satisfy enum value set: [{}]",
+            LAMBDA_RUNTIMES.join(", ")
+        ),
+    ))
+}
+
+/// `CompatibleArchitectures`: at most 2 of `x86_64`, `arm64`.
+pub fn compatible_architectures(archs: &[String]) -> Result<(), ApiError> {
+    if archs.len() > 2 {
+        return Err(constraint(
+            format!("{archs:?}"),
+            "compatibleArchitectures",
+            "Member must have length less than or equal to 2",
+        ));
+    }
+    for a in archs {
+        compatible_architecture(a, "compatibleArchitectures")?;
+    }
+    Ok(())
+}
+
+/// One architecture name of Lambda's model.
+pub fn compatible_architecture(arch: &str, field: &str) -> Result<(), ApiError> {
+    if LAMBDA_ARCHITECTURES.contains(&arch) {
+        return Ok(());
+    }
+    Err(constraint(
+        arch,
+        field,
+        "Member must satisfy enum value set: [x86_64, arm64]",
+    ))
+}
+
+/// `LicenseInfo`: at most 512 characters.
+pub fn license_info(info: &str) -> Result<(), ApiError> {
+    if info.chars().count() > 512 {
+        return Err(constraint(
+            info,
+            "licenseInfo",
+            "Member must have length less than or equal to 512",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +672,74 @@ mod tests {
         assert!(architectures(&["arm64".into()]).is_err());
         assert!(function_name(&"a".repeat(64)).is_ok());
         assert!(function_name(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn layer_arns_and_names() {
+        let v = layer_version_arn(
+            "arn:aws:lambda:us-east-1:000000000000:layer:my-lib_2:7",
+            "layers",
+        )
+        .expect("valid");
+        assert_eq!(
+            v,
+            LayerVersionRef {
+                region: "us-east-1".into(),
+                account: "000000000000".into(),
+                name: "my-lib_2".into(),
+                version: 7,
+            }
+        );
+        for bad in [
+            "",
+            "arn:aws:lambda:us-east-1:000000000000:layer:x",
+            "arn:aws:lambda:us-east-1:000000000000:layer:x:",
+            "arn:aws:lambda:us-east-1:000000000000:layer:x:1a",
+            "arn:aws:lambda:us-east-1:00000000000:layer:x:1",
+            "arn:aws:lambda:us-east-1:000000000000:function:x:1",
+            "arn:aws:s3:us-east-1:000000000000:layer:x:1",
+            "arn:aws:lambda:us-east-1:000000000000:layer:a.b:1",
+            "arn:aws:lambda:us-east-1:000000000000:layer:x:1:2",
+            "x:1",
+        ] {
+            let e = layer_version_arn(bad, "layers").expect_err(bad);
+            assert!(e.message.contains("'layers'"), "{bad}: {}", e.message);
+        }
+        let long = format!(
+            "arn:aws:lambda:us-east-1:000000000000:layer:{}:1",
+            "n".repeat(140)
+        );
+        assert!(layer_version_arn(&long, "layers").is_err());
+        assert_eq!(layer_name("lib").expect("name"), ("lib".to_string(), None));
+        assert_eq!(
+            layer_name("arn:aws:lambda:eu-west-1:111111111111:layer:lib").expect("arn"),
+            (
+                "lib".to_string(),
+                Some(("eu-west-1".to_string(), "111111111111".to_string()))
+            )
+        );
+        for bad in [
+            "",
+            "a.b",
+            "arn:aws:lambda:eu-west-1:111111111111:layer:lib:1",
+        ] {
+            assert!(layer_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(layer_version_number("12").expect("n"), 12);
+        assert!(layer_version_number("x").is_err() && layer_version_number("-1").is_err());
+    }
+
+    #[test]
+    fn layer_metadata_rules() {
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(compatible_runtimes(&v(&["python3.11", "nodejs20.x", "java21"])).is_ok());
+        assert!(compatible_runtimes(&v(&["python9"])).is_err());
+        assert!(compatible_runtimes(&vec!["python3.11".to_string(); 16]).is_err());
+        assert!(compatible_architectures(&v(&["x86_64", "arm64"])).is_ok());
+        assert!(compatible_architectures(&v(&["sparc"])).is_err());
+        assert!(compatible_architectures(&v(&["x86_64", "arm64", "x86_64"])).is_err());
+        assert!(license_info(&"l".repeat(512)).is_ok());
+        assert!(license_info(&"l".repeat(513)).is_err());
     }
 
     #[test]

@@ -199,6 +199,26 @@ impl CodeStore {
         self.root.join(sha256_hex)
     }
 
+    /// Bytes the unpacked package with this hex SHA-256 holds (its regular files), for the
+    /// limit on a function's code and layers together. Walks the tree: call it from a
+    /// blocking thread.
+    pub fn unpacked_size(&self, sha256_hex: &str) -> io::Result<u64> {
+        fn walk(dir: &Path) -> io::Result<u64> {
+            let mut total = 0u64;
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    total = total.saturating_add(walk(&entry.path())?);
+                } else if kind.is_file() {
+                    total = total.saturating_add(entry.metadata()?.len());
+                }
+            }
+            Ok(total)
+        }
+        walk(&self.dir_for(sha256_hex))
+    }
+
     /// Remove temporaries a crash left behind.
     pub fn clean_temp(&self) -> io::Result<()> {
         for dir in std::iter::once(&self.root).chain(self.zips.as_ref()) {
@@ -593,6 +613,26 @@ mod tests {
                 "{path} accepted"
             );
         }
+    }
+
+    #[test]
+    fn unpacked_size_counts_the_files_of_a_stored_package() {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default();
+        for (name, len) in [("a.txt", 100usize), ("d/b.bin", 2_000), ("d/e/c", 0)] {
+            w.start_file(name, opts).expect("start");
+            w.write_all(&vec![7u8; len]).expect("write");
+        }
+        w.add_directory("empty/", opts).expect("dir");
+        let zip = w.finish().expect("finish").into_inner();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CodeStore::new(dir.path().join("code"), CodeLimits::default());
+        let stored = store.store_zip(&zip).expect("store");
+        assert_eq!(
+            store.unpacked_size(&stored.sha256_hex).expect("size"),
+            2_100
+        );
+        assert!(store.unpacked_size(&"0".repeat(64)).is_err(), "not stored");
     }
 
     #[tokio::test]
