@@ -9,10 +9,10 @@
 //!
 //! 1. **create** ([`RunscEngine::create`]): a generic sandbox for one runtime image, made before
 //!    anyone knows which function it will serve (the worker keeps a pool of them). Its OCI
-//!    bundle has the image's root read-only, an empty per-sandbox directory bind-mounted
-//!    read-only at `/var/task`, its own `/tmp` disk ([`crate::tmpdisk`]), optionally its own
-//!    network namespace ([`crate::netns`]), and the agent as its process with a generic
-//!    environment (`HEARTH_AGENT_DEFER=1`). `runsc create` brings up the sentry and gofer; the
+//!    bundle has the image's root read-only, empty per-sandbox directories bind-mounted
+//!    read-only at `/var/task` and `/opt`, its own `/tmp` disk ([`crate::tmpdisk`]),
+//!    optionally its own network namespace ([`crate::netns`]), and the agent as its process
+//!    with a generic environment (`HEARTH_AGENT_DEFER=1`). `runsc create` brings up the sentry and gofer; the
 //!    agent does not run yet. The pipes given to `runsc create` stay the agent's stdio.
 //! 2. **claim**: the function's code is hard-linked into the `/var/task` directory (a file added
 //!    to a bind mount's source after create is visible inside), the cgroup gets the function's
@@ -221,6 +221,11 @@ pub struct Sandbox {
 impl Sandbox {
     pub fn task_dir(&self) -> PathBuf {
         self.dir.join("task")
+    }
+
+    /// The directory bound read-only at `/opt`: the function's layers, merged.
+    pub fn opt_dir(&self) -> PathBuf {
+        self.dir.join("opt")
     }
 }
 
@@ -432,6 +437,8 @@ impl RunscEngine {
                     "options": ["rbind", "rw", "nosuid", "nodev"] }),
             json!({ "destination": "/var/task", "type": "bind", "source": dir.join("task"),
                     "options": ["rbind", "ro"] }),
+            json!({ "destination": "/opt", "type": "bind", "source": dir.join("opt"),
+                    "options": ["rbind", "ro"] }),
             json!({ "destination": "/hearth/agent", "type": "bind", "source": self.cfg.agent,
                     "options": ["bind", "ro"] }),
         ];
@@ -474,8 +481,10 @@ impl RunscEngine {
     pub async fn create(&self, spec: &SlotSpec) -> Result<Sandbox, EngineError> {
         let id = Self::new_id();
         let dir = self.cfg.slots.join(&id);
-        let task = dir.join("task");
-        std::fs::create_dir_all(&task).map_err(io_err(&task))?;
+        for sub in ["task", "opt"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
         let mut owned = Owned {
             dir: dir.clone(),
             tmp: None,

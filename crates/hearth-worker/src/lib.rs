@@ -7,6 +7,7 @@ pub mod engine;
 pub mod evict;
 pub mod frames;
 pub mod images;
+pub mod layers;
 pub mod netns;
 pub mod pool;
 pub mod prewarm;
