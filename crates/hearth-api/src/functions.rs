@@ -575,6 +575,7 @@ pub async fn create_function(
         reserved_concurrency: None,
         tags,
         event_invoke: BTreeMap::new(),
+        function_urls: BTreeMap::new(),
     };
     mark_latest(&mut record, state.config().snap_start_latest);
     let published = publish_now.then(|| publish(&mut record, None));
@@ -1314,6 +1315,7 @@ pub async fn delete_alias(state: &AppState, function: &str, alias: &str) -> Resu
             s.store().update(&key, |rec, _| -> Result<(), ApiError> {
                 rec.aliases.remove(&alias);
                 rec.event_invoke.remove(&alias);
+                rec.function_urls.remove(&alias);
                 Ok(())
             })
         })

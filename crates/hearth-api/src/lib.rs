@@ -35,6 +35,7 @@ pub mod sigv4;
 pub mod snapstart;
 pub mod state;
 pub mod store;
+pub mod urls;
 pub mod validate;
 
 pub use error::{ApiError, ErrorKind};

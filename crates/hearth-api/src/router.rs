@@ -92,6 +92,17 @@ pub fn app(state: AppState) -> Router {
             "/2018-10-31/layers/{layer}/versions/{version}",
             get(get_layer_version).delete(delete_layer_version),
         )
+        .route(
+            "/2021-10-31/functions/{function}/url",
+            post(create_url_config)
+                .get(get_url_config)
+                .put(update_url_config)
+                .delete(delete_url_config),
+        )
+        .route(
+            "/2021-10-31/functions/{function}/urls",
+            get(list_url_configs),
+        )
         .route("/2016-08-19/account-settings", get(account_settings))
         .route("/2016-08-19/account-settings/", get(account_settings))
         .route(
@@ -129,6 +140,11 @@ pub fn app(state: AppState) -> Router {
             get(download_code),
         )
         .merge(signed)
+        // Function URLs are answered before the API's routes and their SigV4 gate.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::urls::serve::intercept,
+        ))
         .layer(middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -143,7 +159,9 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "lambda api listening");
     }
-    axum::serve(listener, app(state))
+    // The peer address is a function URL event's `sourceIp`.
+    let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -574,6 +592,42 @@ async fn list_layers(
         max_items: q.get("MaxItems").cloned(),
     };
     Ok(Json(layers::list_layers(&s, params).await?).into_response())
+}
+
+async fn create_url_config(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let config = crate::urls::create(&s, &p.function, p.q("Qualifier"), parse_json(&body)?).await?;
+    Ok((StatusCode::CREATED, Json(config)))
+}
+
+async fn get_url_config(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        crate::urls::get(&s, &p.function, p.q("Qualifier")).await?,
+    ))
+}
+
+async fn update_url_config(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        crate::urls::update(&s, &p.function, p.q("Qualifier"), parse_json(&body)?).await?,
+    ))
+}
+
+async fn delete_url_config(State(s): State<AppState>, p: Params) -> ApiResult<StatusCode> {
+    crate::urls::delete(&s, &p.function, p.q("Qualifier")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_url_configs(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        crate::urls::list(&s, &p.function, p.q("Marker"), p.q("MaxItems")).await?,
+    ))
 }
 
 async fn account_settings(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {

@@ -38,6 +38,9 @@ pub struct ApiConfig {
     /// Where asynchronous events are kept: `None` is `<data-dir>/events.redb`; a front end in
     /// a cluster passes the assignment service's replicated log.
     pub event_log: Option<std::sync::Arc<dyn hearth_core::eventlog::EventLog>>,
+    /// How the `FunctionUrl` of a function URL is written (the path form on
+    /// `http://127.0.0.1:9000` by default).
+    pub function_urls: crate::urls::UrlBase,
 }
 
 impl ApiConfig {
@@ -54,6 +57,7 @@ impl ApiConfig {
             code_url_ttl: crate::download::DEFAULT_TTL,
             async_config: crate::events::AsyncConfig::default(),
             event_log: None,
+            function_urls: crate::urls::UrlBase::default(),
         }
     }
 

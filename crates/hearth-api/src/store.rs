@@ -31,6 +31,9 @@ const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions"
 const RESERVED: TableDefinition<&str, u32> = TableDefinition::new("reserved_concurrency");
 /// layer name → JSON [`LayerRecord`].
 const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
+/// function URL id → the name of the function whose record holds the URL (an index kept by
+/// [`Store::create`], [`Store::update`] and [`Store::remove`] in the record's transaction).
+const FUNCTION_URLS: TableDefinition<&str, &str> = TableDefinition::new("function_urls");
 
 /// Errors of the metadata store. All of them are internal faults to a caller.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,15 @@ pub struct FunctionRecord {
     /// Event-invoke configuration by qualifier (`$LATEST`, a version, an alias).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub event_invoke: BTreeMap<String, crate::events::config::EventInvokeRecord>,
+    /// Function URLs by qualifier (`$LATEST` for the unqualified function, or an alias).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub function_urls: BTreeMap<String, crate::urls::UrlRecord>,
+}
+
+impl FunctionRecord {
+    fn url_ids(&self) -> impl Iterator<Item = &str> {
+        self.function_urls.values().map(|u| u.url_id.as_str())
+    }
 }
 
 /// One layer version: an immutable package with its metadata.
@@ -199,6 +211,7 @@ impl Store {
             txn.open_table(FUNCTIONS).map_err(db_err)?;
             txn.open_table(RESERVED).map_err(db_err)?;
             txn.open_table(LAYERS).map_err(db_err)?;
+            txn.open_table(FUNCTION_URLS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Store { db })
@@ -227,6 +240,10 @@ impl Store {
             let mut reserved = txn.open_table(RESERVED).map_err(db_err)?;
             if let Some(n) = record.reserved_concurrency {
                 reserved.insert(record.name.as_str(), n).map_err(db_err)?;
+            }
+            let mut urls = txn.open_table(FUNCTION_URLS).map_err(db_err)?;
+            for id in record.url_ids() {
+                urls.insert(id, record.name.as_str()).map_err(db_err)?;
             }
         }
         txn.commit().map_err(db_err)?;
@@ -259,7 +276,7 @@ impl Store {
                     others += u64::from(v.value());
                 }
             }
-            let mut record = current;
+            let mut record = current.clone();
             let out = f(&mut record, others)?;
             // The name is the key: a closure cannot rename a function.
             record.name = name.to_string();
@@ -273,6 +290,15 @@ impl Store {
                 None => {
                     reserved.remove(name).map_err(db_err)?;
                 }
+            }
+            let mut urls = txn.open_table(FUNCTION_URLS).map_err(db_err)?;
+            for id in current.url_ids() {
+                if !record.url_ids().any(|n| n == id) {
+                    urls.remove(id).map_err(db_err)?;
+                }
+            }
+            for id in record.url_ids() {
+                urls.insert(id, name).map_err(db_err)?;
             }
             out
         };
@@ -293,6 +319,10 @@ impl Store {
                 .map_err(db_err)?
                 .remove(name)
                 .map_err(db_err)?;
+            let mut urls = txn.open_table(FUNCTION_URLS).map_err(db_err)?;
+            for id in old.iter().flat_map(|r| r.url_ids()) {
+                urls.remove(id).map_err(db_err)?;
+            }
             old
         };
         txn.commit().map_err(db_err)?;
@@ -317,6 +347,20 @@ impl Store {
             out.push(decode(k.value(), v.value())?);
         }
         Ok(out)
+    }
+
+    /// The function that has the function URL `url_id`.
+    pub fn function_by_url(&self, url_id: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        let name = {
+            let txn = self.db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(FUNCTION_URLS).map_err(db_err)?;
+            let value = table.get(url_id).map_err(db_err)?;
+            value.map(|v| v.value().to_string())
+        };
+        match name {
+            Some(name) => self.get(&name),
+            None => Ok(None),
+        }
     }
 
     /// Every function (account-wide figures).
@@ -443,6 +487,7 @@ mod tests {
             reserved_concurrency: None,
             tags: BTreeMap::new(),
             event_invoke: BTreeMap::new(),
+            function_urls: BTreeMap::new(),
         }
     }
 
@@ -503,6 +548,45 @@ mod tests {
         );
         assert_eq!(store.reserved_total().expect("sum"), 0);
         assert!(store.get("a").expect("get").is_none());
+    }
+
+    #[test]
+    fn url_index_follows_the_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("meta.redb")).expect("open");
+        store.create(&function("a")).expect("create");
+        let url = |id: &str| crate::urls::UrlRecord {
+            url_id: id.into(),
+            auth_type: crate::urls::AuthType::None,
+            cors: None,
+            creation_time: "t".into(),
+            last_modified_time: "t".into(),
+        };
+        store
+            .update("a", |rec, _| -> Result<(), TestError> {
+                rec.function_urls.insert("$LATEST".into(), url("id1"));
+                rec.function_urls.insert("live".into(), url("id2"));
+                Ok(())
+            })
+            .expect("update");
+        let name = |id| store.function_by_url(id).expect("lookup").map(|r| r.name);
+        assert_eq!(name("id1").as_deref(), Some("a"));
+        assert_eq!(name("id2").as_deref(), Some("a"));
+        store
+            .update("a", |rec, _| -> Result<(), TestError> {
+                rec.function_urls.remove("live");
+                Ok(())
+            })
+            .expect("update");
+        assert_eq!(name("id2"), None, "a removed URL is out of the index");
+        // A failed update leaves the index as it was.
+        let _ = store.update("a", |rec, _| -> Result<(), TestError> {
+            rec.function_urls.clear();
+            Err(TestError::Rejected)
+        });
+        assert_eq!(name("id1").as_deref(), Some("a"));
+        store.remove("a").expect("remove");
+        assert_eq!(name("id1"), None, "deleting the function drops its URLs");
     }
 
     #[test]

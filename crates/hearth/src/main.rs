@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start every part in one process (front end, assignment, worker) on one data directory.
-    Up(cmd::up::UpArgs),
+    Up(Box<cmd::up::UpArgs>),
     /// Build, import and list runtime images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -59,7 +59,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(ansi)
         .init();
     let result = match cli.command {
-        Command::Up(args) => cmd::up::run(args),
+        Command::Up(args) => cmd::up::run(*args),
         Command::Image(c) => cmd::image::run(c),
         Command::Function(c) => cmd::client::run_fn(c),
         Command::Invoke(a) => cmd::client::run_invoke(a),

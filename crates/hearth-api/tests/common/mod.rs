@@ -32,6 +32,8 @@ pub enum Mode {
     FailOnly(String),
     /// Return a payload this many bytes long.
     BigResponse(usize),
+    /// Return exactly this payload.
+    Reply(Vec<u8>),
     Throttle(String),
     NotReady(String),
     Service(String),
@@ -98,6 +100,11 @@ impl Invoker for FakeInvoker {
             }),
             Mode::BigResponse(n) => Ok(InvokeResult {
                 payload: vec![b'x'; n],
+                function_error: false,
+                log,
+            }),
+            Mode::Reply(payload) => Ok(InvokeResult {
+                payload,
                 function_error: false,
                 log,
             }),

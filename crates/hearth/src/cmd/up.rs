@@ -58,6 +58,17 @@ pub struct ApiArgs {
     /// `/hearth/v1/metrics` on the API's address).
     #[arg(long, env = "HEARTH_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Domain of function URLs, for a deployment whose DNS sends `*.lambda-url.<region>.<domain>`
+    /// here: `FunctionUrl` is then `https://<url-id>.lambda-url.<region>.<domain>/` (give
+    /// `http://domain[:port]` for plain HTTP). Unset, it is a path on this listener
+    /// (`http://<listen>/lambda-url/<url-id>/`), which works with no DNS set-up. Both forms are
+    /// served either way.
+    #[arg(long, env = "HEARTH_URL_DOMAIN", value_parser = parse_url_domain)]
+    pub url_domain: Option<hearth_api::urls::UrlBase>,
+}
+
+fn parse_url_domain(raw: &str) -> Result<hearth_api::urls::UrlBase, String> {
+    hearth_api::urls::UrlBase::domain(raw).map_err(|e| e.to_string())
 }
 
 /// The worker (sandboxes) settings.
@@ -385,6 +396,24 @@ pub async fn serve_api(
     event_log: Option<Arc<dyn hearth_core::eventlog::EventLog>>,
 ) -> anyhow::Result<()> {
     let creds = load_or_create_credentials(data_dir, args)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let endpoint = format!("http://{addr}");
+    let function_urls = match &args.url_domain {
+        Some(base) => base.clone(),
+        None => {
+            // A wildcard listen address is reached on loopback from this machine.
+            let mut local = addr;
+            if local.ip().is_unspecified() {
+                local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            hearth_api::urls::UrlBase::Path {
+                endpoint: format!("http://{local}"),
+            }
+        }
+    };
     let config = hearth_api::ApiConfig {
         data_dir: data_dir.to_path_buf(),
         region: common.region.clone(),
@@ -402,15 +431,11 @@ pub async fn serve_api(
             concurrency: args.async_concurrency as usize,
         },
         event_log,
+        function_urls,
     };
     let state = hearth_api::AppState::new(config, invoker)
         .await
         .context("opening metadata")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let endpoint = format!("http://{addr}");
     let env_file = data_dir.join("client.env");
     let env_text = format!(
         "export AWS_ENDPOINT_URL={endpoint}\nexport AWS_ACCESS_KEY_ID={}\nexport AWS_SECRET_ACCESS_KEY={}\nexport AWS_DEFAULT_REGION={}\n",
