@@ -80,6 +80,12 @@ def test_none_url_event_and_response(hearth, fn):
     assert created["FunctionArn"].endswith(f":function:{fn}")
     assert created["AuthType"] == "NONE"
     assert lam.get_function_url_config(FunctionName=fn)["FunctionUrl"] == url
+    # The resource-policy statement that Lambda's documentation pairs with a NONE URL.
+    lam.add_permission(FunctionName=fn, StatementId="FunctionURLAllowPublicAccess",
+                       Action="lambda:InvokeFunctionUrl", Principal="*", FunctionUrlAuthType="NONE")
+    policy = json.loads(lam.get_policy(FunctionName=fn)["Policy"])
+    assert [s["Sid"] for s in policy["Statement"]] == ["FunctionURLAllowPublicAccess"]
+    assert policy["Statement"][0]["Condition"] == {"StringEquals": {"lambda:FunctionUrlAuthType": "NONE"}}
     listed = lam.list_function_url_configs(FunctionName=fn)["FunctionUrlConfigs"]
     assert [c["FunctionUrl"] for c in listed] == [url]
     with pytest.raises(ClientError) as e:
@@ -154,6 +160,10 @@ def test_none_url_event_and_response(hearth, fn):
     lam.delete_function_url_config(FunctionName=fn)
     status, _, _ = fetch(url)
     assert status == 403
+    lam.remove_permission(FunctionName=fn, StatementId="FunctionURLAllowPublicAccess")
+    with pytest.raises(ClientError) as e:
+        lam.get_policy(FunctionName=fn)
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
 
 
 def test_aws_iam_url_on_an_alias(hearth, fn):

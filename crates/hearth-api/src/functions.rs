@@ -576,6 +576,7 @@ pub async fn create_function(
         tags,
         event_invoke: BTreeMap::new(),
         function_urls: BTreeMap::new(),
+        policy: BTreeMap::new(),
     };
     mark_latest(&mut record, state.config().snap_start_latest);
     let published = publish_now.then(|| publish(&mut record, None));
@@ -860,6 +861,7 @@ pub async fn delete_function(
                         }
                         rec.versions.remove(&n);
                         rec.event_invoke.remove(&n.to_string());
+                        rec.policy.remove(&n.to_string());
                         Ok(())
                     })
                 })
@@ -1316,6 +1318,7 @@ pub async fn delete_alias(state: &AppState, function: &str, alias: &str) -> Resu
                 rec.aliases.remove(&alias);
                 rec.event_invoke.remove(&alias);
                 rec.function_urls.remove(&alias);
+                rec.policy.remove(&alias);
                 Ok(())
             })
         })

@@ -30,6 +30,7 @@ pub use hearth_core::invoker;
 pub mod logs;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod router;
 pub mod sigv4;
 pub mod snapstart;

@@ -93,6 +93,14 @@ pub fn app(state: AppState) -> Router {
             get(get_layer_version).delete(delete_layer_version),
         )
         .route(
+            &format!("{F}/{{function}}/policy"),
+            post(add_permission).get(get_policy),
+        )
+        .route(
+            &format!("{F}/{{function}}/policy/{{statement}}"),
+            axum::routing::delete(remove_permission),
+        )
+        .route(
             "/2021-10-31/functions/{function}/url",
             post(create_url_config)
                 .get(get_url_config)
@@ -592,6 +600,38 @@ async fn list_layers(
         max_items: q.get("MaxItems").cloned(),
     };
     Ok(Json(layers::list_layers(&s, params).await?).into_response())
+}
+
+async fn add_permission(
+    State(s): State<AppState>,
+    p: Params,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let statement =
+        crate::policy::add(&s, &p.function, p.q("Qualifier"), parse_json(&body)?).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "Statement": statement })),
+    ))
+}
+
+async fn get_policy(State(s): State<AppState>, p: Params) -> ApiResult<impl IntoResponse> {
+    Ok(Json(
+        crate::policy::get(&s, &p.function, p.q("Qualifier")).await?,
+    ))
+}
+
+async fn remove_permission(
+    State(s): State<AppState>,
+    p: Params,
+    Path(path): Path<HashMap<String, String>>,
+) -> ApiResult<StatusCode> {
+    let sid = path
+        .get("statement")
+        .map(String::as_str)
+        .unwrap_or_default();
+    crate::policy::remove(&s, &p.function, sid, p.q("Qualifier"), p.q("RevisionId")).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn create_url_config(

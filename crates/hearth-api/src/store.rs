@@ -148,6 +148,10 @@ pub struct FunctionRecord {
     /// Function URLs by qualifier (`$LATEST` for the unqualified function, or an alias).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub function_urls: BTreeMap<String, crate::urls::UrlRecord>,
+    /// Resource-based policy statements by qualifier (`$LATEST` for the unqualified function),
+    /// in the order they were added (see [`crate::policy`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policy: BTreeMap<String, Vec<serde_json::Value>>,
 }
 
 impl FunctionRecord {
@@ -488,6 +492,7 @@ mod tests {
             tags: BTreeMap::new(),
             event_invoke: BTreeMap::new(),
             function_urls: BTreeMap::new(),
+            policy: BTreeMap::new(),
         }
     }
 
