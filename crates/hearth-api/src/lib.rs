@@ -7,7 +7,9 @@
 //! - [`router`]: routes, the SigV4 gate every request passes, the server loop ([`app`],
 //!   [`serve`]). Handlers turn HTTP into plain values and back; nothing below sees HTTP.
 //! - [`functions`] and [`layers`] (control plane) and [`invoke`] (data plane): the operations, with
-//!   [`validate`] (Lambda's parameter rules) and [`model`] (the JSON wire types).
+//!   [`validate`] (Lambda's parameter rules) and [`model`] (the JSON wire types); [`urls`]
+//!   (function URLs: their configuration, and serving them on the API's listener ahead of the
+//!   SigV4 gate) and [`policy`] (resource-based policy statements, kept but not evaluated).
 //! - [`store`] (metadata in redb), [`code`] (deployment packages, content-addressed and
 //!   unpacked), [`logs`] (per-function invocation logs for `hearth logs`), [`download`]
 //!   (the presigned URLs that `GetFunction` hands out for a package).
