@@ -29,6 +29,18 @@ pub const RUNTIMES: &[Runtime] = &[
         needs_handler: true,
     },
     Runtime {
+        name: "nodejs22.x",
+        image: "nodejs22.x",
+        execution_env: Some("AWS_Lambda_nodejs22.x"),
+        needs_handler: true,
+    },
+    Runtime {
+        name: "nodejs24.x",
+        image: "nodejs24.x",
+        execution_env: Some("AWS_Lambda_nodejs24.x"),
+        needs_handler: true,
+    },
+    Runtime {
         name: "provided",
         image: "provided",
         execution_env: None,
@@ -67,7 +79,14 @@ mod tests {
         for r in RUNTIMES {
             assert_eq!(lookup(r.name), Some(r));
         }
+        // Only the Node.js majors hearth has an image for: no nodejs20.x, no future one.
         assert_eq!(lookup("nodejs20.x"), None);
+        assert_eq!(lookup("nodejs99.x"), None);
+        assert_eq!(lookup("nodejs22.x").map(|r| r.image), Some("nodejs22.x"));
+        assert_eq!(
+            lookup("nodejs24.x").and_then(|r| r.execution_env),
+            Some("AWS_Lambda_nodejs24.x")
+        );
         assert_eq!(lookup("provided.al2023").map(|r| r.image), Some("provided"));
         assert!(
             RUNTIMES

