@@ -11,6 +11,8 @@
 //! - `hearth bench api`: concurrent signed `Invoke` calls against a running `hearth up`:
 //!   throughput and latency percentiles, failures counted.
 //! - `hearth bench store`: what the chunk store keeps for N functions on one runtime.
+//! - `hearth bench runtimes`: cold start from the ready pool and warm invoke of the same small
+//!   handler on several runtimes (python3.11 beside nodejs22.x by default), interleaved.
 //!
 //! `sandbox` and `snapstart` measure each engine configuration in turn in one run
 //! (`--runsc PATH` repeated, `--pin on|off|both`) and end with a side-by-side table.
@@ -49,6 +51,9 @@ pub enum BenchCmd {
     Snapstart(SnapArgs),
     /// Chunk store: bytes stored for N functions on one runtime against the naive sum.
     Store(StoreArgs),
+    /// Cold start (ready pool) and warm invoke of one small handler on several runtimes, side
+    /// by side in one run (needs root, runsc, their images, agent).
+    Runtimes(RuntimesArgs),
     /// The replicated assignment service: lease throughput and latency by partition count
     /// (three nodes over loopback TCP in this process) and failover time.
     Assign(super::bench_assign::AssignBenchArgs),
@@ -288,6 +293,24 @@ pub struct SandboxArgs {
 }
 
 #[derive(Args)]
+pub struct RuntimesArgs {
+    /// Runtimes to compare, comma-separated (each needs its image).
+    #[arg(long, default_value = "python3.11,nodejs22.x")]
+    runtimes: String,
+    /// Warm invocations to time per runtime.
+    #[arg(long, default_value_t = 200)]
+    warm: usize,
+    /// Cold starts to time per runtime (from the ready pool; the runtimes take turns).
+    #[arg(long, default_value_t = 10)]
+    cold: usize,
+    /// Network policy of the engine (`egress`, hearth's default, or `none`).
+    #[arg(long, default_value = "egress")]
+    network: NetPolicy,
+    #[command(flatten)]
+    engines: EngineSel,
+}
+
+#[derive(Args)]
 pub struct SnapArgs {
     /// Cold starts to time per function and mode.
     #[arg(long, default_value_t = 10)]
@@ -375,16 +398,22 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             .block_on(super::bench_assign::run(a))
             .map(|()| ExitCode::SUCCESS),
         BenchCmd::Snapstart(a) => rt()?.block_on(snapstart(a)),
+        BenchCmd::Runtimes(a) => rt()?.block_on(runtimes_bench(a)),
     }
 }
 
 /// Put a one-file (`app.py`) package into a worker's code cache at `root`, as a fetch from the
 /// chunk store would; returns its `CodeSha256`.
 fn cache_code(root: &Path, app: &str) -> anyhow::Result<String> {
+    cache_file(root, "app.py", app)
+}
+
+/// [`cache_code`] with another file name.
+fn cache_file(root: &Path, file: &str, app: &str) -> anyhow::Result<String> {
     let code = hearth_core::code::CodeRef::of(app.as_bytes());
     let dir = root.join(&code.sha256_hex);
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("app.py"), app)?;
+    std::fs::write(dir.join(file), app)?;
     Ok(code.sha256_b64)
 }
 
@@ -440,6 +469,7 @@ async fn timed_invoke(worker: &Worker, spec: FunctionSpec, n: usize) -> anyhow::
         reserved_concurrency: None,
         unreserved_limit: 1000,
         log: None,
+        response: None,
     };
     let t = Instant::now();
     let r = worker.invoke(req).await?;
@@ -1309,5 +1339,141 @@ async fn store_bench(a: StoreArgs) -> anyhow::Result<ExitCode> {
         "same code under another owner adds {} bytes (per-owner key scope: not deduplicated)",
         chunks.usage().await?.bytes - before
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The small handler `hearth bench runtimes` runs: (file, handler, code) for a runtime.
+fn runtime_handler(runtime: &str) -> anyhow::Result<(&'static str, &'static str, &'static str)> {
+    let image = hearth_worker::images::recipe_for(runtime)?;
+    Ok(if image.python.is_some() {
+        (
+            "app.py",
+            "app.handler",
+            "def handler(event, context):\n    return {'n': event.get('n'), 'id': context.aws_request_id}\n",
+        )
+    } else if image.node.is_some() {
+        (
+            "index.mjs",
+            "index.handler",
+            "export const handler = async (event, context) => ({ n: event.n, id: context.awsRequestId });\n",
+        )
+    } else {
+        bail!("hearth bench runtimes has a handler for Python and Node.js runtimes, not {runtime}")
+    })
+}
+
+async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
+    let runtimes: Vec<String> = a
+        .runtimes
+        .split(',')
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let code_cache = dir.path().join("code-cache");
+    let images = ImageStore::new(&a.engines.image_cache);
+    let mut fns = Vec::new();
+    for rt in &runtimes {
+        let (file, handler, code) = runtime_handler(rt)?;
+        images
+            .rootfs_for_runtime(rt)
+            .with_context(|| format!("{rt} image (hearth image build {rt})"))?;
+        let sha = cache_file(&code_cache, file, code)?;
+        fns.push((rt.clone(), handler, sha));
+    }
+    let agent = a.engines.agent();
+    println!(
+        "hearth bench runtimes: {}; {} cold starts (ready pool) and {} warm invokes each; network {}; load average {}",
+        runtimes.join(", "),
+        a.cold,
+        a.warm,
+        a.network,
+        load_average()
+    );
+    let mut table = Table::default();
+    for (ci, choice) in a.engines.choices().iter().enumerate() {
+        let engine = make_engine(
+            &dir.path().join(format!("engine{ci}")),
+            choice,
+            &agent,
+            a.network,
+        )?;
+        print_caps(&engine, choice);
+        let label = engine_label(&engine, choice);
+        let cols: Vec<usize> = runtimes
+            .iter()
+            .map(|rt| table.col(format!("{rt} ({label})")))
+            .collect();
+        // Room for every runtime's ready sandboxes.
+        let prewarm = PrewarmConfig {
+            per_kind_max: 2,
+            total_max: 2 * runtimes.len(),
+            ..PrewarmConfig::default()
+        };
+        let worker = Worker::new(
+            engine.clone(),
+            images.clone(),
+            WorkerConfig {
+                keep_alive: Duration::from_secs(600),
+                memory_budget_mb: 16 * 1024,
+                prewarm,
+                code_cache: Some(code_cache.clone()),
+                ..WorkerConfig::default()
+            },
+        );
+        for rt in &runtimes {
+            worker.prewarm(rt);
+        }
+        let spec = |i: usize, rev: String| {
+            let (rt, handler, sha) = &fns[i];
+            FunctionSpec {
+                runtime: rt.clone(),
+                handler: handler.to_string(),
+                ..bench_spec(&format!("bench{i}"), sha, rev, 128)
+            }
+        };
+        let measured = async {
+            // Cold starts: the runtimes take turns, each from a refilled ready pool.
+            let (mut cold, mut inits) = (vec![Vec::new(); fns.len()], vec![Vec::new(); fns.len()]);
+            for n in 0..a.cold {
+                for i in 0..fns.len() {
+                    wait_ready(&worker, prewarm.total_max, Duration::from_secs(20)).await;
+                    let t = timed_invoke(&worker, spec(i, format!("cold{n}")), n).await?;
+                    cold[i].push(t.elapsed);
+                    inits[i].extend(t.init_ms);
+                    drained(&worker, &format!("bench{i}")).await;
+                }
+            }
+            for (i, (rt, _, _)) in fns.iter().enumerate() {
+                let cell = summary(&format!("{rt}: cold start, ready pool"), cold[i].clone());
+                let note = init_note("init", &inits[i]);
+                table.set(
+                    "cold start by boot from the ready pool, request in → response out",
+                    cols[i],
+                    format!("{cell}{note}"),
+                );
+            }
+            // Warm invokes, after 20 untimed ones each.
+            for (i, (rt, _, _)) in fns.iter().enumerate() {
+                let mut warm = Vec::new();
+                for n in 0..a.warm + 20 {
+                    let t = timed_invoke(&worker, spec(i, "warm".into()), n).await?;
+                    if n >= 20 {
+                        warm.push(t.elapsed);
+                    }
+                }
+                table.set(
+                    "warm invoke through worker + agent + runtime client in runsc",
+                    cols[i],
+                    summary(&format!("{rt}: warm invoke"), warm),
+                );
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        worker.shutdown().await;
+        measured?;
+    }
+    table.print();
     Ok(ExitCode::SUCCESS)
 }
