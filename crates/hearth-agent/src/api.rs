@@ -7,10 +7,11 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hearth_proto::{AgentMsg, InvokeMeta, MAX_SYNC_PAYLOAD};
+use base64::Engine as _;
+use hearth_proto::{AgentMsg, InvokeMeta, MAX_STREAM_PAYLOAD, MAX_SYNC_PAYLOAD, STREAM_CHUNK};
 use serde_json::{Value, json};
 
-use crate::http::{self, Body, Framing, Head, HttpError};
+use crate::http::{self, Body, BodyStream, Framing, Head, HttpError};
 use crate::output::Emitter;
 
 /// Where init stands.
@@ -215,8 +216,8 @@ impl Shared {
         }
     }
 
-    /// Route one request.
-    pub fn route(&self, head: &Head, body: Body) -> Reply {
+    /// Route one request; `trailers` are a chunked body's trailer fields.
+    pub fn route(&self, head: &Head, body: Body, trailers: &[(String, String)]) -> Reply {
         let Some(rest) = head.path.strip_prefix("/2018-06-01/runtime/") else {
             return not_found();
         };
@@ -234,7 +235,14 @@ impl Shared {
         let error_type = head.header("Lambda-Runtime-Function-Error-Type");
         match segments.as_slice() {
             ["invocation", "next"] => self.next(),
-            ["invocation", id, "response"] => self.answer(id, body, None),
+            ["invocation", id, "response"] => match trailer_error(trailers) {
+                // An error reported in the trailers of a response (as a streamed response
+                // reports a mid-stream error) makes the invocation a function error.
+                Some((error_type, doc)) => {
+                    self.answer(id, Body::Full(doc), Some(Some(&error_type)))
+                }
+                None => self.answer(id, body, None),
+            },
             ["invocation", id, _] => self.answer(id, body, Some(error_type)),
             ["init", _] => self.init_error(error_type, body),
             ["restore", "next"] => self.restore_next(),
@@ -335,6 +343,95 @@ impl Shared {
         Reply::accepted()
     }
 
+    /// `POST /runtime/invocation/{id}/response` with `Lambda-Runtime-Function-Response-Mode:
+    /// streaming`: the body is forwarded to the worker as it arrives (`StreamStart`, then
+    /// `StreamChunk`s), and ends in `StreamEnd`, or in `FunctionError` when the trailers
+    /// report an error, the runtime breaks the body off (`Runtime.TruncatedResponse`) or sends
+    /// more than [`MAX_STREAM_PAYLOAD`] (`Function.ResponseSizeTooLarge`). The bytes already
+    /// forwarded stay forwarded. `None`: no reply can be written (the connection broke).
+    fn stream(&self, id: &str, head: &Head, r: &mut impl io::BufRead) -> Option<Reply> {
+        {
+            let mut st = self.lock();
+            match st.current.as_mut() {
+                Some(c) if c.request_id == id && c.answered => {
+                    return Some(Reply::invalid_state(&format!(
+                        "invocation {id} was already answered"
+                    )));
+                }
+                Some(c) if c.request_id == id => c.answered = true,
+                _ => return Some(Reply::error(400, "InvalidRequestID", "Invalid request ID")),
+            }
+            self.out.send(
+                AgentMsg::StreamStart {
+                    request_id: id.to_string(),
+                    content_type: head.header("Content-Type").map(str::to_string),
+                },
+                Vec::new(),
+            );
+        }
+        let fail = |error_type: &str, message: &str| {
+            self.out.send(
+                AgentMsg::FunctionError {
+                    request_id: id.to_string(),
+                    error_type: error_type.to_string(),
+                },
+                error_doc(error_type, message),
+            );
+        };
+        let mut body = BodyStream::new(head.framing);
+        let mut sent = 0usize;
+        loop {
+            match body.next(r, STREAM_CHUNK) {
+                Ok(Some(piece)) => {
+                    sent += piece.len();
+                    if sent > MAX_STREAM_PAYLOAD {
+                        let message = format!(
+                            "Response payload size exceeded maximum allowed payload size \
+                             ({MAX_STREAM_PAYLOAD} bytes)."
+                        );
+                        fail("Function.ResponseSizeTooLarge", &message);
+                        return Some(Reply::error(413, "RequestEntityTooLarge", &message));
+                    }
+                    self.out.send(
+                        AgentMsg::StreamChunk {
+                            request_id: id.to_string(),
+                        },
+                        piece,
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    fail(
+                        "Runtime.TruncatedResponse",
+                        &format!("the runtime's streamed response broke off: {e}"),
+                    );
+                    return match e {
+                        HttpError::Io(_) => None,
+                        HttpError::Malformed(_) => {
+                            Some(Reply::error(400, "InvalidRequest", &e.to_string()))
+                        }
+                    };
+                }
+            }
+        }
+        match trailer_error(body.trailers()) {
+            Some((error_type, doc)) => self.out.send(
+                AgentMsg::FunctionError {
+                    request_id: id.to_string(),
+                    error_type,
+                },
+                doc,
+            ),
+            None => self.out.send(
+                AgentMsg::StreamEnd {
+                    request_id: id.to_string(),
+                },
+                Vec::new(),
+            ),
+        }
+        Some(Reply::accepted())
+    }
+
     /// `POST /runtime/init/error`: only while init runs.
     fn init_error(&self, header: Option<&str>, body: Body) -> Reply {
         let Body::Full(body) = body else {
@@ -380,6 +477,36 @@ impl Shared {
         self.out.send(AgentMsg::RestoreError { error_type }, doc);
         Reply::accepted()
     }
+}
+
+/// The error a runtime reported in a response's trailers: `Lambda-Runtime-Function-Error-Type`
+/// and `Lambda-Runtime-Function-Error-Body` (base64 of the error document; a body that is not
+/// base64 is taken as the message). `None` when there is no error type.
+fn trailer_error(trailers: &[(String, String)]) -> Option<(String, Vec<u8>)> {
+    let field = |name: &str| {
+        trailers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    };
+    let error_type = field("Lambda-Runtime-Function-Error-Type").filter(|t| !t.is_empty())?;
+    let body = field("Lambda-Runtime-Function-Error-Body").unwrap_or_default();
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap_or_else(|_| body.as_bytes().to_vec());
+    Some(runtime_error(Some(error_type), body, "Unhandled"))
+}
+
+/// Whether a request is a streamed invocation response; its request id if so.
+fn streamed_response(head: &Head) -> Option<&str> {
+    let streaming = head
+        .header("Lambda-Runtime-Function-Response-Mode")
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("streaming"));
+    let id = head
+        .path
+        .strip_prefix("/2018-06-01/runtime/invocation/")?
+        .strip_suffix("/response")?;
+    (streaming && head.method == "POST" && !id.contains('/')).then_some(id)
 }
 
 fn not_found() -> Reply {
@@ -428,18 +555,40 @@ fn connection(shared: &Shared, stream: TcpStream) {
             Ok(None) | Err(HttpError::Io(_)) => return,
             Err(e @ HttpError::Malformed(_)) => return bad_request(&mut w, &e),
         };
+        if let Some(id) = streamed_response(&head) {
+            if head.expect_continue && http::write_continue(&mut w).is_err() {
+                return;
+            }
+            let Some(reply) = shared.stream(id, &head, &mut r) else {
+                return;
+            };
+            // A refused stream's body is still unread: the connection cannot serve another.
+            let keep_alive = head.keep_alive && reply.status == 202;
+            let written = http::write_response(
+                &mut w,
+                reply.status,
+                &reply.headers,
+                &reply.body,
+                keep_alive,
+            );
+            if written.is_err() || !keep_alive {
+                return;
+            }
+            continue;
+        }
         let fits = !matches!(head.framing, Framing::Length(n) if n > MAX_SYNC_PAYLOAD as u64);
         let wants_body = head.framing != Framing::Length(0);
         if head.expect_continue && fits && wants_body && http::write_continue(&mut w).is_err() {
             return;
         }
-        let body = match http::read_body(&mut r, head.framing, MAX_SYNC_PAYLOAD) {
-            Ok(body) => body,
-            Err(HttpError::Io(_)) => return,
-            Err(e @ HttpError::Malformed(_)) => return bad_request(&mut w, &e),
-        };
+        let (body, trailers) =
+            match http::read_body_and_trailers(&mut r, head.framing, MAX_SYNC_PAYLOAD) {
+                Ok(read) => read,
+                Err(HttpError::Io(_)) => return,
+                Err(e @ HttpError::Malformed(_)) => return bad_request(&mut w, &e),
+            };
         let too_large = body == Body::TooLarge;
-        let reply = shared.route(&head, body);
+        let reply = shared.route(&head, body, &trailers);
         let keep_alive = head.keep_alive && !too_large;
         let written = http::write_response(
             &mut w,

@@ -254,29 +254,34 @@ fn read_exact_into<R: BufRead>(r: &mut R, n: u64, out: &mut Vec<u8>) -> Result<(
 }
 
 /// Read the body a head announced, up to `limit` bytes.
+#[cfg(test)]
 pub fn read_body<R: BufRead>(r: &mut R, framing: Framing, limit: usize) -> Result<Body, HttpError> {
+    read_body_and_trailers(r, framing, limit).map(|(body, _)| body)
+}
+
+/// Read the body a head announced, up to `limit` bytes, and a chunked body's trailer fields
+/// (a runtime may report an error in them, as a streamed response does).
+pub fn read_body_and_trailers<R: BufRead>(
+    r: &mut R,
+    framing: Framing,
+    limit: usize,
+) -> Result<(Body, Vec<(String, String)>), HttpError> {
+    let mut trailers = Vec::new();
     let mut body = Vec::new();
     match framing {
-        Framing::Length(n) if n > limit as u64 => return Ok(Body::TooLarge),
+        Framing::Length(n) if n > limit as u64 => return Ok((Body::TooLarge, trailers)),
         Framing::Length(n) => {
             body.reserve_exact(n as usize);
             read_exact_into(r, n, &mut body)?;
         }
         Framing::Chunked => loop {
-            let line = require_line(r)?;
-            let line = String::from_utf8_lossy(&line);
-            let size = line.split_once(';').map_or(&*line, |(s, _)| s).trim();
-            if size.is_empty() || size.len() > 16 {
-                return Err(HttpError::Malformed("bad chunk size"));
-            }
-            let size = u64::from_str_radix(size, 16)
-                .map_err(|_| HttpError::Malformed("bad chunk size"))?;
+            let size = chunk_size(&require_line(r)?)?;
             if size == 0 {
-                read_fields(r)?; // trailers, ignored
+                trailers = read_fields(r)?;
                 break;
             }
             if body.len() as u64 + size > limit as u64 {
-                return Ok(Body::TooLarge);
+                return Ok((Body::TooLarge, trailers));
             }
             read_exact_into(r, size, &mut body)?;
             if !require_line(r)?.is_empty() {
@@ -284,7 +289,102 @@ pub fn read_body<R: BufRead>(r: &mut R, framing: Framing, limit: usize) -> Resul
             }
         },
     }
-    Ok(Body::Full(body))
+    Ok((Body::Full(body), trailers))
+}
+
+/// A body read piece by piece as it arrives (a streamed response): each [`BodyStream::next`]
+/// returns what the connection has, without waiting for a whole chunk.
+#[derive(Debug)]
+pub struct BodyStream {
+    framing: Framing,
+    /// Bytes left in the current chunk (chunked) or in the whole body (`Content-Length`).
+    left: u64,
+    /// A chunk's data ended and its CRLF is still to be read.
+    chunk_end: bool,
+    done: bool,
+    trailers: Vec<(String, String)>,
+}
+
+impl BodyStream {
+    pub fn new(framing: Framing) -> Self {
+        let left = match framing {
+            Framing::Length(n) => n,
+            Framing::Chunked => 0,
+        };
+        BodyStream {
+            framing,
+            left,
+            chunk_end: false,
+            done: false,
+            trailers: Vec::new(),
+        }
+    }
+
+    /// The trailer fields of a chunked body (once [`BodyStream::next`] returned `None`).
+    pub fn trailers(&self) -> &[(String, String)] {
+        &self.trailers
+    }
+
+    /// The next piece of the body, at most `max` bytes (`max` > 0), as soon as the connection
+    /// has any; `None` at the end of the body. A connection that ends early is an
+    /// [`HttpError::Io`].
+    pub fn next<R: BufRead>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, HttpError> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.left == 0 {
+            if self.framing != Framing::Chunked {
+                self.done = true;
+                return Ok(None);
+            }
+            if self.chunk_end && !require_line(r)?.is_empty() {
+                return Err(HttpError::Malformed("chunk not followed by CRLF"));
+            }
+            self.chunk_end = false;
+            let size = chunk_size(&require_line(r)?)?;
+            if size == 0 {
+                self.trailers = read_fields(r)?;
+                self.done = true;
+                return Ok(None);
+            }
+            self.left = size;
+        }
+        let buf = loop {
+            match r.fill_buf() {
+                Ok(buf) => break buf,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if buf.is_empty() {
+            return Err(HttpError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let n = buf
+            .len()
+            .min(max)
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let piece = buf[..n].to_vec();
+        r.consume(n);
+        self.left -= n as u64;
+        if self.left == 0 && self.framing == Framing::Chunked {
+            self.chunk_end = true;
+        }
+        Ok(Some(piece))
+    }
+}
+
+/// The size on a chunk-size line (extensions ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, HttpError> {
+    let line = String::from_utf8_lossy(line);
+    let size = line.split_once(';').map_or(&*line, |(s, _)| s).trim();
+    if size.is_empty() || size.len() > 16 {
+        return Err(HttpError::Malformed("bad chunk size"));
+    }
+    u64::from_str_radix(size, 16).map_err(|_| HttpError::Malformed("bad chunk size"))
 }
 
 fn reason(status: u16) -> &'static str {
@@ -395,6 +495,115 @@ mod tests {
         assert_eq!(head.framing, Framing::Chunked);
         assert!(head.expect_continue);
         assert_eq!(body, Body::Full(b"hello, world0123456789".to_vec()));
+    }
+
+    #[test]
+    fn chunked_trailers_are_returned() {
+        let raw = "5\r\nhello\r\n0\r\nLambda-Runtime-Function-Error-Type: E.T\r\n\r\n";
+        let (body, trailers) =
+            read_body_and_trailers(&mut raw.as_bytes(), Framing::Chunked, 100).expect("test");
+        assert_eq!(body, Body::Full(b"hello".to_vec()));
+        assert_eq!(
+            trailers,
+            vec![(
+                "Lambda-Runtime-Function-Error-Type".to_string(),
+                "E.T".to_string()
+            )]
+        );
+    }
+
+    /// A reader that hands out its input in the given pieces, one per read, like a socket
+    /// on which the client's writes arrive one at a time.
+    struct Trickle(std::collections::VecDeque<Vec<u8>>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let Some(mut piece) = self.0.pop_front() else {
+                return Ok(0);
+            };
+            let n = piece.len().min(buf.len());
+            buf[..n].copy_from_slice(&piece[..n]);
+            if n < piece.len() {
+                self.0.push_front(piece.split_off(n));
+            }
+            Ok(n)
+        }
+    }
+
+    type Fields = Vec<(String, String)>;
+
+    fn pieces(
+        input: &[&str],
+        framing: Framing,
+        max: usize,
+    ) -> Result<(Vec<Vec<u8>>, Fields), HttpError> {
+        let trickle = Trickle(input.iter().map(|s| s.as_bytes().to_vec()).collect());
+        let mut r = std::io::BufReader::new(trickle);
+        let mut body = BodyStream::new(framing);
+        let mut out = Vec::new();
+        while let Some(piece) = body.next(&mut r, max)? {
+            out.push(piece);
+        }
+        assert!(body.next(&mut r, max)?.is_none(), "stays at the end");
+        Ok((out, body.trailers().to_vec()))
+    }
+
+    #[test]
+    fn body_stream_forwards_what_arrived_without_waiting_for_whole_chunks() {
+        // The second chunk's data arrives in two reads: its first half is returned at once.
+        let (got, trailers) = pieces(
+            &[
+                "3\r\none\r\n",
+                "5\r\ntw",
+                "o-2\r\n",
+                "0\r\nLambda-Runtime-Function-Error-Type: Boom\r\n",
+                "Lambda-Runtime-Function-Error-Body: e30=\r\n\r\n",
+            ],
+            Framing::Chunked,
+            1024,
+        )
+        .expect("valid");
+        assert_eq!(got, vec![b"one".to_vec(), b"tw".to_vec(), b"o-2".to_vec()]);
+        assert_eq!(trailers.len(), 2);
+        assert_eq!(trailers[1].1, "e30=");
+
+        // Pieces are cut at `max`, and a Content-Length body streams too.
+        let (got, _) =
+            pieces(&["a\r\n0123456789\r\n0\r\n\r\n"], Framing::Chunked, 4).expect("valid");
+        assert_eq!(
+            got,
+            vec![b"0123".to_vec(), b"4567".to_vec(), b"89".to_vec()]
+        );
+        let (got, trailers) = pieces(&["abc", "de"], Framing::Length(5), 1024).expect("valid");
+        assert_eq!(got, vec![b"abc".to_vec(), b"de".to_vec()]);
+        assert!(trailers.is_empty());
+        let (got, _) = pieces(&[], Framing::Length(0), 1024).expect("valid");
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn body_stream_errors() {
+        // Broken off mid-chunk or before the last chunk: a connection error.
+        assert!(matches!(
+            pieces(&["5\r\nab"], Framing::Chunked, 1024),
+            Err(HttpError::Io(_))
+        ));
+        assert!(matches!(
+            pieces(&["2\r\nab\r\n"], Framing::Chunked, 1024),
+            Err(HttpError::Io(_))
+        ));
+        assert!(matches!(
+            pieces(&["abc"], Framing::Length(5), 1024),
+            Err(HttpError::Io(_))
+        ));
+        assert!(matches!(
+            pieces(&["2\r\nabX\r\n0\r\n\r\n"], Framing::Chunked, 1024),
+            Err(HttpError::Malformed("chunk not followed by CRLF"))
+        ));
+        assert!(matches!(
+            pieces(&["zz\r\n"], Framing::Chunked, 1024),
+            Err(HttpError::Malformed("bad chunk size"))
+        ));
     }
 
     #[test]

@@ -1265,3 +1265,177 @@ fn a_declined_or_overridden_prestart_is_killed_and_the_bootstrap_starts_fresh() 
     assert!(agent.expect_end().success());
     assert!(gone(pid), "the prestart outlived its agent");
 }
+
+/// The frames that follow, up to and including the first that is not a `StreamChunk` or `Log`;
+/// chunk bodies in the order they came.
+fn stream_frames(agent: &Agent) -> (Vec<Vec<u8>>, Frame<AgentMsg>) {
+    let mut chunks = Vec::new();
+    loop {
+        let (frame, _) = agent.next_event();
+        match frame.msg {
+            AgentMsg::StreamChunk { .. } => chunks.push(frame.body),
+            _ => return (chunks, frame),
+        }
+    }
+}
+
+#[test]
+fn streamed_responses_are_forwarded_as_they_arrive() {
+    let mut agent = Agent::start(Some(IDLE_BOOTSTRAP), &[]);
+    agent.expect_hello();
+    let mut c = agent.client();
+    agent.invoke("s-1", &json!({}));
+    assert_eq!(c.request("GET", "invocation/next", &[], b"").status, 200);
+    agent.expect_init_done();
+
+    c.send_raw(
+        b"POST /2018-06-01/runtime/invocation/s-1/response HTTP/1.1\r\nHost: x\r\n\
+          Lambda-Runtime-Function-Response-Mode: streaming\r\nContent-Type: text/plain\r\n\
+          Transfer-Encoding: chunked\r\n\
+          Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\r\n\
+          \r\n6\r\nfirst ",
+    );
+    let (frame, _) = agent.next_event();
+    assert_eq!(
+        frame.msg,
+        AgentMsg::StreamStart {
+            request_id: "s-1".into(),
+            content_type: Some("text/plain".into())
+        }
+    );
+    // The first chunk reaches the worker while the request is still open.
+    let (frame, _) = agent.next_event();
+    assert_eq!(
+        (frame.msg, frame.body),
+        (
+            AgentMsg::StreamChunk {
+                request_id: "s-1".into()
+            },
+            b"first ".to_vec()
+        )
+    );
+    c.send_raw(b"\r\n6\r\nsecond\r\n0\r\n\r\n");
+    let (chunks, end) = stream_frames(&agent);
+    assert_eq!(chunks.concat(), b"second");
+    assert_eq!(
+        end.msg,
+        AgentMsg::StreamEnd {
+            request_id: "s-1".into()
+        }
+    );
+    let r = c.response();
+    assert_eq!(r.status, 202);
+
+    // An error in the trailers after some bytes: a function error with the decoded document.
+    agent.invoke("s-2", &json!({}));
+    assert_eq!(c.request("GET", "invocation/next", &[], b"").status, 200);
+    c.send_raw(
+        b"POST /2018-06-01/runtime/invocation/s-2/response HTTP/1.1\r\nHost: x\r\n\
+          Lambda-Runtime-Function-Response-Mode: streaming\r\nTransfer-Encoding: chunked\r\n\r\n\
+          4\r\npart\r\n0\r\nLambda-Runtime-Function-Error-Type: Stream.Broke\r\n\
+          Lambda-Runtime-Function-Error-Body: eyJlcnJvck1lc3NhZ2UiOiJtaWQtc3RyZWFtIn0=\r\n\r\n",
+    );
+    let (frame, _) = agent.next_event();
+    assert!(matches!(
+        frame.msg,
+        AgentMsg::StreamStart {
+            content_type: None,
+            ..
+        }
+    ));
+    let (chunks, end) = stream_frames(&agent);
+    assert_eq!(chunks.concat(), b"part");
+    assert_eq!(
+        end.msg,
+        AgentMsg::FunctionError {
+            request_id: "s-2".into(),
+            error_type: "Stream.Broke".into()
+        }
+    );
+    let doc: Value = serde_json::from_slice(&end.body).expect("JSON");
+    assert_eq!(doc, json!({"errorMessage": "mid-stream"}));
+    assert_eq!(c.response().status, 202);
+
+    // A stream broken off (the runtime's connection closes mid-body): truncated.
+    agent.invoke("s-3", &json!({}));
+    assert_eq!(c.request("GET", "invocation/next", &[], b"").status, 200);
+    let mut c3 = agent.client();
+    c3.send_raw(
+        b"POST /2018-06-01/runtime/invocation/s-3/response HTTP/1.1\r\nHost: x\r\n\
+          Lambda-Runtime-Function-Response-Mode: streaming\r\nTransfer-Encoding: chunked\r\n\r\n\
+          9\r\nincom",
+    );
+    drop(c3);
+    let (frame, _) = agent.next_event();
+    assert!(matches!(frame.msg, AgentMsg::StreamStart { .. }));
+    let (chunks, end) = stream_frames(&agent);
+    assert_eq!(chunks.concat(), b"incom");
+    assert_eq!(
+        end.msg,
+        AgentMsg::FunctionError {
+            request_id: "s-3".into(),
+            error_type: "Runtime.TruncatedResponse".into()
+        }
+    );
+
+    // A buffered (not streamed) response with an error trailer is a function error too.
+    agent.invoke("s-4", &json!({}));
+    assert_eq!(c.request("GET", "invocation/next", &[], b"").status, 200);
+    c.send_raw(
+        b"POST /2018-06-01/runtime/invocation/s-4/response HTTP/1.1\r\nHost: x\r\n\
+          Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\
+          Lambda-Runtime-Function-Error-Type: Reader.Failed\r\n\r\n",
+    );
+    assert_eq!(c.response().status, 202);
+    let (frame, _) = agent.next_event();
+    assert_eq!(
+        frame.msg,
+        AgentMsg::FunctionError {
+            request_id: "s-4".into(),
+            error_type: "Reader.Failed".into()
+        }
+    );
+}
+
+#[test]
+fn streamed_responses_past_the_limit_fail_the_invocation() {
+    let mut agent = Agent::start(Some(IDLE_BOOTSTRAP), &[]);
+    agent.expect_hello();
+    let mut c = agent.client();
+    agent.invoke("l-1", &json!({}));
+    assert_eq!(c.request("GET", "invocation/next", &[], b"").status, 200);
+    agent.expect_init_done();
+    let total = hearth_proto::MAX_STREAM_PAYLOAD + 1;
+    let mut raw = format!(
+        "POST /2018-06-01/runtime/invocation/l-1/response HTTP/1.1\r\nHost: x\r\n\
+         Lambda-Runtime-Function-Response-Mode: streaming\r\nContent-Length: {total}\r\n\r\n"
+    )
+    .into_bytes();
+    raw.resize(raw.len() + total, b'z');
+    // Written from another thread: the agent stops reading at the limit.
+    let mut w = c.w.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&raw);
+    });
+    let (frame, _) = agent.next_event();
+    assert!(matches!(frame.msg, AgentMsg::StreamStart { .. }));
+    let (chunks, end) = stream_frames(&agent);
+    // Everything up to the limit was forwarded; the piece that crossed it was not.
+    let forwarded: usize = chunks.iter().map(Vec::len).sum();
+    let max = hearth_proto::MAX_STREAM_PAYLOAD;
+    assert!(
+        forwarded <= max && forwarded > max - hearth_proto::STREAM_CHUNK,
+        "{forwarded}"
+    );
+    assert!(chunks.iter().all(|c| c.len() <= hearth_proto::STREAM_CHUNK));
+    assert_eq!(
+        end.msg,
+        AgentMsg::FunctionError {
+            request_id: "l-1".into(),
+            error_type: "Function.ResponseSizeTooLarge".into()
+        }
+    );
+    assert_eq!(c.response().status, 413);
+    drop(c);
+    let _ = writer.join();
+}

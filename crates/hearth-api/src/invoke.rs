@@ -84,6 +84,18 @@ enum InvocationType {
 }
 
 pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcome, ApiError> {
+    invoke_with(state, cmd, None).await
+}
+
+/// [`invoke`], with a sink that takes a streamed response as the function produces it
+/// (`InvokeWithResponseStream`, streaming function URLs); see
+/// [`ResponseSink`](crate::invoker::ResponseSink) for what reaches it and what stays in the
+/// outcome.
+pub async fn invoke_with(
+    state: &AppState,
+    cmd: InvokeCommand,
+    response: Option<crate::invoker::ResponseTarget>,
+) -> Result<InvokeOutcome, ApiError> {
     let invocation_type = match cmd.invocation_type.as_deref() {
         None | Some("RequestResponse") => InvocationType::RequestResponse,
         Some("Event") => InvocationType::Event,
@@ -220,6 +232,7 @@ pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcom
                 function: name.clone(),
             },
         ))),
+        response,
     };
     let result = state.invoker().invoke(request).await.map_err(|e| match e {
         InvokeError::TooManyRequests { reason } => ApiError::throttled(reason, RETRY_AFTER_S),

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hearth_core::invoker::{
     FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker, LogSink, LogTarget,
+    ResponseSink, ResponseTarget,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -100,13 +101,22 @@ pub struct RemoteInvoke {
     /// Base64.
     pub payload: String,
     pub client_context: Option<String>,
+    /// The caller takes a streamed response as it arrives (`StreamStart` and `Chunk` answers).
+    #[serde(default)]
+    pub stream: bool,
 }
 
-/// A worker's answers: for an invocation, any number of `Log` frames, then `Done` or `Failed`.
+/// A worker's answers: for an invocation, any number of `Log` frames (and, when the front end
+/// asked for a stream and the function streams, one `StreamStart` and `Chunk`s), then `Done`
+/// or `Failed`.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum WorkerAnswer {
     /// A piece of the invocation's log (base64), as the worker produced it.
     Log(String),
+    /// The function started a streamed response with this `Content-Type`.
+    StreamStart(Option<String>),
+    /// The next bytes of a streamed response (base64).
+    Chunk(String),
     Done {
         /// Base64.
         payload: String,
@@ -166,6 +176,34 @@ impl LogSink for ChannelSink {
     }
 }
 
+/// A streamed response's pieces, from the pool's sink to the connection.
+enum StreamPiece {
+    Start(Option<String>),
+    Chunk(Vec<u8>),
+}
+
+struct ChannelResponse(mpsc::UnboundedSender<StreamPiece>);
+
+impl ResponseSink for ChannelResponse {
+    fn start(&self, content_type: Option<&str>) {
+        let _ = self
+            .0
+            .send(StreamPiece::Start(content_type.map(str::to_string)));
+    }
+    fn chunk(&self, bytes: &[u8]) {
+        let _ = self.0.send(StreamPiece::Chunk(bytes.to_vec()));
+    }
+}
+
+impl StreamPiece {
+    fn answer(self) -> WorkerAnswer {
+        match self {
+            StreamPiece::Start(content_type) => WorkerAnswer::StreamStart(content_type),
+            StreamPiece::Chunk(bytes) => WorkerAnswer::Chunk(b64(&bytes)),
+        }
+    }
+}
+
 /// Serves `invoker` to front ends on `listener` (each connection authenticated with the
 /// cluster secret). Runs until the task is dropped.
 pub async fn serve_worker(listener: TcpListener, secret: Secret, invoker: Arc<dyn Invoker>) {
@@ -212,6 +250,10 @@ async fn answer(
                 }
             };
             let (tx, mut logs) = mpsc::unbounded_channel();
+            let (stream_tx, mut stream) = mpsc::unbounded_channel();
+            let response = ri
+                .stream
+                .then(|| ResponseTarget(Arc::new(ChannelResponse(stream_tx))));
             let req = InvokeRequest {
                 request_id: ri.request_id,
                 spec: ri.spec,
@@ -222,6 +264,7 @@ async fn answer(
                 reserved_concurrency: None,
                 unreserved_limit: u32::MAX,
                 log: Some(LogTarget(Arc::new(ChannelSink(tx)))),
+                response,
             };
             // The invocation runs to its end even if the front end goes away.
             let (done_tx, mut done) = oneshot::channel();
@@ -233,11 +276,15 @@ async fn answer(
                 tokio::select! {
                     biased;
                     Some(piece) = logs.recv() => conn.send(&WorkerAnswer::Log(b64(&piece))).await?,
+                    Some(piece) = stream.recv() => conn.send(&piece.answer()).await?,
                     r = &mut done => break r,
                 }
             };
             while let Ok(piece) = logs.try_recv() {
                 conn.send(&WorkerAnswer::Log(b64(&piece))).await?;
+            }
+            while let Ok(piece) = stream.try_recv() {
+                conn.send(&piece.answer()).await?;
             }
             let answer = match result {
                 Ok(Ok(r)) => WorkerAnswer::Done {
@@ -613,6 +660,7 @@ impl RemoteInvoker {
             invoked_arn: req.invoked_arn.clone(),
             payload: b64(&req.payload),
             client_context: req.client_context.clone(),
+            stream: req.response.is_some(),
         }));
         if let Err(e) = conn.send(&call).await {
             return Attempt::Finished(Ok(worker_lost(worker, &e.to_string())));
@@ -640,6 +688,17 @@ impl RemoteInvoker {
                         sink.0.write(&bytes);
                     }
                 }
+                WorkerAnswer::StreamStart(content_type) => {
+                    if let Some(sink) = &req.response {
+                        sink.0.start(content_type.as_deref());
+                    }
+                }
+                WorkerAnswer::Chunk(piece) => match (&req.response, unb64(&piece)) {
+                    (Some(sink), Ok(bytes)) => sink.0.chunk(&bytes),
+                    // Bytes the caller cannot get: the response is broken.
+                    (_, Err(m)) => return Attempt::Finished(Ok(worker_lost(worker, &m))),
+                    (None, Ok(_)) => {}
+                },
                 WorkerAnswer::Done {
                     payload,
                     function_error,

@@ -111,6 +111,7 @@ fn request(name: &str, payload: serde_json::Value, reserved: Option<u32>) -> Inv
         reserved_concurrency: reserved,
         unreserved_limit: 1000,
         log: None,
+        response: None,
     }
 }
 

@@ -80,6 +80,32 @@ impl std::fmt::Debug for LogTarget {
     }
 }
 
+/// Where a streamed response goes while the function produces it (`InvokeWithResponseStream`,
+/// a `RESPONSE_STREAM` function URL). When the runtime streams its response
+/// (`Lambda-Runtime-Function-Response-Mode: streaming`), the worker calls
+/// [`ResponseSink::start`] once, then [`ResponseSink::chunk`] for every piece as it arrives;
+/// the [`InvokeResult`] then carries no payload (or the error document, when the stream ended
+/// in a function error: the bytes already sent stay sent). A runtime that answers in one piece
+/// never reaches the sink: its payload is in the result as usual. Without a sink a streamed
+/// response is gathered into the result's payload (Lambda's buffered `Invoke` of a streaming
+/// function).
+pub trait ResponseSink: Send + Sync {
+    /// The runtime started a streamed response with this `Content-Type`.
+    fn start(&self, content_type: Option<&str>);
+    /// The next bytes of the response.
+    fn chunk(&self, bytes: &[u8]);
+}
+
+/// A shareable [`ResponseSink`].
+#[derive(Clone)]
+pub struct ResponseTarget(pub std::sync::Arc<dyn ResponseSink>);
+
+impl std::fmt::Debug for ResponseTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseTarget")
+    }
+}
+
 /// One synchronous invocation.
 #[derive(Debug, Clone)]
 pub struct InvokeRequest {
@@ -99,6 +125,8 @@ pub struct InvokeRequest {
     pub unreserved_limit: u32,
     /// Where the invocation's log is streamed; `None` keeps only the tail in the result.
     pub log: Option<LogTarget>,
+    /// Where a streamed response goes as it arrives; `None` gathers it into the result.
+    pub response: Option<ResponseTarget>,
 }
 
 /// What came back from the function.

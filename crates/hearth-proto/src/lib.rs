@@ -29,14 +29,21 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the frame format and message set.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// Version of the frame format and message set (3: streamed responses, [`AgentMsg::StreamStart`],
+/// [`AgentMsg::StreamChunk`], [`AgentMsg::StreamEnd`]).
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest header accepted.
 pub const MAX_HEADER: u32 = 64 * 1024;
 /// Largest body accepted (payloads are limited to 6 MB well before this).
 pub const MAX_BODY: u32 = 16 * 1024 * 1024;
 /// Largest response or event payload Lambda accepts on the synchronous path (6 MB).
 pub const MAX_SYNC_PAYLOAD: usize = 6 * 1024 * 1024;
+/// Largest streamed response (`Lambda-Runtime-Function-Response-Mode: streaming`) Lambda
+/// accepts (20 MiB); past it the invocation ends with `Function.ResponseSizeTooLarge`.
+pub const MAX_STREAM_PAYLOAD: usize = 20 * 1024 * 1024;
+/// Largest body of one [`AgentMsg::StreamChunk`]: a streamed response's bytes are forwarded as
+/// they arrive, in frames of at most this size.
+pub const STREAM_CHUNK: usize = 64 * 1024;
 
 /// Errors reading or writing frames.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +114,20 @@ pub enum AgentMsg {
     InitError { error_type: String },
     /// The runtime answered an invocation; the body is the response payload.
     Response { request_id: String },
+    /// The runtime started a streamed response (`Lambda-Runtime-Function-Response-Mode:
+    /// streaming`); `content_type` is its `Content-Type`. [`AgentMsg::StreamChunk`] frames
+    /// follow, then [`AgentMsg::StreamEnd`], or [`AgentMsg::FunctionError`] when the runtime
+    /// reported an error in the trailers, broke the stream off or exceeded
+    /// [`MAX_STREAM_PAYLOAD`] (the bytes already sent stay sent).
+    StreamStart {
+        request_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+    },
+    /// Bytes of a streamed response as the runtime sent them (at most [`STREAM_CHUNK`]).
+    StreamChunk { request_id: String },
+    /// The streamed response ended without an error.
+    StreamEnd { request_id: String },
     /// The runtime reported a function error; the body is the error document.
     FunctionError {
         request_id: String,
@@ -241,6 +262,69 @@ mod tests {
                 status: "exit status 2".into()
             }
         );
+    }
+
+    #[test]
+    fn stream_frames_round_trip_with_flat_headers() {
+        let start = AgentMsg::StreamStart {
+            request_id: "r1".into(),
+            content_type: Some("text/plain".into()),
+        };
+        let mut bytes = encode(&start, b"").unwrap();
+        bytes.extend(
+            encode(
+                &AgentMsg::StreamChunk {
+                    request_id: "r1".into(),
+                },
+                b"abc",
+            )
+            .unwrap(),
+        );
+        bytes.extend(
+            encode(
+                &AgentMsg::StreamEnd {
+                    request_id: "r1".into(),
+                },
+                b"",
+            )
+            .unwrap(),
+        );
+        let (hl, _) = parse_prefix(bytes[..9].try_into().unwrap()).unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&bytes[9..9 + hl as usize]).unwrap();
+        assert_eq!(
+            header,
+            serde_json::json!({"type": "stream_start", "request_id": "r1", "content_type": "text/plain"})
+        );
+        let mut r = &bytes[..];
+        assert_eq!(read_frame::<_, AgentMsg>(&mut r).unwrap().msg, start);
+        let chunk = read_frame::<_, AgentMsg>(&mut r).unwrap();
+        assert_eq!(
+            (chunk.msg, chunk.body),
+            (
+                AgentMsg::StreamChunk {
+                    request_id: "r1".into()
+                },
+                b"abc".to_vec()
+            )
+        );
+        assert_eq!(
+            read_frame::<_, AgentMsg>(&mut r).unwrap().msg,
+            AgentMsg::StreamEnd {
+                request_id: "r1".into()
+            }
+        );
+        // Without a content type the field is left out, and an old-style header still reads.
+        let bare = AgentMsg::StreamStart {
+            request_id: "r2".into(),
+            content_type: None,
+        };
+        let bytes = encode(&bare, b"").unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("content_type"));
+        assert_eq!(
+            read_frame::<_, AgentMsg>(&mut &bytes[..]).unwrap().msg,
+            bare
+        );
+        assert_eq!(bytes[0], 3, "streamed responses are protocol version 3");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use hearth_core::invoker::{
     FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker, LOG_FLUSH_BYTES,
     LOG_TAIL_BYTES, LogTarget,
 };
-use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, SandboxConfig};
+use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, MAX_SYNC_PAYLOAD, SandboxConfig};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::demand::{self, DemandConfig, DemandHistory};
@@ -1609,6 +1609,9 @@ impl Worker {
             return Outcome::Died;
         }
         let deadline = tokio::time::Instant::now() + timeout;
+        // A streamed response goes to the caller's sink, or is gathered here without one.
+        let mut gathered = Vec::new();
+        let mut streamed_bytes = 0usize;
         // The function's memory is sampled while it runs (cgroup peaks count page cache).
         let mut sample = tokio::time::interval(Duration::from_millis(50));
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -1639,6 +1642,47 @@ impl Worker {
                     body,
                 }) if id == request_id => {
                     return Outcome::FunctionError(body);
+                }
+                Some(Frame {
+                    msg:
+                        AgentMsg::StreamStart {
+                            request_id: id,
+                            content_type,
+                        },
+                    ..
+                }) if id == request_id => {
+                    if let Some(sink) = &req.response {
+                        sink.0.start(content_type.as_deref());
+                    }
+                }
+                Some(Frame {
+                    msg: AgentMsg::StreamChunk { request_id: id },
+                    body,
+                }) if id == request_id => {
+                    streamed_bytes += body.len();
+                    match &req.response {
+                        Some(sink) => sink.0.chunk(&body),
+                        // Gathered for a buffered caller, within the synchronous limit.
+                        None if streamed_bytes <= MAX_SYNC_PAYLOAD => {
+                            gathered.extend_from_slice(&body)
+                        }
+                        None => gathered = Vec::new(),
+                    }
+                }
+                Some(Frame {
+                    msg: AgentMsg::StreamEnd { request_id: id },
+                    ..
+                }) if id == request_id => {
+                    if req.response.is_none() && streamed_bytes > MAX_SYNC_PAYLOAD {
+                        return Outcome::FunctionError(error_doc(
+                            &format!(
+                                "Response payload size ({streamed_bytes} bytes) exceeded \
+                                 maximum allowed payload size ({MAX_SYNC_PAYLOAD} bytes)."
+                            ),
+                            "Function.ResponseSizeTooLarge",
+                        ));
+                    }
+                    return Outcome::Response(gathered);
                 }
                 Some(Frame {
                     msg: AgentMsg::RuntimeExit { status },

@@ -186,6 +186,7 @@ impl Harness {
                 reserved_concurrency: None,
                 unreserved_limit: 100,
                 log: None,
+                response: None,
             })
             .await
     }
@@ -682,6 +683,7 @@ async fn concurrent_invocations_run_in_separate_sandboxes_and_limits_apply() {
         reserved_concurrency: Some(1),
         unreserved_limit: 100,
         log: None,
+        response: None,
     };
     let (x, y) = tokio::join!(h.worker.invoke(req(json!({"sleep": 1}))), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
