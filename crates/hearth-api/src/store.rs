@@ -637,4 +637,70 @@ mod tests {
             .collect();
         assert_eq!(page, ["b", "c"]);
     }
+
+    fn layer_version(code: &str) -> LayerVersionRecord {
+        LayerVersionRecord {
+            description: String::new(),
+            license_info: None,
+            compatible_runtimes: vec!["python3.11".into()],
+            compatible_architectures: Vec::new(),
+            created_date: "2024-01-01T00:00:00.000+0000".into(),
+            code: version(code).code,
+            unzipped_size: 20,
+        }
+    }
+
+    #[test]
+    fn layers_are_kept_and_failed_or_empty_updates_write_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta.redb");
+        {
+            let store = Store::open(&path).expect("open");
+            // Looking at a layer that does not exist leaves no record behind.
+            let n = store
+                .update_layer("ghost", |l| -> Result<usize, TestError> {
+                    Ok(l.versions.len())
+                })
+                .expect("update");
+            assert_eq!(n, 0);
+            assert!(store.layer("ghost").expect("get").is_none());
+            for code in ["c1", "c2"] {
+                store
+                    .update_layer("lib", |l| -> Result<(), TestError> {
+                        let n = l.next_version;
+                        l.next_version += 1;
+                        l.versions.insert(n, layer_version(code));
+                        Ok(())
+                    })
+                    .expect("publish");
+            }
+            let r = store.update_layer("lib", |l| -> Result<(), TestError> {
+                l.versions.clear();
+                Err(TestError::Rejected)
+            });
+            assert!(matches!(r, Err(TestError::Rejected)));
+            assert_eq!(
+                store.layer("lib").expect("get").map(|l| l.versions.len()),
+                Some(2)
+            );
+            store
+                .update_layer("lib", |l| -> Result<(), TestError> {
+                    l.versions.clear();
+                    Ok(())
+                })
+                .expect("delete all");
+        }
+        // Reopened: the emptied layer still knows its next number.
+        let store = Store::open(&path).expect("reopen");
+        let lib = store.layer("lib").expect("get").expect("kept");
+        assert!(lib.versions.is_empty());
+        assert_eq!(lib.next_version, 3);
+        let names: Vec<String> = store
+            .layers()
+            .expect("layers")
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(names, ["lib"]);
+    }
 }
