@@ -84,18 +84,46 @@ enum InvocationType {
 }
 
 pub async fn invoke(state: &AppState, cmd: InvokeCommand) -> Result<InvokeOutcome, ApiError> {
-    invoke_with(state, cmd, None).await
+    match resolve(state, cmd).await? {
+        Resolved::DryRun => Ok(InvokeOutcome::DryRun),
+        Resolved::Accepted => Ok(InvokeOutcome::Accepted),
+        Resolved::Run(ready) => run(state, *ready).await,
+    }
 }
 
-/// [`invoke`], with a sink that takes a streamed response as the function produces it
-/// (`InvokeWithResponseStream`, streaming function URLs); see
-/// [`ResponseSink`](crate::invoker::ResponseSink) for what reaches it and what stays in the
-/// outcome.
-pub async fn invoke_with(
-    state: &AppState,
-    cmd: InvokeCommand,
-    response: Option<crate::invoker::ResponseTarget>,
-) -> Result<InvokeOutcome, ApiError> {
+/// An Invoke checked and resolved: what [`resolve`] leaves to do.
+#[derive(Debug)]
+pub enum Resolved {
+    /// `DryRun`: everything checked, nothing to run.
+    DryRun,
+    /// `Event`: queued durably.
+    Accepted,
+    /// A synchronous invocation of one version, ready for [`run`].
+    Run(Box<Ready>),
+}
+
+/// A synchronous invocation, resolved to the version it runs.
+#[derive(Debug)]
+pub struct Ready {
+    /// `X-Amz-Executed-Version`.
+    pub executed_version: String,
+    request: InvokeRequest,
+    /// `LogType: Tail`.
+    tail: bool,
+}
+
+impl Ready {
+    /// Send a streamed response to `target` as the function produces it (see
+    /// [`ResponseSink`](crate::invoker::ResponseSink) for what reaches it and what stays in
+    /// the outcome).
+    pub fn stream_to(&mut self, target: crate::invoker::ResponseTarget) {
+        self.request.response = Some(target);
+    }
+}
+
+/// Everything of an Invoke up to running the function: the checks, the resolution of the
+/// version, and for `Event` the durable queueing.
+pub async fn resolve(state: &AppState, cmd: InvokeCommand) -> Result<Resolved, ApiError> {
     let invocation_type = match cmd.invocation_type.as_deref() {
         None | Some("RequestResponse") => InvocationType::RequestResponse,
         Some("Event") => InvocationType::Event,
@@ -171,7 +199,7 @@ pub async fn invoke_with(
         .map(decode_client_context)
         .transpose()?;
     if matches!(invocation_type, InvocationType::DryRun) {
-        return Ok(InvokeOutcome::DryRun);
+        return Ok(Resolved::DryRun);
     }
 
     if let Some(st) = version.state.as_deref() {
@@ -199,7 +227,7 @@ pub async fn invoke_with(
         )
         .await?;
         tracing::info!(function = %name, bytes = cmd.payload.len(), "event queued");
-        return Ok(InvokeOutcome::Accepted);
+        return Ok(Resolved::Accepted);
     }
 
     let config = state.config();
@@ -232,8 +260,23 @@ pub async fn invoke_with(
                 function: name.clone(),
             },
         ))),
-        response,
+        response: None,
     };
+    Ok(Resolved::Run(Box::new(Ready {
+        executed_version,
+        request,
+        tail,
+    })))
+}
+
+/// Run a resolved invocation and shape its result as Lambda does.
+pub async fn run(state: &AppState, ready: Ready) -> Result<InvokeOutcome, ApiError> {
+    let Ready {
+        executed_version,
+        request,
+        tail,
+    } = ready;
+    let name = request.spec.name.clone();
     let result = state.invoker().invoke(request).await.map_err(|e| match e {
         InvokeError::TooManyRequests { reason } => ApiError::throttled(reason, RETRY_AFTER_S),
         InvokeError::NotReady(message) => {

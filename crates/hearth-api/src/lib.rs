@@ -6,7 +6,9 @@
 //!
 //! - [`router`]: routes, the SigV4 gate every request passes, the server loop ([`app`],
 //!   [`serve`]). Handlers turn HTTP into plain values and back; nothing below sees HTTP.
-//! - [`functions`] and [`layers`] (control plane) and [`invoke`] (data plane): the operations, with
+//! - [`functions`] and [`layers`] (control plane) and [`invoke`] (data plane; [`stream`] for
+//!   responses streamed as the function produces them, in [`eventstream`]'s encoding): the
+//!   operations, with
 //!   [`validate`] (Lambda's parameter rules) and [`model`] (the JSON wire types); [`urls`]
 //!   (function URLs: their configuration, and serving them on the API's listener ahead of the
 //!   SigV4 gate) and [`policy`] (resource-based policy statements, kept but not evaluated).
@@ -25,6 +27,7 @@ pub use hearth_core::code;
 pub mod download;
 pub mod error;
 pub mod events;
+pub mod eventstream;
 pub mod functions;
 pub mod invoke;
 pub mod layers;
@@ -38,6 +41,7 @@ pub mod sigv4;
 pub mod snapstart;
 pub mod state;
 pub mod store;
+pub mod stream;
 pub mod urls;
 pub mod validate;
 

@@ -38,6 +38,7 @@ use crate::layers;
 use crate::model::{LayerListParams, ListParams, parse_json};
 use crate::sigv4;
 use crate::state::AppState;
+use crate::stream;
 use crate::validate;
 
 /// The front end's router: every route behind SigV4 but the presigned package download.
@@ -73,6 +74,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             &format!("{F}/{{function}}/invocations"),
             post(invoke_function),
+        )
+        .route(
+            "/2021-11-15/functions/{function}/response-streaming-invocations",
+            post(invoke_with_response_stream),
         )
         .route(
             "/2017-10-31/functions/{function}/concurrency",
@@ -180,8 +185,13 @@ pub async fn serve(
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// Whether a path is one of the invoke operations (`Invoke`, `InvokeWithResponseStream`).
+fn is_invocation(path: &str) -> bool {
+    path.ends_with("/invocations") || path.ends_with("/response-streaming-invocations")
+}
+
 fn body_limit(state: &AppState, path: &str) -> u64 {
-    if path.ends_with("/invocations") {
+    if is_invocation(path) {
         MAX_SYNC_PAYLOAD as u64
     } else {
         // A zip at the limit, base64-encoded, plus room for the rest of the JSON.
@@ -190,7 +200,7 @@ fn body_limit(state: &AppState, path: &str) -> u64 {
 }
 
 fn too_large(path: &str, limit: u64) -> ApiError {
-    let operation = if path.ends_with("/invocations") {
+    let operation = if is_invocation(path) {
         " for the InvokeFunction operation"
     } else {
         ""
@@ -731,6 +741,69 @@ async fn invoke_function(
             Ok(response)
         }
     }
+}
+
+/// `InvokeWithResponseStream`: errors before the function streams are Lambda's JSON errors;
+/// after that, HTTP 200 with an event stream (`PayloadChunk`s as the function produces them,
+/// then `InvokeComplete`), see [`crate::stream`].
+async fn invoke_with_response_stream(
+    State(s): State<AppState>,
+    p: Params,
+    axum::Extension(RequestId(request_id)): axum::Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    use futures::StreamExt as _;
+
+    let invocation_type = header_string(&headers, "x-amz-invocation-type")?;
+    if let Some(other) = invocation_type
+        .as_deref()
+        .filter(|t| !matches!(*t, "RequestResponse" | "DryRun"))
+    {
+        return Err(ApiError::invalid(format!(
+            "1 validation error detected: Value '{other}' at 'invocationType' failed to \
+             satisfy constraint: Member must satisfy enum value set: [RequestResponse, DryRun]"
+        )));
+    }
+    let cmd = InvokeCommand {
+        function_name: p.function.clone(),
+        qualifier: p.q("Qualifier"),
+        invocation_type,
+        log_type: header_string(&headers, "x-amz-log-type")?,
+        client_context: header_string(&headers, "x-amz-client-context")?,
+        payload: body,
+        request_id,
+    };
+    let mut running = match stream::start(&s, cmd).await? {
+        stream::Started::DryRun => return Ok(StatusCode::NO_CONTENT.into_response()),
+        stream::Started::Running(running) => running,
+    };
+    let executed_version = running.executed_version.clone();
+    let body = match running.next().await {
+        Some(stream::Piece::Done(Err(e))) => return Err(e),
+        Some(stream::Piece::Done(Ok(outcome))) => Body::from(stream::buffered_events(outcome)),
+        Some(stream::Piece::Start(_)) => {
+            Body::from_stream(stream::events(running).map(Ok::<_, std::convert::Infallible>))
+        }
+        Some(stream::Piece::Chunk(first)) => Body::from_stream(
+            futures::stream::once(
+                async move { Bytes::from(crate::eventstream::payload_chunk(&first)) },
+            )
+            .chain(stream::events(running))
+            .map(Ok::<_, std::convert::Infallible>),
+        ),
+        None => return Err(ApiError::internal("the invocation task ended early")),
+    };
+    let mut response = (StatusCode::OK, body).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.amazon.eventstream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&executed_version) {
+        h.insert("x-amz-executed-version", v);
+    }
+    Ok(response)
 }
 
 async fn put_event_config(

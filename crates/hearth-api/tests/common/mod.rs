@@ -37,6 +37,19 @@ pub enum Mode {
     Throttle(String),
     NotReady(String),
     Service(String),
+    /// Stream a response (to the request's response sink; gathered without one).
+    Stream(Streamed),
+}
+
+/// A streamed response the fake produces.
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
+    pub content_type: Option<String>,
+    pub chunks: Vec<Vec<u8>>,
+    /// After the chunks, the invocation ends only once this is notified.
+    pub hold: Option<Arc<tokio::sync::Notify>>,
+    /// The stream ends in a function error with this document.
+    pub error: Option<Vec<u8>>,
 }
 
 /// A recording fake of the worker side.
@@ -108,6 +121,26 @@ impl Invoker for FakeInvoker {
                 function_error: false,
                 log,
             }),
+            Mode::Stream(s) => {
+                let mut gathered = Vec::new();
+                match &req.response {
+                    Some(sink) => {
+                        sink.0.start(s.content_type.as_deref());
+                        for chunk in &s.chunks {
+                            sink.0.chunk(chunk);
+                        }
+                    }
+                    None => s.chunks.iter().for_each(|c| gathered.extend_from_slice(c)),
+                }
+                if let Some(hold) = &s.hold {
+                    hold.notified().await;
+                }
+                Ok(InvokeResult {
+                    function_error: s.error.is_some(),
+                    payload: s.error.unwrap_or(gathered),
+                    log,
+                })
+            }
             Mode::Throttle(reason) => Err(InvokeError::TooManyRequests { reason }),
             Mode::NotReady(m) => Err(InvokeError::NotReady(m)),
             Mode::Service(m) => Err(InvokeError::Service(m)),
@@ -270,6 +303,43 @@ impl Api {
             }
         }
         self.send_raw(method, path_and_query, map, body).await
+    }
+
+    /// A signed request whose response body is left open, to be read as it arrives.
+    pub async fn send_open(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> http::Response<Body> {
+        let mut map = HeaderMap::new();
+        map.insert("host", HeaderValue::from_static("localhost:9000"));
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let url = format!("http://localhost:9000{path_and_query}");
+        let params = SigningParams {
+            access_key_id: AKID,
+            secret_access_key: SECRET,
+            region: "us-east-1",
+            service: "lambda",
+            time: chrono::Utc::now(),
+            content_sha256_header: false,
+        };
+        for (k, v) in sign(&method, &url, &map, &body, &params).expect("sign") {
+            map.insert(k, v);
+        }
+        let mut req = Request::builder().method(method).uri(path_and_query);
+        for (k, v) in &map {
+            req = req.header(k, v);
+        }
+        let req = req.body(Body::from(body)).expect("request");
+        let router = self.router.clone().expect("running");
+        router.oneshot(req).await.expect("infallible")
     }
 
     pub async fn send_raw(
