@@ -693,6 +693,16 @@ fn node_stage(
     rootfs: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
+    // mmdebstrap splits a special hook's arguments at white space.
+    if work.to_string_lossy().contains(char::is_whitespace) {
+        return Err(ImageError::Step {
+            step: format!("{name}: node build stage"),
+            detail: format!(
+                "the image cache path {} has white space, which mmdebstrap's hooks cannot take",
+                work.display()
+            ),
+        });
+    }
     let script = work.join("node-build.sh");
     fs::write(&script, NODE_BUILD_SCRIPT).map_err(io_err(&script))?;
     let registry = std::env::var("HEARTH_NPM_REGISTRY").unwrap_or_else(|_| NPM_REGISTRY.into());
