@@ -92,7 +92,7 @@ def test_none_url_event_and_response(hearth, fn):
         lam.create_function_url_config(FunctionName=fn, AuthType="NONE")
     assert e.value.response["Error"]["Code"] == "ResourceConflictException"
     with pytest.raises(ClientError) as e:
-        lam.update_function_url_config(FunctionName=fn, InvokeMode="RESPONSE_STREAM")
+        lam.update_function_url_config(FunctionName=fn, InvokeMode="STREAMING")
     assert e.value.response["Error"]["Code"] == "InvalidParameterValueException"
 
     # GET with a query, cookies and a repeated header.

@@ -566,6 +566,7 @@ mod tests {
             cors: None,
             creation_time: "t".into(),
             last_modified_time: "t".into(),
+            invoke_mode: crate::urls::InvokeMode::Buffered,
         };
         store
             .update("a", |rec, _| -> Result<(), TestError> {

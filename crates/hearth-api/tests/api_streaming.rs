@@ -267,3 +267,150 @@ async fn buffered_invoke_of_a_streaming_function_gets_the_whole_response() {
     assert_eq!(r.body, b"\"abc\"");
     assert!(api.invoker.calls()[0].response.is_none());
 }
+
+/// `f` with a `RESPONSE_STREAM` URL; the path of that URL.
+async fn streaming_url(api: &Api) -> String {
+    api.create("f", json!({})).await.assert_status(201);
+    let r = api
+        .post(
+            "/2021-10-31/functions/f/url",
+            json!({"AuthType": "NONE", "InvokeMode": "RESPONSE_STREAM"}),
+        )
+        .await;
+    r.assert_status(201);
+    assert_eq!(r.json()["InvokeMode"], "RESPONSE_STREAM");
+    let url = r.json()["FunctionUrl"].as_str().expect("url").to_string();
+    url.strip_prefix("http://127.0.0.1:9000")
+        .expect("path form")
+        .to_string()
+}
+
+/// An unsigned URL request with its body left open.
+async fn open_url(api: &Api, path: &str) -> http::Response<Body> {
+    use tower::ServiceExt;
+    let req = http::Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", "127.0.0.1:9000")
+        .body(Body::empty())
+        .expect("request");
+    api.router
+        .clone()
+        .expect("running")
+        .oneshot(req)
+        .await
+        .expect("infallible")
+}
+
+async fn next_bytes(body: &mut Body) -> Option<Vec<u8>> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("bytes in time")?;
+        let frame = frame.expect("body ok");
+        if let Some(data) = frame.data_ref()
+            && !data.is_empty()
+        {
+            return Some(data.to_vec());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_url_takes_its_head_from_the_prelude_and_streams_the_body() {
+    let api = Api::new().await;
+    let path = streaming_url(&api).await;
+    let hold = Arc::new(tokio::sync::Notify::new());
+    let mut prelude =
+        br#"{"statusCode":201,"headers":{"x-a":"b","content-type":"text/plain"},"cookies":["c=1","d=2"]}"#
+            .to_vec();
+    prelude.extend_from_slice(&[0, 0, 0]);
+    api.invoker.set(Mode::Stream(Streamed {
+        content_type: Some("application/vnd.awslambda.http-integration-response".into()),
+        // The delimiter is split over two chunks, the second also carries body bytes.
+        chunks: vec![prelude, b"\0\0\0\0\0first ".to_vec(), b"second".to_vec()],
+        hold: Some(hold.clone()),
+        error: None,
+    }));
+    let resp = open_url(&api, &path).await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["x-a"], "b");
+    assert_eq!(resp.headers()["content-type"], "text/plain");
+    let cookies: Vec<_> = resp.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["c=1", "d=2"]);
+    let mut body = resp.into_body();
+    // The body arrives while the function still runs.
+    let mut got = Vec::new();
+    while got.len() < b"first second".len() {
+        got.extend(next_bytes(&mut body).await.expect("more body"));
+    }
+    assert_eq!(got, b"first second");
+    hold.notify_one();
+    assert!(next_bytes(&mut body).await.is_none());
+    // The function got the 2.0 event.
+    let event: Value = serde_json::from_slice(&api.invoker.calls()[0].payload).expect("JSON");
+    assert_eq!(event["version"], "2.0");
+}
+
+#[tokio::test]
+async fn a_stream_without_prelude_is_the_body_with_status_200() {
+    let api = Api::new().await;
+    let path = streaming_url(&api).await;
+    api.invoker.set(Mode::Stream(Streamed {
+        content_type: Some("text/event-stream".into()),
+        chunks: vec![b"data: 1\n\n".to_vec(), b"data: 2\n\n".to_vec()],
+        ..Streamed::default()
+    }));
+    let resp = open_url(&api, &path).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"data: 1\n\ndata: 2\n\n");
+
+    // A function that answers in one piece: its payload is the body, unmapped.
+    api.invoker
+        .set(Mode::Reply(br#"{"statusCode":404}"#.to_vec()));
+    let resp = open_url(&api, &path).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], br#"{"statusCode":404}"#);
+}
+
+#[tokio::test]
+async fn streaming_url_failures() {
+    let api = Api::new().await;
+    let path = streaming_url(&api).await;
+    // A function error before any byte: 502 as a buffered URL answers.
+    api.invoker.set(Mode::FunctionError);
+    assert_eq!(open_url(&api, &path).await.status(), 502);
+    // A throttle: 429.
+    api.invoker
+        .set(Mode::Throttle("ConcurrentInvocationLimitExceeded".into()));
+    assert_eq!(open_url(&api, &path).await.status(), 429);
+    // A prelude that is not JSON: 502.
+    api.invoker.set(Mode::Stream(Streamed {
+        content_type: Some("application/vnd.awslambda.http-integration-response".into()),
+        chunks: vec![b"not json\0\0\0\0\0\0\0\0body".to_vec()],
+        ..Streamed::default()
+    }));
+    assert_eq!(open_url(&api, &path).await.status(), 502);
+    // An error after the head went out ends the body early, as an error.
+    api.invoker.set(Mode::Stream(Streamed {
+        chunks: vec![b"partial".to_vec()],
+        error: Some(br#"{"errorMessage":"x","errorType":"Boom"}"#.to_vec()),
+        ..Streamed::default()
+    }));
+    let resp = open_url(&api, &path).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let failed = loop {
+        match body.frame().await {
+            Some(Ok(f)) => got.extend_from_slice(f.data_ref().map(|d| &d[..]).unwrap_or_default()),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert_eq!(got, b"partial");
+    assert!(failed, "the body ends in an error, not a clean end");
+}

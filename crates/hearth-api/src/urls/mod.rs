@@ -15,10 +15,11 @@
 //! `urllib`, does not); with a domain (`hearth up --url-domain`), Lambda's host form
 //! `https://<url-id>.lambda-url.<region>.<domain>/`. Both forms are always served.
 //!
-//! `InvokeMode: RESPONSE_STREAM` is refused until response streaming exists: a stored setting
-//! that the server then ignored would answer streaming clients with a buffered response.
+//! `InvokeMode: RESPONSE_STREAM` URLs answer with the function's streamed response as it
+//! arrives ([`serve`]); `BUFFERED` ones with its whole result.
 
 pub mod event;
+pub mod prelude;
 pub mod serve;
 
 use rand::Rng;
@@ -151,6 +152,25 @@ impl AuthType {
     }
 }
 
+/// How a URL answers: with the whole result, or streamed as the function produces it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InvokeMode {
+    #[default]
+    #[serde(rename = "BUFFERED")]
+    Buffered,
+    #[serde(rename = "RESPONSE_STREAM")]
+    ResponseStream,
+}
+
+impl InvokeMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            InvokeMode::Buffered => "BUFFERED",
+            InvokeMode::ResponseStream => "RESPONSE_STREAM",
+        }
+    }
+}
+
 /// One function URL's configuration, kept in the function's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UrlRecord {
@@ -161,6 +181,9 @@ pub struct UrlRecord {
     /// `CreationTime` (`2024-01-01T00:00:00.000000Z`).
     pub creation_time: String,
     pub last_modified_time: String,
+    /// Records from before streaming URLs existed are buffered.
+    #[serde(default)]
+    pub invoke_mode: InvokeMode,
 }
 
 /// `CreateFunctionUrlConfig`'s and `UpdateFunctionUrlConfig`'s body.
@@ -272,17 +295,15 @@ pub fn wire(state: &AppState, name: &str, key: &str, r: &UrlRecord) -> FunctionU
         cors: r.cors.clone(),
         creation_time: r.creation_time.clone(),
         last_modified_time: r.last_modified_time.clone(),
-        invoke_mode: "BUFFERED".to_string(),
+        invoke_mode: r.invoke_mode.as_str().to_string(),
     }
 }
 
-fn invoke_mode(raw: Option<&str>) -> Result<(), ApiError> {
+fn invoke_mode(raw: Option<&str>) -> Result<Option<InvokeMode>, ApiError> {
     match raw {
-        None | Some("BUFFERED") => Ok(()),
-        Some("RESPONSE_STREAM") => Err(ApiError::invalid(
-            "InvokeMode RESPONSE_STREAM is not supported by hearth yet: streaming function URLs \
-             are not implemented; use BUFFERED",
-        )),
+        None => Ok(None),
+        Some("BUFFERED") => Ok(Some(InvokeMode::Buffered)),
+        Some("RESPONSE_STREAM") => Ok(Some(InvokeMode::ResponseStream)),
         Some(other) => Err(ApiError::invalid(format!(
             "1 validation error detected: Value '{other}' at 'invokeMode' failed to satisfy \
              constraint: Member must satisfy enum value set: [BUFFERED, RESPONSE_STREAM]"
@@ -354,7 +375,7 @@ pub async fn create(
             ));
         }
     };
-    invoke_mode(req.invoke_mode.as_deref())?;
+    let mode = invoke_mode(req.invoke_mode.as_deref())?.unwrap_or_default();
     if let Some(c) = &req.cors {
         validate_cors(c)?;
     }
@@ -377,6 +398,7 @@ pub async fn create(
                     cors: req.cors,
                     creation_time: now.clone(),
                     last_modified_time: now,
+                    invoke_mode: mode,
                 };
                 rec.function_urls.insert(k.clone(), r.clone());
                 Ok((rec.name.clone(), r))
@@ -399,7 +421,7 @@ pub async fn update(
 ) -> Result<FunctionUrlConfig, ApiError> {
     let (name, key) = target(state, function, qualifier)?;
     let auth_type = req.auth_type.as_deref().map(AuthType::parse).transpose()?;
-    invoke_mode(req.invoke_mode.as_deref())?;
+    let mode = invoke_mode(req.invoke_mode.as_deref())?;
     if let Some(c) = &req.cors {
         validate_cors(c)?;
     }
@@ -414,6 +436,9 @@ pub async fn update(
                 }
                 if let Some(c) = req.cors {
                     r.cors = Some(c);
+                }
+                if let Some(m) = mode {
+                    r.invoke_mode = m;
                 }
                 r.last_modified_time = url_timestamp();
                 Ok((rec.name.clone(), r.clone()))

@@ -14,6 +14,14 @@
 //! [`invoke::invoke`] as a synchronous `Invoke` (resolution of the alias, limits, worker), and
 //! the result is mapped back. Failures answer as Lambda's URLs do: a function error or a
 //! malformed result 502, a throttle 429, a request over 6 MB 413.
+//!
+//! A `RESPONSE_STREAM` URL runs the same invocation through [`crate::stream`] and answers as
+//! soon as the function starts streaming, with chunked transfer and each chunk forwarded as it
+//! arrives: status, headers and cookies from the stream's prelude ([`super::prelude`]) when the
+//! function streams with its content type, else status 200 and the whole stream as the body.
+//! A function that answers in one piece gets its payload sent as the body (status 200). An
+//! error after the head went out can only end the response early: the connection is closed
+//! before the chunked body's end, which clients report as an incomplete response.
 
 use std::net::SocketAddr;
 
@@ -25,12 +33,13 @@ use axum::response::{IntoResponse, Response};
 use hearth_proto::MAX_SYNC_PAYLOAD;
 
 use super::event::{self, IamCaller, UrlRequest};
-use super::{AuthType, PATH_PREFIX, UNQUALIFIED, UrlRecord, is_url_id};
+use super::{AuthType, InvokeMode, PATH_PREFIX, UNQUALIFIED, UrlRecord, is_url_id, prelude};
 use crate::error::{ApiError, ErrorKind};
 use crate::invoke::{self, InvokeCommand, InvokeOutcome};
 use crate::router::RequestId;
 use crate::sigv4;
 use crate::state::AppState;
+use crate::stream::{self, Piece};
 
 /// Which URL a request is for, and the path the function sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +239,21 @@ async fn handle(state: &AppState, t: UrlTarget, host: String, req: Request) -> R
         payload: ev.to_string().into(),
         request_id,
     };
-    let mut response = match invoke::invoke(state, cmd).await {
+    let streaming = url.invoke_mode == InvokeMode::ResponseStream;
+    let mut response = if streaming {
+        streamed(state, cmd).await
+    } else {
+        buffered(state, cmd).await
+    };
+    if let (Some(cors), Some(origin)) = (&url.cors, &origin) {
+        add_headers(&mut response, event::response_headers(cors, origin));
+    }
+    response
+}
+
+/// A `BUFFERED` URL: the function's result, mapped to HTTP.
+async fn buffered(state: &AppState, cmd: InvokeCommand) -> Response {
+    match invoke::invoke(state, cmd).await {
         Ok(InvokeOutcome::Completed {
             payload,
             function_error: None,
@@ -251,10 +274,93 @@ async fn handle(state: &AppState, t: UrlTarget, host: String, req: Request) -> R
         // happen for a RequestResponse invocation.
         Ok(_) => internal_error(),
         Err(e) => invoke_error(&e),
-    };
-    if let (Some(cors), Some(origin)) = (&url.cors, &origin) {
-        add_headers(&mut response, event::response_headers(cors, origin));
     }
+}
+
+/// A `RESPONSE_STREAM` URL: the function's stream, forwarded as it arrives.
+async fn streamed(state: &AppState, cmd: InvokeCommand) -> Response {
+    use futures::StreamExt as _;
+
+    let mut running = match stream::start(state, cmd).await {
+        Ok(stream::Started::Running(running)) => running,
+        // Not asked for: a URL invocation is RequestResponse.
+        Ok(stream::Started::DryRun) => return internal_error(),
+        Err(e) => return invoke_error(&e),
+    };
+    let mut head = Vec::new();
+    let content_type = match running.next().await {
+        Some(Piece::Start(content_type)) => content_type,
+        Some(Piece::Chunk(bytes)) => {
+            head.extend_from_slice(&bytes);
+            None
+        }
+        Some(Piece::Done(Ok(InvokeOutcome::Completed {
+            payload,
+            function_error: None,
+            ..
+        }))) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                payload,
+            )
+                .into_response();
+        }
+        Some(Piece::Done(Err(e))) => return invoke_error(&e),
+        Some(Piece::Done(Ok(_))) | None => return internal_error(),
+    };
+    let (status, headers) = if content_type.as_deref() == Some(prelude::CONTENT_TYPE) {
+        loop {
+            match prelude::scan(&head) {
+                Ok(prelude::Scan::Done { head: h, body_at }) => {
+                    head.drain(..body_at);
+                    break (h.status, h.headers);
+                }
+                Ok(prelude::Scan::More) => {}
+                Err(e) => {
+                    tracing::info!(error = %e, "function url: streamed response without a valid prelude");
+                    return internal_error();
+                }
+            }
+            match running.next().await {
+                Some(Piece::Chunk(bytes)) => head.extend_from_slice(&bytes),
+                Some(Piece::Start(_)) => {}
+                Some(Piece::Done(_)) | None => {
+                    tracing::info!(error = %prelude::PreludeError::Ended, "function url: streamed response without a valid prelude");
+                    return internal_error();
+                }
+            }
+        }
+    } else {
+        let content_type = content_type.unwrap_or_else(|| "application/octet-stream".to_string());
+        (200, vec![("content-type".to_string(), content_type)])
+    };
+    let rest = futures::stream::unfold(Some(running), |state| async move {
+        let mut running = state?;
+        match running.next().await? {
+            Piece::Chunk(bytes) => Some((Ok(bytes), Some(running))),
+            Piece::Start(_) => Some((Ok(bytes::Bytes::new()), Some(running))),
+            Piece::Done(Ok(InvokeOutcome::Completed {
+                function_error: None,
+                ..
+            })) => None,
+            Piece::Done(outcome) => {
+                let why = match outcome {
+                    Ok(InvokeOutcome::Completed { payload, .. }) => {
+                        stream::function_error(&payload).0
+                    }
+                    Ok(_) => "no result".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::info!(error = %why, "function url: the stream ended in an error");
+                Some((Err(std::io::Error::other(why)), None))
+            }
+        }
+    });
+    let body = futures::stream::once(async move { Ok(bytes::Bytes::from(head)) }).chain(rest);
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    add_headers(&mut response, headers);
     response
 }
 
