@@ -159,7 +159,7 @@ cmd_up() {
   step "building hearth (release)"
   cargo build --release -p hearth
   build_static --release hearth-agent
-  step "starting hearth (runtime images are built on first start, ~1 minute)"
+  step "starting hearth (runtime images are built on first start, about 6 minutes on two cores)"
   exec "$ROOT/target/release/hearth" up --agent "$ROOT/target/$TARGET/release/hearth-agent" "$@"
 }
 

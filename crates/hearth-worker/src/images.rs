@@ -9,7 +9,7 @@
 //!
 //! The Node.js images (`nodejs22.x`, `nodejs24.x`) take Node.js and AWS's runtime interface
 //! client from the npm registry, whose native addon is compiled in a throwaway build stage
-//! (see [`NodeBuild`]; ≈ 2.5 min an image on two cores, most of it the client's bundled curl).
+//! (see [`NodeBuild`]; ≈ 2 min an image on two cores, half of it the client's bundled curl).
 //!
 //! # The userland functions expect
 //!
