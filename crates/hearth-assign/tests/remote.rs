@@ -14,6 +14,7 @@ use hearth_assign::node::{Node, NodeConfig, Timing};
 use hearth_assign::remote::{RemoteConfig, RemoteInvoker, serve_worker};
 use hearth_core::invoker::{
     FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker, LogSink, LogTarget,
+    ResponseSink, ResponseTarget,
 };
 use tokio::net::TcpListener;
 
@@ -53,6 +54,13 @@ impl Invoker for FakeWorker {
         }
         let v: serde_json::Value = serde_json::from_slice(&req.payload).unwrap_or_default();
         let delay = v["delay_ms"].as_u64().unwrap_or(0);
+        // `"stream": [...]`: the strings as a streamed response, to the sink when there is one.
+        if let (Some(chunks), Some(sink)) = (v["stream"].as_array(), &req.response) {
+            sink.0.start(Some("text/plain"));
+            for c in chunks {
+                sink.0.chunk(c.as_str().unwrap_or_default().as_bytes());
+            }
+        }
         tokio::time::sleep(Duration::from_millis(delay)).await;
         if let Some(log) = &req.log {
             log.0.write(format!("END {}\n", req.request_id).as_bytes());
@@ -69,6 +77,23 @@ impl Invoker for FakeWorker {
     fn retire(&self, function_name: &str) {
         if let Ok(mut r) = self.retired.lock() {
             r.push(function_name.to_string());
+        }
+    }
+}
+
+/// What a response sink received, in order.
+#[derive(Default)]
+struct Chunks(Mutex<Vec<String>>);
+
+impl ResponseSink for Chunks {
+    fn start(&self, content_type: Option<&str>) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(format!("start {}", content_type.unwrap_or("-")));
+        }
+    }
+    fn chunk(&self, bytes: &[u8]) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(String::from_utf8_lossy(bytes).into_owned());
         }
     }
 }
@@ -625,6 +650,31 @@ async fn a_throttle_first_returns_the_front_ends_own_held_leases() {
         inv.invoke(zero).await,
         Err(InvokeError::TooManyRequests { .. })
     ));
+    s.beats.abort();
+    s.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_reaches_the_front_ends_sink_chunk_by_chunk() {
+    let s = setup().await;
+    let inv = invoker(&s);
+    let chunks = Arc::new(Chunks::default());
+    let mut req = request("f", serde_json::json!({"stream": ["a", "bc", "d"]}), None);
+    req.response = Some(ResponseTarget(chunks.clone()));
+    let r = inv.invoke(req).await.expect("invoke");
+    assert!(!r.function_error);
+    assert_eq!(
+        *chunks.0.lock().expect("lock"),
+        vec!["start text/plain", "a", "bc", "d"]
+    );
+    // Without a sink the worker is not asked to stream: nothing streams.
+    let r = inv
+        .invoke(request("f", serde_json::json!({"stream": ["x"]}), None))
+        .await
+        .expect("invoke");
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+    assert_eq!(v["payload"]["stream"][0], "x");
+    assert_eq!(chunks.0.lock().expect("lock").len(), 4);
     s.beats.abort();
     s.node.shutdown().await;
 }
