@@ -39,6 +39,8 @@ while true; do
       ( printf 'partial'; sleep 3 ) | timeout -s KILL 1 curl -sS --noproxy '*' -o /dev/null \
         -X POST -T - -H 'Expect:' -H 'Lambda-Runtime-Function-Response-Mode: streaming' \
         "$API/invocation/$ID/response" ;;
+    *'"mode":"slow"'*)
+      { printf 'started '; sleep 30; } | stream text/plain ;;
     *'"rawPath":"/plain"'*)
       three | stream text/plain ;;
     *'"rawPath"'*)
@@ -148,6 +150,19 @@ def test_a_stream_broken_off_ends_in_invoke_complete_with_the_error(hearth):
     # The function keeps working afterwards.
     _, chunks, (_, done) = _stream(lam, "stream-cut", {"mode": "three"})
     assert b"".join(c for _, c in chunks) == b"one two three" and "ErrorCode" not in done
+
+
+def test_a_timeout_mid_stream_ends_in_invoke_complete(hearth):
+    lam = hearth.client()
+    lam.create_function(FunctionName="stream-slow", Runtime="provided.al2023",
+                        Handler="function.handler", Role=ROLE, Timeout=2,
+                        Code={"ZipFile": make_zip({"bootstrap": BOOTSTRAP})})
+    lam.get_waiter("function_active_v2").wait(FunctionName="stream-slow")
+    _, chunks, (end, done) = _stream(lam, "stream-slow", {"mode": "slow"})
+    assert b"".join(c for _, c in chunks) == b"started "
+    assert chunks[0][0] < end - 1.0, (chunks, end)
+    assert done["ErrorCode"] == "Sandbox.Timedout", done
+    assert "Task timed out after 2.00 seconds" in done["ErrorDetails"]
 
 
 def test_errors_before_the_stream_are_lambda_errors(hearth):

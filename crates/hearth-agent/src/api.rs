@@ -1,5 +1,11 @@
 //! The Lambda Runtime API (`/2018-06-01/runtime/...`): the invocation state machine shared by
 //! the connection threads, the worker reader and the reaper, and the per-connection loop.
+//!
+//! Responses are read whole (up to 6 MB) and sent as one frame, except a streamed response
+//! (`Lambda-Runtime-Function-Response-Mode: streaming`): its connection thread forwards the
+//! body as it arrives, in `StreamChunk` frames, without buffering it, and reads the error a
+//! runtime may report in the trailers once the body ends. A streamed response is not retried
+//! or re-read: what was forwarded is the caller's.
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, Read};
