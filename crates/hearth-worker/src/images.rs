@@ -70,6 +70,22 @@ pub enum ImageError {
     },
     #[error("cannot import {0}: not a directory or a tar archive")]
     BadImport(PathBuf),
+    /// Some images of [`ImageStore::ensure_all`] failed to build (the others were built).
+    #[error(
+        "runtime images not built: {}",
+        .0.iter().map(|(name, e)| format!("{name} ({e})")).collect::<Vec<_>>().join("; ")
+    )]
+    NotAllBuilt(Vec<(String, ImageError)>),
+}
+
+impl ImageError {
+    /// The images a [`ImageError::NotAllBuilt`] names (empty for any other error).
+    pub fn failed_images(&self) -> Vec<&str> {
+        match self {
+            ImageError::NotAllBuilt(failed) => failed.iter().map(|(n, _)| n.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -427,6 +443,9 @@ pub fn judge(info: Option<Result<ImageInfo, ()>>, digest: &str) -> ImageState {
     }
 }
 
+/// Builds one recipe, reporting progress lines (what [`ImageStore::build`] does).
+type BuildOne<'a> = dyn FnMut(&Recipe, &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> + 'a;
+
 /// The image cache directory.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
@@ -520,24 +539,45 @@ impl ImageStore {
         self.rootfs(recipe_for(runtime)?.name)
     }
 
-    /// Build every image that is missing or stale (see [`ImageStore::state`]).
+    /// Build every image that is missing or stale (see [`ImageStore::state`]). An image that
+    /// fails to build (a registry out of reach, say) does not stop the others: they are built,
+    /// and the error names every image that failed.
     pub fn ensure_all(&self, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+        self.ensure_with(
+            &mut |recipe, progress| self.build(recipe, progress),
+            progress,
+        )
+    }
+
+    /// [`ImageStore::ensure_all`] with `build` building one recipe.
+    fn ensure_with(
+        &self,
+        build: &mut BuildOne<'_>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), ImageError> {
+        let mut failed = Vec::new();
         for recipe in RECIPES {
             match self.state(recipe) {
-                ImageState::Current => progress(&format!("{}: cached", recipe.name)),
-                ImageState::Missing => {
-                    self.build(recipe, progress)?;
+                ImageState::Current => {
+                    progress(&format!("{}: cached", recipe.name));
+                    continue;
                 }
-                ImageState::Stale => {
-                    progress(&format!(
-                        "{}: cached image is from another recipe, rebuilding",
-                        recipe.name
-                    ));
-                    self.build(recipe, progress)?;
-                }
+                ImageState::Missing => {}
+                ImageState::Stale => progress(&format!(
+                    "{}: cached image is from another recipe, rebuilding",
+                    recipe.name
+                )),
+            }
+            if let Err(e) = build(recipe, progress) {
+                progress(&format!("{}: failed: {e}", recipe.name));
+                failed.push((recipe.name.to_string(), e));
             }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ImageError::NotAllBuilt(failed))
+        }
     }
 
     /// Build one image with mmdebstrap (and pip for wheels), reporting progress lines.
@@ -1377,6 +1417,41 @@ mod tests {
             .unwrap();
         assert_eq!(lines.len(), RECIPES.len());
         assert!(lines.iter().all(|l| l.ends_with(": cached")), "{lines:?}");
+    }
+
+    #[test]
+    fn one_image_failing_to_build_does_not_stop_the_others() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(cache.path());
+        let mut built = Vec::new();
+        let mut lines = Vec::new();
+        let err = store
+            .ensure_with(
+                &mut |recipe, _| {
+                    if recipe.node.is_some() {
+                        return Err(ImageError::Step {
+                            step: "node build stage".into(),
+                            detail: "registry unreachable".into(),
+                        });
+                    }
+                    built.push(recipe.name);
+                    Ok(PathBuf::new())
+                },
+                &mut |l| lines.push(l.to_string()),
+            )
+            .unwrap_err();
+        assert_eq!(built, ["python3.11", "python3.13", "provided"]);
+        assert_eq!(err.failed_images(), ["nodejs22.x", "nodejs24.x"]);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("runtime images not built: nodejs22.x (node build stage failed: registry unreachable); nodejs24.x"),
+            "{msg}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with("nodejs24.x: failed: ")),
+            "{lines:?}"
+        );
+        assert!(ImageError::BadImport("x".into()).failed_images().is_empty());
     }
 
     fn executable(path: &Path) {

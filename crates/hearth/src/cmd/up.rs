@@ -289,11 +289,24 @@ pub async fn start_worker(
     );
     if !args.no_build_images {
         let store = images.clone();
-        tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             store.ensure_all(&mut super::image::progress_printer())
         })
-        .await?
-        .context("building runtime images (or start with --no-build-images)")?;
+        .await?;
+        match built {
+            Ok(()) => {}
+            // Some runtimes' images could not be built (the npm registry out of reach, say):
+            // the others serve; those runtimes' functions fail until the image is built.
+            Err(e) if e.failed_images().len() < hearth_worker::images::RECIPES.len() => {
+                let failed = e.failed_images().join(", ");
+                tracing::warn!(
+                    "{e}; starting without them (functions on {failed} fail until `hearth image build NAME` succeeds)"
+                );
+            }
+            Err(e) => {
+                return Err(e).context("building runtime images (or start with --no-build-images)");
+            }
+        }
     }
     // Runtime images go to the chunk store (shared scope) in the background: this worker runs
     // them from its local cache meanwhile; other workers fetch them from the store.
