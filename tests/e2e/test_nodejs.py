@@ -206,9 +206,10 @@ def test_aws_cli_deploys_and_invokes_a_node_function(hearth, tmp_path):
     hearth.cli("delete-function", "--function-name", name)
 
 
-def test_snapstart_version_of_a_node_function_restores(hearth):
+@pytest.mark.parametrize("runtime", NODE)
+def test_snapstart_version_of_a_node_function_restores(hearth, runtime):
     lam = hearth.client()
-    name = "node-snap-" + uuid.uuid4().hex[:6]
+    name = f"node-snap-{runtime[6:8]}-" + uuid.uuid4().hex[:6]
     app = """
 const crypto = require("node:crypto");
 const INIT_ID = crypto.randomUUID();
@@ -218,7 +219,7 @@ exports.handler = async (event, context) => ({
   initType: process.env.AWS_LAMBDA_INITIALIZATION_TYPE, requestId: context.awsRequestId,
 });
 """
-    _create(lam, name, "nodejs22.x", {"index.js": app}, MemorySize=256,
+    _create(lam, name, runtime, {"index.js": app}, MemorySize=256,
             SnapStart={"ApplyOn": "PublishedVersions"})
     v = lam.publish_version(FunctionName=name)["Version"]
     lam.get_waiter("published_version_active").wait(FunctionName=name, Qualifier=v,
@@ -227,7 +228,7 @@ exports.handler = async (event, context) => ({
     assert conf["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "On"}
     r, out, log = _invoke(lam, name, {}, qualifier=v)
     assert "FunctionError" not in r, out
-    assert out["version"].startswith("v22.") and out["state"] == 4
+    assert out["version"].startswith(f"v{runtime[6:8]}.") and out["state"] == 4
     assert out["initType"] == "snap-start"
     assert out["requestId"] == r["ResponseMetadata"]["RequestId"]
     assert "Restore Duration:" in log and "Init Duration:" not in log
