@@ -1566,3 +1566,107 @@ async fn a_full_budget_evicts_the_least_recently_used_idle_sandbox() {
     assert_eq!(count(h.invoke(&b, json!({})).await), 4, "b stayed warm");
     h.finish().await;
 }
+
+/// Streams `one `, `two `, `three` a second apart (curl's chunked upload from a pipe), or, for
+/// `{"cut": true}`, `partial` and then breaks the stream off.
+const STREAMING_BOOTSTRAP: &str = r#"#!/bin/sh
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+post() {
+  curl -sS --noproxy '*' -o /dev/null -X POST -T - -H 'Expect:' \
+    -H 'Lambda-Runtime-Function-Response-Mode: streaming' -H 'Content-Type: text/plain' \
+    "$API/invocation/$ID/response"
+}
+while true; do
+  HEADERS="$(mktemp)"
+  EVENT="$(curl -sS --noproxy '*' -D "$HEADERS" "$API/invocation/next")"
+  ID="$(grep -i '^Lambda-Runtime-Aws-Request-Id:' "$HEADERS" | cut -d' ' -f2 | tr -d '\r\n')"
+  rm -f "$HEADERS"
+  case "$EVENT" in
+    *'"cut":true'*) ( printf 'partial'; sleep 3 ) | timeout -s KILL 1 sh -c "$(declare -f post); ID=$ID API=$API post" ;;
+    *) { printf 'one '; sleep 1; printf 'two '; sleep 1; printf 'three'; } | post ;;
+  esac
+done
+"#;
+
+/// A response sink that records what arrived and when.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<(std::time::Instant, String)>>);
+
+impl hearth_core::invoker::ResponseSink for Recorded {
+    fn start(&self, content_type: Option<&str>) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((std::time::Instant::now(), format!("start {content_type:?}")));
+        }
+    }
+    fn chunk(&self, bytes: &[u8]) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((
+                std::time::Instant::now(),
+                String::from_utf8_lossy(bytes).into_owned(),
+            ));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_reaches_the_sink_as_the_function_writes_it() {
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec(
+        "streamer",
+        "provided.al2023",
+        "function.handler",
+        &[("bootstrap", STREAMING_BOOTSTRAP)],
+    );
+    let request = |payload: Value, sink: Option<Arc<Recorded>>| InvokeRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        spec: spec.clone(),
+        invoked_arn: spec.arn.clone(),
+        payload: serde_json::to_vec(&payload).expect("json").into(),
+        client_context: None,
+        reserved_concurrency: None,
+        unreserved_limit: 100,
+        log: None,
+        response: sink.map(|s| hearth_core::invoker::ResponseTarget(s)),
+    };
+    let sink = Arc::new(Recorded::default());
+    let r = h
+        .worker
+        .invoke(request(json!({}), Some(sink.clone())))
+        .await
+        .expect("invoke");
+    let ended = std::time::Instant::now();
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    assert!(r.payload.is_empty(), "the stream went to the sink");
+    let got = sink.0.lock().expect("lock").clone();
+    assert_eq!(got[0].1, "start Some(\"text/plain\")");
+    let body: String = got[1..].iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(body, "one two three");
+    assert!(
+        ended.duration_since(got[1].0) > Duration::from_millis(1500),
+        "the first chunk came before the function's last one"
+    );
+
+    // Without a sink the same stream is the payload.
+    let r = h
+        .worker
+        .invoke(request(json!({}), None))
+        .await
+        .expect("invoke");
+    assert_eq!(r.payload, b"one two three");
+
+    // Broken off mid-stream: a function error after the bytes already sent; the sandbox stays.
+    let sink = Arc::new(Recorded::default());
+    let r = h
+        .worker
+        .invoke(request(json!({"cut": true}), Some(sink.clone())))
+        .await
+        .expect("invoke");
+    assert!(r.function_error);
+    let doc: Value = serde_json::from_slice(&r.payload).expect("error document");
+    assert_eq!(doc["errorType"], "Runtime.TruncatedResponse");
+    let got = sink.0.lock().expect("lock").clone();
+    let body: String = got[1..].iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(body, "partial");
+    assert_eq!(h.worker.stats().cold_starts, 1);
+    h.finish().await;
+}
