@@ -186,6 +186,25 @@ def test_an_error_and_a_timeout(hearth, runtime):
     lam.delete_function(FunctionName=name)
 
 
+def test_an_exec_wrapper_starts_the_runtime(hearth):
+    lam = hearth.client()
+    name = "node-wrap-" + uuid.uuid4().hex[:6]
+    wrapper = '#!/bin/bash\nexport WRAPPED="$1 ${#@}"\nexec "$@"\n'
+    app = "exports.handler = async () => ({ wrapped: process.env.WRAPPED, argv: process.execArgv });\n"
+    lam.create_function(FunctionName=name, Runtime="nodejs24.x", Handler="index.handler", Role=ROLE,
+                        MemorySize=256,
+                        Environment={"Variables": {"AWS_LAMBDA_EXEC_WRAPPER": "/var/task/wrapper.sh"}},
+                        Code={"ZipFile": make_zip({"index.js": app, "wrapper.sh": wrapper},
+                                                  modes={"wrapper.sh": 0o755})})
+    lam.get_waiter("function_active_v2").wait(FunctionName=name)
+    r, out, _ = _invoke(lam, name, {})
+    assert "FunctionError" not in r, out
+    # The wrapper got node and its arguments: V8's heap sized from the 256 MB.
+    assert out["wrapped"] == "/var/lang/bin/node 8", out
+    assert "--max-old-space-size=231" in out["argv"] and "--max-semi-space-size=12" in out["argv"]
+    lam.delete_function(FunctionName=name)
+
+
 def test_aws_cli_deploys_and_invokes_a_node_function(hearth, tmp_path):
     name = "node-cli-" + uuid.uuid4().hex[:6]
     pkg = tmp_path / "fn.zip"

@@ -241,9 +241,10 @@ const PYTHON_PRESTART: &str = include_str!("runtimes/python-prestart.py");
 
 /// `/var/runtime/bootstrap` of a Node.js image: Lambda's `NODE_PATH` (unless the function set
 /// one), V8's heap sized from the function's memory as Lambda's Node.js runtimes size it, and
-/// the client started in the function's directory. aws-lambda-ric 3 takes the handler as its
-/// argument and the current directory as the function's root; 4 reads `_HANDLER` and
-/// `LAMBDA_TASK_ROOT` and ignores arguments.
+/// the client started in the function's directory, through `AWS_LAMBDA_EXEC_WRAPPER` when the
+/// function names one (a script from a layer that ends by running its arguments).
+/// aws-lambda-ric 3 takes the handler as its argument and the current directory as the
+/// function's root; 4 reads `_HANDLER` and `LAMBDA_TASK_ROOT` and ignores arguments.
 macro_rules! node_bootstrap {
     ($major:literal, $client:literal) => {
         concat!(
@@ -255,17 +256,20 @@ if [ -z "${NODE_PATH:-}" ]; then
             $major,
             r#"/node_modules:/opt/nodejs/node_modules:/var/runtime/node_modules:/var/runtime:/var/task
 fi
-set --
+set -- /var/runtime/node_modules/aws-lambda-ric/"#,
+            $client,
+            r#" "$_HANDLER"
 mb=${AWS_LAMBDA_FUNCTION_MEMORY_SIZE:-}
 case "$mb" in
   ''|*[!0-9]*) ;;
-  *) young=$((mb / 10)); set -- --max-semi-space-size=$((young / 2)) --max-old-space-size=$((mb - young)) ;;
+  *) young=$((mb / 10)); set -- --max-semi-space-size=$((young / 2)) --max-old-space-size=$((mb - young)) "$@" ;;
 esac
+set -- /var/lang/bin/node --expose-gc --max-http-header-size 81920 "$@"
 cd "${LAMBDA_TASK_ROOT:-/var/task}" || exit 1
-exec /var/lang/bin/node --expose-gc --max-http-header-size 81920 "$@" \
-  /var/runtime/node_modules/aws-lambda-ric/"#,
-            $client,
-            r#" "$_HANDLER"
+if [ -n "${AWS_LAMBDA_EXEC_WRAPPER:-}" ]; then
+  exec "$AWS_LAMBDA_EXEC_WRAPPER" "$@"
+fi
+exec "$@"
 "#,
         )
     };
@@ -1321,14 +1325,16 @@ mod tests {
     #[test]
     fn the_node_bootstrap_sets_lambdas_node_path_and_heap() {
         let task = tempfile::tempdir().unwrap();
-        // The bootstrap with `echo` for the interpreter: what it would run, and where.
+        // The bootstrap with `echo` for `exec`: what it would run, and where.
         let run = |env: &[(&str, &str)]| {
             let script = NODE22_BOOTSTRAP.replace(
-                "exec /var/lang/bin/node",
-                "pwd; echo \"NODE_PATH=$NODE_PATH\"; echo",
+                "cd \"${LAMBDA_TASK_ROOT:-/var/task}\" || exit 1\n",
+                "cd \"${LAMBDA_TASK_ROOT:-/var/task}\" || exit 1\n\
+                 pwd; echo \"NODE_PATH=$NODE_PATH\"; exec() { echo \"$@\"; exit 0; }\n",
             );
             assert_ne!(script, NODE22_BOOTSTRAP);
-            let out = Command::new("sh")
+            // The images' sh is bash; as `bash` (not `sh`) it lets a function replace `exec`.
+            let out = Command::new("bash")
                 .arg("-c")
                 .arg(script)
                 .env_clear()
@@ -1353,15 +1359,32 @@ mod tests {
         );
         assert_eq!(
             lines[2],
-            "--expose-gc --max-http-header-size 81920 --max-semi-space-size=51 \
-             --max-old-space-size=922 /var/runtime/node_modules/aws-lambda-ric/bin/index.mjs \
-             index.handler"
+            "/var/lang/bin/node --expose-gc --max-http-header-size 81920 \
+             --max-semi-space-size=51 --max-old-space-size=922 \
+             /var/runtime/node_modules/aws-lambda-ric/bin/index.mjs index.handler"
         );
         // The function's own NODE_PATH wins; no memory size, no heap flags.
         let out = run(&[("NODE_PATH", "/mine")]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[1], "NODE_PATH=/mine");
-        assert!(lines[2].starts_with("--expose-gc --max-http-header-size 81920 /var/runtime/"));
+        assert_eq!(
+            lines[2],
+            "/var/lang/bin/node --expose-gc --max-http-header-size 81920 \
+             /var/runtime/node_modules/aws-lambda-ric/bin/index.mjs index.handler"
+        );
+        // An exec wrapper runs first, with the whole command as its arguments.
+        let out = run(&[
+            ("AWS_LAMBDA_EXEC_WRAPPER", "/opt/wrapper"),
+            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+        ]);
+        assert_eq!(
+            out.lines().nth(2),
+            Some(
+                "/opt/wrapper /var/lang/bin/node --expose-gc --max-http-header-size 81920 \
+                 --max-semi-space-size=6 --max-old-space-size=116 \
+                 /var/runtime/node_modules/aws-lambda-ric/bin/index.mjs index.handler"
+            )
+        );
     }
 
     #[test]
