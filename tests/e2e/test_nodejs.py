@@ -141,6 +141,28 @@ def test_commonjs_in_index_cjs(hearth, runtime):
     lam.delete_function(FunctionName=name)
 
 
+@pytest.mark.parametrize("runtime", NODE)
+def test_node_path_finds_modules_where_lambdas_does(hearth, runtime):
+    # `greet` is at /var/task/greet: not on lib/index.js's node_modules path, only on NODE_PATH
+    # (whose last entry is /var/task); /opt/nodejs/... is where layers put theirs.
+    lam = hearth.client()
+    name = f"node-path-{runtime[6:8]}-" + uuid.uuid4().hex[:6]
+    app = ("const greet = require('greet');\n"
+           "exports.handler = async () => ({ greeting: greet('node'), paths: require.resolve.paths('x') });\n")
+    _create(lam, name, runtime, {"lib/index.js": app,
+                                 "greet/index.js": "module.exports = (n) => `hello ${n}`;\n"},
+            handler="lib/index.handler")
+    r, out, _ = _invoke(lam, name, {})
+    assert "FunctionError" not in r, out
+    assert out["greeting"] == "hello node"
+    major = runtime[6:8]
+    paths = out["paths"]
+    at = paths.index(f"/opt/nodejs/node{major}/node_modules")
+    assert paths[at:at + 5] == [f"/opt/nodejs/node{major}/node_modules", "/opt/nodejs/node_modules",
+                                "/var/runtime/node_modules", "/var/runtime", "/var/task"], paths
+    lam.delete_function(FunctionName=name)
+
+
 def test_callback_handlers_run_on_nodejs22_and_are_refused_on_nodejs24(hearth):
     lam = hearth.client()
     name = "node-cb22-" + uuid.uuid4().hex[:6]
