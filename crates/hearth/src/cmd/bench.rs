@@ -1342,6 +1342,24 @@ async fn store_bench(a: StoreArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Wait until the ready pool holds `want` sandboxes or has not grown for 2 s (at most 20 s),
+/// then a little longer for the last `runsc create` to settle; returns how many are ready.
+async fn wait_settled(worker: &Worker, want: usize) -> usize {
+    let end = Instant::now() + Duration::from_secs(20);
+    let (mut seen, mut since) = (worker.stats().ready, Instant::now());
+    loop {
+        let ready = worker.stats().ready;
+        if ready != seen {
+            (seen, since) = (ready, Instant::now());
+        }
+        if ready >= want || since.elapsed() >= Duration::from_secs(2) || Instant::now() >= end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return worker.stats().ready;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The small handler `hearth bench runtimes` runs: (file, handler, code) for a runtime.
 fn runtime_handler(runtime: &str) -> anyhow::Result<(&'static str, &'static str, &'static str)> {
     let image = hearth_worker::images::recipe_for(runtime)?;
@@ -1435,15 +1453,22 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
         let measured = async {
             // Cold starts: the runtimes take turns, each from a refilled ready pool.
             let (mut cold, mut inits) = (vec![Vec::new(); fns.len()], vec![Vec::new(); fns.len()]);
+            let mut min_ready = usize::MAX;
+            let before = worker.stats();
             for n in 0..a.cold {
                 for i in 0..fns.len() {
-                    wait_ready(&worker, prewarm.total_max, Duration::from_secs(20)).await;
+                    min_ready = min_ready.min(wait_settled(&worker, prewarm.total_max).await);
                     let t = timed_invoke(&worker, spec(i, format!("cold{n}")), n).await?;
                     cold[i].push(t.elapsed);
                     inits[i].extend(t.init_ms);
                     drained(&worker, &format!("bench{i}")).await;
                 }
             }
+            let (_, _, claimed) = delta(worker.stats(), before);
+            println!(
+                "  (ready pool held >= {min_ready} sandboxes before each start; {claimed} of {} starts claimed a ready sandbox)",
+                a.cold * fns.len()
+            );
             for (i, (rt, _, _)) in fns.iter().enumerate() {
                 let cell = summary(&format!("{rt}: cold start, ready pool"), cold[i].clone());
                 let note = init_note("init", &inits[i]);
