@@ -337,6 +337,66 @@ async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() 
     h.finish().await;
 }
 
+const NODE_APP: &str = r#"
+let count = 0;
+export const handler = async (event, context) => {
+  count += 1;
+  console.log("handling", JSON.stringify(event));
+  return { event, count, version: process.version, requestId: context.awsRequestId,
+           functionName: context.functionName, memory: context.memoryLimitInMB,
+           remainingMs: context.getRemainingTimeInMillis(), cwd: process.cwd() };
+};
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_handlers_run_on_the_major_their_runtime_names_and_are_reused_warm() {
+    let h = Harness::new(Duration::from_secs(60));
+    for (runtime, major) in [("nodejs22.x", "v22."), ("nodejs24.x", "v24.")] {
+        let name = format!("node{}", &major[1..3]);
+        let spec = h.spec(&name, runtime, "index.handler", &[("index.mjs", NODE_APP)]);
+        let r = h
+            .invoke(&spec, json!({"hello": runtime}))
+            .await
+            .expect("invoke");
+        assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+        let v = json_of(&r);
+        assert_eq!(v["event"], json!({"hello": runtime}));
+        assert_eq!(v["count"], 1);
+        assert!(
+            v["version"].as_str().is_some_and(|s| s.starts_with(major)),
+            "{v}"
+        );
+        assert_eq!(v["functionName"], name.as_str());
+        assert_eq!(v["memory"], "256");
+        assert_eq!(v["cwd"], "/var/task");
+        let remaining = v["remainingMs"].as_i64().expect("remaining");
+        assert!(
+            remaining > 5_000 && remaining <= 10_000,
+            "remaining {remaining}"
+        );
+        let rid = v["requestId"].as_str().expect("rid").to_string();
+        let (start, handling, end) = (
+            r.log.find(&format!("START RequestId: {rid}")),
+            r.log.find("handling"),
+            r.log.find(&format!("END RequestId: {rid}")),
+        );
+        assert!(
+            start < handling && handling < end && start.is_some(),
+            "{}",
+            r.log
+        );
+        assert!(r.log.contains("Init Duration:"), "{}", r.log);
+        // Second call: the same process, module state kept, no init.
+        let r2 = h.invoke(&spec, json!({"n": 2})).await.expect("invoke");
+        let v2 = json_of(&r2);
+        assert_eq!(v2["count"], 2, "{v2}");
+        assert!(!r2.log.contains("Init Duration"), "{}", r2.log);
+    }
+    let stats = h.worker.stats();
+    assert_eq!((stats.cold_starts, stats.warm_starts), (2, 2));
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_that_opts_out_has_no_network_but_loopback() {
     let h = Harness::new(Duration::from_secs(60));
