@@ -218,6 +218,66 @@ impl Cgroups {
         )
     }
 
+    /// Freeze (`true`) or thaw (`false`) every process of a sandbox (cgroup v1's freezer, v2's
+    /// `cgroup.freeze`): a frozen sandbox uses no CPU (systrap's threads otherwise spin a little
+    /// even when the sandbox is idle) until it is thawed, which takes well under a millisecond.
+    /// Returns whether the kernel took the request.
+    pub fn set_frozen(&self, id: &str, frozen: bool) -> bool {
+        let (controller, file, value) = if self.unified {
+            ("", "cgroup.freeze", if frozen { "1" } else { "0" })
+        } else {
+            (
+                "freezer",
+                "freezer.state",
+                if frozen { "FROZEN" } else { "THAWED" },
+            )
+        };
+        let Some(dir) = self.controller_dir(controller) else {
+            return false;
+        };
+        let path = dir.join(&self.parent).join(id).join(file);
+        match fs::write(&path, value) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("{}: {e}", path.display());
+                false
+            }
+        }
+    }
+
+    /// Whether a sandbox is frozen (or freezing); `None` when that cannot be read.
+    pub fn is_frozen(&self, id: &str) -> Option<bool> {
+        let (controller, file) = if self.unified {
+            ("", "cgroup.freeze")
+        } else {
+            ("freezer", "freezer.state")
+        };
+        let dir = self.controller_dir(controller)?.join(&self.parent).join(id);
+        let text = fs::read_to_string(dir.join(file)).ok()?;
+        Some(matches!(text.trim(), "1" | "FROZEN" | "FREEZING"))
+    }
+
+    /// CPU time all of this worker's sandboxes have used, in nanoseconds.
+    pub fn cpu_usage_ns(&self) -> Option<u64> {
+        if self.unified {
+            let dir = self.controller_dir("")?.join(&self.parent);
+            let stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+            let usec = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            return Some(usec.saturating_mul(1000));
+        }
+        let dir = self.controller_dir("cpuacct")?.join(&self.parent);
+        fs::read_to_string(dir.join("cpuacct.usage"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// The sandbox's memory limit in bytes.
     pub fn memory_limit(&self, id: &str) -> Option<u64> {
         let dir = self.controller_dir("memory")?.join(&self.parent).join(id);

@@ -386,6 +386,8 @@ impl RunscEngine {
     pub fn cleanup_stale(&self) -> Vec<String> {
         let ids = self.list();
         for id in &ids {
+            // A sandbox the earlier run left frozen would not answer runsc.
+            self.cgroups.set_frozen(id, false);
             let _ = self.runsc().args(["kill", id, "KILL"]).output();
             let _ = self.runsc().args(["delete", "--force", id]).output();
             self.cgroups.remove_sandbox(id);
@@ -802,6 +804,9 @@ impl RunscEngine {
         } = sandbox;
         drop(stdin);
         drop(stdout);
+        // A frozen sandbox (idle, see the pool) would not answer runsc; thawing one that is not
+        // frozen changes nothing.
+        self.cgroups.set_frozen(&id, false);
         let _ = self.runsc().args(["kill", &id, "KILL"]).output();
         let out = self.runsc().args(["delete", "--force", &id]).output();
         if let Ok(o) = &out

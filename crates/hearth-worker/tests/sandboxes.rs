@@ -771,16 +771,25 @@ async fn a_restarted_worker_removes_what_a_killed_one_left() {
     });
     let spec = h.spec("pyleft", "python3.11", "app.handler", &[("app.py", PY_APP)]);
     h.invoke(&spec, json!({})).await.expect("invoke");
+    // The idle sandbox frozen, as an idle one is when the worker dies: it must still go.
+    assert_eq!(h.worker.freeze_idle(Duration::ZERO), 1);
     let engine = h.worker.engine().clone();
     // The sandbox that ran, and maybe ready ones the pool created.
     assert!(!engine.list().is_empty());
     // Simulate a crash: a new engine on the same state root, without shutting the old one down.
     let cfg = engine.config().clone();
     let engine2 = Arc::new(RunscEngine::new(cfg).expect("engine"));
+    let started = std::time::Instant::now();
     let worker2 = Worker::new(
         engine2.clone(),
         ImageStore::new(image_cache()),
         WorkerConfig::default(),
+    );
+    // A frozen sandbox does not answer runsc: not thawed first, runsc waits for it (a minute).
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "cleaning up took {:?}",
+        started.elapsed()
     );
     assert_eq!(engine2.list(), Vec::<String>::new());
     assert_eq!(engine2.cgroups().sandbox_dirs(), Vec::<PathBuf>::new());
@@ -1728,5 +1737,47 @@ async fn a_streamed_response_reaches_the_sink_as_the_function_writes_it() {
     let body: String = got[1..].iter().map(|(_, s)| s.as_str()).collect();
     assert_eq!(body, "partial");
     assert_eq!(h.worker.stats().cold_starts, 1);
+    h.finish().await;
+}
+
+/// An idle sandbox is frozen after a while (it then uses no CPU at all) and thawed when an
+/// invocation takes it: the same sandbox serves warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sandboxes_are_frozen_and_thawed_when_taken() {
+    let h = Harness::with_configs(
+        Duration::from_secs(60),
+        |_| {},
+        |cfg| {
+            cfg.prewarm = hearth_worker::prewarm::PrewarmConfig::disabled();
+            cfg.demand = hearth_worker::demand::DemandConfig::disabled();
+            cfg.freeze_idle_after = Some(Duration::from_millis(300));
+        },
+    );
+    let spec = h.spec("frozen", "python3.11", "app.handler", &[("app.py", PY_APP)]);
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&r)["count"], 1);
+    let engine = h.worker.engine().clone();
+    let ids = engine.list();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let cgroups = engine.cgroups();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while cgroups.is_frozen(&ids[0]) != Some(true) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the idle sandbox was never frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cgroups.cpu_usage_ns().expect("cpu usage");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cgroups.cpu_usage_ns().expect("cpu usage") - before;
+    assert!(
+        used < 2_000_000,
+        "a frozen sandbox used {used} ns of CPU in 1 s"
+    );
+    let r = h.invoke(&spec, json!({})).await.expect("invoke");
+    assert_eq!(json_of(&r)["count"], 2, "the same sandbox, thawed");
+    assert_eq!(cgroups.is_frozen(&ids[0]), Some(false));
     h.finish().await;
 }

@@ -607,6 +607,8 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 memory_budget_mb: 16 * 1024,
                 prewarm,
                 code_cache: Some(code_cache.clone()),
+                // Idle sandboxes are frozen by hand below, after they are measured unfrozen.
+                freeze_idle_after: None,
                 ..WorkerConfig::default()
             },
         );
@@ -732,8 +734,20 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             let n = usage.len().max(1);
-            let idle_cpu = idle_cpu(&engine, n).await;
-            println!("idle CPU: {n} idle + ready sandboxes, {idle_cpu:.2} % of a core each");
+            let idle_pct = idle_cpu(&engine, n).await;
+            println!("idle CPU: {n} idle + ready sandboxes, {idle_pct:.2} % of a core each");
+            // The same idle sandboxes frozen, as the pool freezes them after
+            // `--freeze-idle-ms` (the ready ones stay as they are).
+            let frozen = worker.freeze_idle(Duration::ZERO);
+            let frozen_cpu = idle_cpu(&engine, n).await;
+            println!(
+                "idle CPU with the {frozen} idle ones frozen: {frozen_cpu:.2} % of a core per sandbox"
+            );
+            table.set(
+                "idle CPU per sandbox, the idle ones frozen (`--freeze-idle-ms`), ready ones not",
+                col,
+                format!("{frozen_cpu:.2} % of a core each ({frozen} frozen)"),
+            );
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             let per = mib(usage.iter().sum::<u64>()) / n as f64;
             let (lo, hi) = (
@@ -760,7 +774,7 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             table.set(
                 "idle CPU per sandbox, idle + ready (sentry + gofer)",
                 col,
-                format!("{idle_cpu:.2} % of a core each"),
+                format!("{idle_pct:.2} % of a core each"),
             );
             Ok::<(), anyhow::Error>(())
         }

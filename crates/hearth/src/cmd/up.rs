@@ -126,6 +126,10 @@ pub struct WorkerArgs {
     /// the keep-alive.
     #[arg(long, env = "HEARTH_IDLE_GRACE", default_value_t = 30)]
     pub idle_grace: u64,
+    /// Milliseconds after which an idle sandbox is frozen (no CPU at all until an invocation
+    /// takes it; thawing costs well under a millisecond); 0: never freeze.
+    #[arg(long, env = "HEARTH_FREEZE_IDLE_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub freeze_idle_ms: u64,
     /// Seconds of recent invocations (peak concurrency, arrival rate times mean duration) that
     /// predict how many sandboxes of a function version to keep warm.
     #[arg(long, env = "HEARTH_DEMAND_WINDOW", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -379,6 +383,8 @@ pub async fn start_worker(
                 per_window: args.scaling_rate,
                 window: Duration::from_secs(10),
             },
+            freeze_idle_after: (args.freeze_idle_ms > 0)
+                .then(|| Duration::from_millis(args.freeze_idle_ms)),
             ..WorkerConfig::default()
         },
     );
