@@ -1,7 +1,9 @@
-"""Layers end to end, through boto3 and the AWS CLI against `hearth up`: publish / get / get by
-ARN / list / list versions / delete, the download URL, a function's Layers; deleting a layer
-version in use leaves the function's configuration as it was; a bad layer zip is refused as a
-bad code zip is."""
+"""Layers end to end, through boto3 and the AWS CLI against `hearth up`: a python3.11 function
+with two layers (a Python package from the first, an executable in /opt/bin from the second,
+the second winning a path both have), /opt read-only; publish / get / get by ARN / list /
+list versions / delete, the download URL; deleting a layer version in use leaves the function
+working; a bad layer zip is refused as a bad code zip is; a SnapStart version with layers
+restores with its /opt."""
 import base64
 import hashlib
 import json
@@ -14,7 +16,28 @@ import pytest
 from conftest import make_zip
 
 ROLE = "arn:aws:iam::000000000000:role/lambda"
-APP = "def handler(event, context):\n    return 1\n"
+
+APP = """
+import os, subprocess
+import layerpkg
+import sitepkg
+
+def handler(event, context):
+    try:
+        tool = subprocess.run(["hello-tool"], capture_output=True, text=True)
+        tool_out, tool_rc = tool.stdout.strip(), tool.returncode
+    except FileNotFoundError:
+        tool_out, tool_rc = None, None
+    with open("/opt/shared.txt") as f:
+        shared = f.read().strip()
+    try:
+        open("/opt/new-file", "w").close()
+        opt_writable = True
+    except OSError:
+        opt_writable = False
+    return {"pkg": layerpkg.WHO, "site": sitepkg.WHO, "tool": tool_out,
+            "tool_rc": tool_rc, "shared": shared, "opt_writable": opt_writable}
+"""
 
 PYTHON_LAYER = {
     "python/layerpkg/__init__.py": "WHO = 'layerpkg from layer one'\n",
@@ -31,7 +54,14 @@ def _b64_sha256(data):
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-def test_layer_operations_and_a_functions_layers(hearth, tmp_path):
+def _invoke(lam, name):
+    r = lam.invoke(FunctionName=name, Payload=b"{}")
+    body = r["Payload"].read()
+    assert "FunctionError" not in r, body
+    return json.loads(body)
+
+
+def test_two_layers_merge_into_opt_and_survive_deleting_a_version(hearth, tmp_path):
     lam = hearth.client()
     tag = uuid.uuid4().hex[:8]
     one, two = f"pylib-{tag}", f"tools-{tag}"
@@ -83,21 +113,37 @@ def test_layer_operations_and_a_functions_layers(hearth, tmp_path):
     assert [l["Arn"] for l in created["Layers"]] == arns
     assert [l["CodeSize"] for l in created["Layers"]] == [len(zip_one), len(zip_two)]
     lam.get_waiter("function_active_v2").wait(FunctionName=name)
-    assert [l["Arn"] for l in lam.get_function(FunctionName=name)["Configuration"]["Layers"]] == arns
+    out = _invoke(lam, name)
+    assert out == {
+        "pkg": "layerpkg from layer one",
+        "site": "sitepkg from layer one",
+        "tool": "hello from layer two",
+        "tool_rc": 0,
+        "shared": "from layer two",
+        "opt_writable": False,
+    }, out
 
-    # Deleting the layer versions in use leaves the function's configuration as it was.
+    # Deleting the layer versions in use changes nothing for the function, also on a cold start
+    # (a configuration change is a new revision, hence new sandboxes).
     lam.delete_layer_version(LayerName=one, VersionNumber=1)
     lam.delete_layer_version(LayerName=two, VersionNumber=1)
     with pytest.raises(botocore.exceptions.ClientError) as e:
         lam.get_layer_version(LayerName=one, VersionNumber=1)
     assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
     assert [l["Arn"] for l in lam.get_function(FunctionName=name)["Configuration"]["Layers"]] == arns
+    lam.update_function_configuration(FunctionName=name, Environment={"Variables": {"COLD": "1"}})
+    lam.get_waiter("function_updated_v2").wait(FunctionName=name)
+    assert _invoke(lam, name) == out
     # The deleted version cannot be given to a function anew; the remaining one can.
     with pytest.raises(botocore.exceptions.ClientError) as e:
         lam.update_function_configuration(FunctionName=name, Layers=[v1["LayerVersionArn"]])
     assert e.value.response["Error"]["Code"] == "InvalidParameterValueException"
-    c = lam.update_function_configuration(FunctionName=name, Layers=[again["LayerVersionArn"]])
-    assert [l["Arn"] for l in c["Layers"]] == [again["LayerVersionArn"]]
+    lam.update_function_configuration(FunctionName=name, Layers=[again["LayerVersionArn"]])
+    lam.get_waiter("function_updated_v2").wait(FunctionName=name)
+    r = lam.invoke(FunctionName=name, Payload=b"{}")
+    assert "FunctionError" not in r
+    alone = json.load(r["Payload"])
+    assert alone["shared"] == "from layer one" and alone["tool"] is None, alone
     lam.delete_function(FunctionName=name)
     lam.delete_layer_version(LayerName=one, VersionNumber=2)
 
@@ -114,3 +160,30 @@ def test_a_bad_layer_zip_is_refused_as_a_bad_code_zip(hearth):
     assert layer.value.response["Error"] == code.value.response["Error"]
     assert layer.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     assert f"bad-{tag}" not in {l["LayerName"] for l in lam.list_layers()["Layers"]}
+
+
+def test_a_snapshot_of_a_function_with_layers_restores_with_its_opt(hearth):
+    lam = hearth.client()
+    tag = uuid.uuid4().hex[:8]
+    layer = lam.publish_layer_version(LayerName=f"snaplib-{tag}",
+                                      Content={"ZipFile": make_zip(PYTHON_LAYER)})
+    app = ("import os, layerpkg\n"
+           "def handler(event, context):\n"
+           "    return {'pkg': layerpkg.WHO, 'init': os.environ['AWS_LAMBDA_INITIALIZATION_TYPE'],\n"
+           "            'shared': open('/opt/shared.txt').read().strip()}\n")
+    name = f"snaplayers-{tag}"
+    lam.create_function(FunctionName=name, Runtime="python3.11", Handler="app.handler", Role=ROLE,
+                        Code={"ZipFile": make_zip({"app.py": app})},
+                        Layers=[layer["LayerVersionArn"]],
+                        SnapStart={"ApplyOn": "PublishedVersions"})
+    lam.get_waiter("function_active_v2").wait(FunctionName=name)
+    v = lam.publish_version(FunctionName=name)["Version"]
+    lam.get_waiter("published_version_active").wait(FunctionName=name, Qualifier=v,
+                                                     WaiterConfig={"Delay": 1, "MaxAttempts": 90})
+    r = lam.invoke(FunctionName=name, Qualifier=v, Payload=b"{}")
+    body = r["Payload"].read()
+    assert "FunctionError" not in r, body
+    assert json.loads(body) == {"pkg": "layerpkg from layer one", "init": "snap-start",
+                                "shared": "from layer one"}
+    lam.delete_function(FunctionName=name)
+    lam.delete_layer_version(LayerName=f"snaplib-{tag}", VersionNumber=1)

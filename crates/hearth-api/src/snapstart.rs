@@ -32,6 +32,7 @@ impl AppState {
             timeout_s: v.timeout_s,
             env: v.environment.clone(),
             code_sha256: v.code.sha256_b64.clone(),
+            layers: v.layers.iter().map(|l| l.code.sha256_b64.clone()).collect(),
             revision_id: v.revision_id.clone(),
             snap_start: self.uses_snapshot(label, v) && v.state.is_none(),
             ephemeral_storage_mb: v.ephemeral_storage_mb,

@@ -119,6 +119,7 @@ fn spec(name: &str) -> FunctionSpec {
         timeout_s: 3,
         env: BTreeMap::new(),
         code_sha256: "c2hh".into(),
+        layers: Vec::new(),
         revision_id: "r1".into(),
         snap_start: false,
         ephemeral_storage_mb: 512,

@@ -29,6 +29,11 @@ pub struct FunctionSpec {
     /// a worker unpacks into its own code cache and mounts read-only at `/var/task`. No host
     /// path crosses this boundary.
     pub code_sha256: String,
+    /// Base64 SHA-256 of each of the version's layers' packages, in the function's order: a
+    /// worker unpacks each like code and merges them, later over earlier, into the sandbox's
+    /// read-only `/opt`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
     /// Changes whenever code or configuration changes; sandboxes are pooled per revision.
     pub revision_id: String,
     /// Cold starts restore from this version's snapshot when one exists (SnapStart).

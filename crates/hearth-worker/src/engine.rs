@@ -14,8 +14,9 @@
 //!    optionally its own network namespace ([`crate::netns`]), and the agent as its process
 //!    with a generic environment (`HEARTH_AGENT_DEFER=1`). `runsc create` brings up the sentry and gofer; the
 //!    agent does not run yet. The pipes given to `runsc create` stay the agent's stdio.
-//! 2. **claim**: the function's code is hard-linked into the `/var/task` directory (a file added
-//!    to a bind mount's source after create is visible inside), the cgroup gets the function's
+//! 2. **claim**: the function's code is hard-linked into the `/var/task` directory and its
+//!    merged layers into `/opt` (a file added to a bind mount's source after create is visible
+//!    inside), the cgroup gets the function's
 //!    memory limit and CPU share, and the sandbox is pinned to a core.
 //! 3. **start** ([`RunscEngine::start`]) boots the agent, which waits for the function's
 //!    environment in its first frame; or **restore** ([`RunscEngine::restore`]) restores a
@@ -163,6 +164,8 @@ pub struct SlotSpec {
 #[derive(Debug, Clone)]
 pub struct Claim {
     pub code_dir: PathBuf,
+    /// The function's layers merged ([`crate::layers`]), for `/opt`; `None`: no layers.
+    pub opt_dir: Option<PathBuf>,
     pub memory_mb: u32,
 }
 
@@ -650,9 +653,13 @@ impl RunscEngine {
         Ok((stdin, stdout, stderr_tail))
     }
 
-    /// Give a created sandbox to one function: its code, memory limit and CPU share, a core.
+    /// Give a created sandbox to one function: its code and layers, memory limit and CPU
+    /// share, a core.
     fn claim(&self, sandbox: &Sandbox, claim: &Claim) -> Result<Option<usize>, EngineError> {
         link_tree(&claim.code_dir, &sandbox.task_dir())?;
+        if let Some(opt) = &claim.opt_dir {
+            link_tree(opt, &sandbox.opt_dir())?;
+        }
         let mem = (claim.memory_mb as u64 + SENTRY_OVERHEAD_MB) * 1024 * 1024;
         self.cgroups.set_memory_limit(&sandbox.id, mem);
         self.cgroups

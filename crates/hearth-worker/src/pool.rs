@@ -1189,6 +1189,14 @@ pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<Str
             .filter(|(k, _)| !(exec_env.is_none() && *k == "AWS_EXECUTION_ENV"))
             .map(|(k, v)| format!("{k}={v}")),
     );
+    // Where the runtime's language finds layer content (Python: `PYTHONPATH`), unless the
+    // function sets that variable itself.
+    if !spec.layers.is_empty()
+        && let Some((key, value)) = crate::layers::runtime_path(&spec.runtime)
+        && !spec.env.contains_key(key)
+    {
+        env.push(format!("{key}={value}"));
+    }
     env
 }
 
@@ -1214,16 +1222,54 @@ fn error_doc(message: &str, error_type: &str) -> Vec<u8> {
 
 impl Worker {
     /// The unpacked code of a version (named by its `CodeSha256`), from the worker's code
-    /// cache, fetched from the chunk store (verified chunk by chunk, then checked against
-    /// `CodeSha256`) when missing.
+    /// cache, fetched from the chunk store when missing (see [`Worker::package_dir`]).
     async fn code_dir(&self, spec: &FunctionSpec) -> Result<PathBuf, InvokeError> {
-        let hex_sha = hearth_core::code::CodeRef::hex_of(&spec.code_sha256).ok_or_else(|| {
-            InvokeError::Service(format!("bad CodeSha256 {:?}", spec.code_sha256))
-        })?;
-        let Some(cache) = &self.inner.cfg.code_cache else {
+        self.package_dir(spec, &spec.code_sha256, "the function's code")
+            .await
+    }
+
+    /// The merged tree of a version's layers, in its order (later layers over earlier ones),
+    /// for the sandbox's `/opt`; `None` without layers. Each layer is a package like code,
+    /// unpacked into the code cache; the merged tree is cached beside them per ordered list
+    /// ([`crate::layers`]).
+    async fn opt_dir(&self, spec: &FunctionSpec) -> Result<Option<PathBuf>, InvokeError> {
+        if spec.layers.is_empty() {
+            return Ok(None);
+        }
+        let mut dirs = Vec::with_capacity(spec.layers.len());
+        let mut hexes = Vec::with_capacity(spec.layers.len());
+        for sha256 in &spec.layers {
+            dirs.push(self.package_dir(spec, sha256, "a layer").await?);
+            hexes.push(hearth_core::code::CodeRef::hex_of(sha256).unwrap_or_default());
+        }
+        let Some(cache) = self.inner.cfg.code_cache.clone() else {
             return Err(InvokeError::NotReady(
-                "this worker has no code cache to unpack the function's code into".into(),
+                "this worker has no code cache to unpack the function's layers into".into(),
             ));
+        };
+        let key = crate::layers::list_key(&hexes);
+        tokio::task::spawn_blocking(move || crate::layers::merged_tree(&cache, &key, &dirs))
+            .await
+            .map_err(|e| InvokeError::Service(e.to_string()))?
+            .map(Some)
+            .map_err(|e| InvokeError::Service(e.to_string()))
+    }
+
+    /// The unpacked package named by `sha256` (base64 SHA-256, as `CodeSha256`; `what` it is,
+    /// for errors), from the worker's code cache, fetched from the chunk store (verified chunk
+    /// by chunk, then checked against its SHA-256) when missing.
+    async fn package_dir(
+        &self,
+        spec: &FunctionSpec,
+        sha256: &str,
+        what: &str,
+    ) -> Result<PathBuf, InvokeError> {
+        let hex_sha = hearth_core::code::CodeRef::hex_of(sha256)
+            .ok_or_else(|| InvokeError::Service(format!("bad SHA-256 {sha256:?} of {what}")))?;
+        let Some(cache) = &self.inner.cfg.code_cache else {
+            return Err(InvokeError::NotReady(format!(
+                "this worker has no code cache to unpack {what} into"
+            )));
         };
         let store = hearth_core::code::CodeStore::new(cache.clone(), Default::default());
         let dir = store.dir_for(&hex_sha);
@@ -1232,8 +1278,8 @@ impl Worker {
         }
         let Some(chunks) = &self.inner.cfg.chunk_store else {
             return Err(InvokeError::NotReady(format!(
-                "the code of {} (CodeSha256 {}) is not on this worker, which has no chunk store to fetch it from",
-                spec.name, spec.code_sha256
+                "{what} of {} (SHA-256 {sha256}) is not on this worker, which has no chunk store to fetch it from",
+                spec.name
             )));
         };
         let zip = chunks
@@ -1242,15 +1288,15 @@ impl Worker {
                 &hearth_core::code::code_artifact(&hex_sha),
             )
             .await
-            .map_err(|e| InvokeError::NotReady(format!("fetching the function's code: {e}")))?;
+            .map_err(|e| InvokeError::NotReady(format!("fetching {what}: {e}")))?;
         let stored = tokio::task::spawn_blocking(move || store.store_zip(&zip))
             .await
             .map_err(|e| InvokeError::Service(e.to_string()))?
-            .map_err(|e| InvokeError::Service(format!("unpacking the function's code: {e}")))?;
+            .map_err(|e| InvokeError::Service(format!("unpacking {what}: {e}")))?;
         if stored.sha256_hex != hex_sha {
-            return Err(InvokeError::Service(
-                "code artifact does not match its CodeSha256".into(),
-            ));
+            return Err(InvokeError::Service(format!(
+                "the artifact of {what} does not match its SHA-256"
+            )));
         }
         Ok(stored.dir)
     }
@@ -1295,6 +1341,7 @@ impl Worker {
     ) -> Result<Env, InvokeError> {
         let inner = &self.inner;
         let code_dir = self.code_dir(spec).await?;
+        let opt_dir = self.opt_dir(spec).await?;
         if let Some(chunks) = &self.inner.cfg.chunk_store {
             crate::artifacts::ensure_image(&self.inner.images, chunks, &spec.runtime)
                 .await
@@ -1304,6 +1351,7 @@ impl Worker {
         let mut sandbox = inner.claim_sandbox(&kind, spec.memory_mb).await?;
         let claim = Claim {
             code_dir,
+            opt_dir,
             memory_mb: spec.memory_mb,
         };
         let mut started = match image {
@@ -1467,6 +1515,11 @@ impl Worker {
             ("engine".to_string(), engine.engine_id()),
             ("memory_mb".to_string(), spec.memory_mb.to_string()),
         ])
+        .into_iter()
+        // The layers, in order, where there are any (snapshots of functions without layers
+        // stay valid).
+        .chain((!spec.layers.is_empty()).then(|| ("layers".to_string(), spec.layers.join(","))))
+        .collect()
     }
 
     /// Boot a sandbox in snap-start mode, run init until the runtime waits, checkpoint it and
@@ -2199,6 +2252,50 @@ mod tests {
     }
 
     #[test]
+    fn python_functions_with_layers_search_the_layers() {
+        let spec = |runtime: &str, layers: Vec<String>, env: &[(&str, &str)]| FunctionSpec {
+            name: "f".into(),
+            version: "$LATEST".into(),
+            arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
+            runtime: runtime.into(),
+            handler: "app.handler".into(),
+            memory_mb: 128,
+            timeout_s: 3,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            code_sha256: String::new(),
+            layers,
+            revision_id: "r".into(),
+            snap_start: false,
+            ephemeral_storage_mb: 512,
+            egress: true,
+        };
+        let pythonpath = |s: &FunctionSpec| {
+            lambda_env(s, "us-east-1", "on-demand")
+                .into_iter()
+                .filter(|kv| kv.starts_with("PYTHONPATH="))
+                .collect::<Vec<_>>()
+        };
+        let one = vec!["bGF5ZXI=".to_string()];
+        assert_eq!(
+            pythonpath(&spec("python3.13", one.clone(), &[])),
+            ["PYTHONPATH=/opt/python/lib/python3.13/site-packages:/opt/python"]
+        );
+        assert!(
+            pythonpath(&spec("python3.11", vec![], &[])).is_empty(),
+            "no layers"
+        );
+        assert!(pythonpath(&spec("provided.al2023", one.clone(), &[])).is_empty());
+        assert_eq!(
+            pythonpath(&spec("python3.11", one, &[("PYTHONPATH", "/mine")])),
+            ["PYTHONPATH=/mine"],
+            "the function's own value stays"
+        );
+    }
+
+    #[test]
     fn lambda_env_sets_platform_vars_and_user_vars_cannot_override_them() {
         let mut spec = FunctionSpec {
             name: "f".into(),
@@ -2210,6 +2307,7 @@ mod tests {
             timeout_s: 3,
             env: Default::default(),
             code_sha256: String::new(),
+            layers: Vec::new(),
             revision_id: "r".into(),
             snap_start: false,
             ephemeral_storage_mb: 512,

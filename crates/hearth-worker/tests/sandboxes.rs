@@ -164,6 +164,7 @@ impl Harness {
             timeout_s: 10,
             env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
             code_sha256: self.code(name, files),
+            layers: Vec::new(),
             revision_id: "r1".into(),
             snap_start: false,
             ephemeral_storage_mb: 512,

@@ -429,6 +429,7 @@ fn bench_spec(name: &str, code_sha256: &str, revision: String, memory_mb: u32) -
         timeout_s: 60,
         env: BTreeMap::new(),
         code_sha256: code_sha256.into(),
+        layers: Vec::new(),
         revision_id: revision,
         snap_start: false,
         ephemeral_storage_mb: 512,
