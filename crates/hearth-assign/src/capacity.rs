@@ -220,6 +220,7 @@ mod tests {
             addr: String::new(),
             memory_mb: 100,
             memory_free_mb: free,
+            memory_idle_mb: 0,
             cores: 2,
             busy,
             sandboxes: busy,

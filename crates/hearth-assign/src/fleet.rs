@@ -26,6 +26,10 @@ pub struct WorkerReport {
     pub memory_mb: u64,
     /// The part of the budget not in use, MiB.
     pub memory_free_mb: u64,
+    /// Memory held by idle and ready sandboxes, which the worker evicts to make room for a
+    /// new sandbox, MiB.
+    #[serde(default)]
+    pub memory_idle_mb: u64,
     /// Cores it runs sandboxes on.
     pub cores: u32,
     /// Invocations running now.
@@ -376,6 +380,7 @@ mod tests {
             addr: format!("{id}.test:7200"),
             memory_mb,
             memory_free_mb: free,
+            memory_idle_mb: 0,
             cores: 2,
             busy,
             sandboxes: busy,

@@ -1,7 +1,9 @@
 //! Placement, free of I/O: which worker gets a new sandbox.
 //!
-//! Only workers with room for the sandbox's memory (their free budget less what was placed on
-//! them since their last heartbeat) are candidates. Among them the score prefers, in this
+//! Only workers with room for the sandbox's memory (their free budget plus what their idle and
+//! ready sandboxes hold, which a worker evicts for a new sandbox, less what was placed on them
+//! since their last heartbeat) are candidates; free memory counts in the score, so a worker
+//! that need not evict is preferred. Among them the score prefers, in this
 //! order of weight: spreading the function (each sandbox of it a worker already holds counts
 //! against it), locality (the worker's caches already hold the function's code, runtime image
 //! or snapshot, so the cold start fetches nothing), low load (running invocations per core)
@@ -67,10 +69,10 @@ fn score(w: &WorkerReport, d: &Demand) -> Option<f64> {
     if d.avoid.iter().any(|a| a == &w.id) {
         return None;
     }
-    let free = free_after_pending(w, d);
-    if free < u64::from(d.memory_mb) {
+    if room_after_pending(w, d) < u64::from(d.memory_mb) {
         return None;
     }
+    let free = free_after_pending(w, d);
     let held = f64::from(d.function_sandboxes.get(&w.id).copied().unwrap_or(0));
     let hits = d.locality.iter().filter(|k| w.cached.contains(*k)).count() as f64;
     let load = f64::from(w.busy) / f64::from(w.cores.max(1));
@@ -85,6 +87,15 @@ fn score(w: &WorkerReport, d: &Demand) -> Option<f64> {
 fn free_after_pending(w: &WorkerReport, d: &Demand) -> u64 {
     let pending = d.pending_mb.get(&w.id).copied().unwrap_or(0);
     w.memory_free_mb.min(w.memory_mb).saturating_sub(pending)
+}
+
+/// Free memory plus what idle and ready sandboxes hold (evictable), less what is pending.
+fn room_after_pending(w: &WorkerReport, d: &Demand) -> u64 {
+    let pending = d.pending_mb.get(&w.id).copied().unwrap_or(0);
+    w.memory_free_mb
+        .saturating_add(w.memory_idle_mb)
+        .min(w.memory_mb)
+        .saturating_sub(pending)
 }
 
 /// The worker for a new sandbox.
@@ -110,7 +121,7 @@ pub fn pick(workers: &[WorkerReport], d: &Demand) -> Result<WorkerId, NoWorker> 
             best_free_mb: workers
                 .iter()
                 .filter(|w| !d.avoid.contains(&w.id))
-                .map(|w| free_after_pending(w, d))
+                .map(|w| room_after_pending(w, d))
                 .max()
                 .unwrap_or(0),
         }),
@@ -129,6 +140,7 @@ mod tests {
             addr: String::new(),
             memory_mb: 4096,
             memory_free_mb: free,
+            memory_idle_mb: 0,
             cores: 2,
             busy,
             sandboxes: busy,
@@ -160,6 +172,24 @@ mod tests {
             })
         );
         assert_eq!(pick(&[], &demand(128)), Err(NoWorker::NoWorkers));
+    }
+
+    #[test]
+    fn memory_of_idle_sandboxes_is_room_but_free_memory_is_preferred() {
+        let mut full = w("a", 0, 0, &[]);
+        full.memory_idle_mb = 800;
+        // Only idle sandboxes hold its memory: the worker evicts them for a new one.
+        assert_eq!(pick(&[full.clone()], &demand(512)), Ok("a".into()));
+        assert!(matches!(
+            pick(&[full.clone()], &demand(1024)),
+            Err(NoWorker::NoCapacity {
+                needed_mb: 1024,
+                best_free_mb: 800
+            })
+        ));
+        // A worker with free memory wins over one that would have to evict.
+        let free = w("b", 600, 0, &[]);
+        assert_eq!(pick(&[full, free], &demand(512)), Ok("b".into()));
     }
 
     #[test]

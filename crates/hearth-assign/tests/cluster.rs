@@ -444,6 +444,7 @@ fn report(id: &str, free_mb: u64, cached: &[&str]) -> hearth_assign::fleet::Work
         addr: format!("{id}.invalid:7200"),
         memory_mb: 4096,
         memory_free_mb: free_mb,
+        memory_idle_mb: 0,
         cores: 2,
         busy: 0,
         sandboxes: 0,

@@ -135,6 +135,8 @@ pub struct WorkerLoad {
     pub busy: usize,
     /// Live and ready sandboxes.
     pub sandboxes: usize,
+    /// Memory of idle and ready sandboxes (what eviction can free), MiB.
+    pub memory_idle_mb: u64,
     /// Idle sandboxes by function name and revision id.
     pub idle: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
 }
@@ -361,6 +363,13 @@ impl Worker {
             busy: st.revisions.values().map(|r| r.busy + r.starting).sum(),
             sandboxes: st.live + st.ready.values().map(Vec::len).sum::<usize>(),
             idle: idle_by_revision(&st.idle),
+            memory_idle_mb: st
+                .idle
+                .values()
+                .flatten()
+                .map(|e| e.memory_mb as u64 + SENTRY_OVERHEAD_MB)
+                .sum::<u64>()
+                + st.ready.values().map(Vec::len).sum::<usize>() as u64 * SENTRY_OVERHEAD_MB,
         }
     }
 

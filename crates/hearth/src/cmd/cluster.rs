@@ -323,6 +323,7 @@ pub async fn heartbeats<F, Fut>(
             memory_free_mb: load
                 .memory_budget_mb
                 .saturating_sub(load.memory_committed_mb),
+            memory_idle_mb: load.memory_idle_mb,
             cores,
             busy: load.busy as u32,
             sandboxes: load.sandboxes as u32,
