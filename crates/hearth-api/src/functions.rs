@@ -96,6 +96,22 @@ impl AppState {
         Ok(fref)
     }
 
+    /// The function a request names and the qualifier it names (in the reference or the
+    /// query, checked), `unqualified` when it names none.
+    pub(crate) fn name_and_qualifier(
+        &self,
+        function: &str,
+        query: Option<String>,
+        unqualified: &str,
+    ) -> Result<(String, String), ApiError> {
+        let fref = self.parse_ref(function)?;
+        let q = validate::merge_qualifier(fref.qualifier, query)?;
+        if let Some(q) = &q {
+            Qualifier::parse(q)?;
+        }
+        Ok((fref.name, q.unwrap_or_else(|| unqualified.to_string())))
+    }
+
     /// A reference that must not carry a qualifier (operations on the function as a whole).
     fn unqualified(&self, raw: &str) -> Result<String, ApiError> {
         let fref = self.parse_ref(raw)?;

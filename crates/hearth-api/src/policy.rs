@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::error::{ApiError, ErrorKind};
 use crate::state::AppState;
 use crate::store::FunctionRecord;
-use crate::validate::{self, Qualifier};
+use crate::validate::Qualifier;
 
 /// The key of the unqualified function's policy in [`FunctionRecord::policy`].
 const UNQUALIFIED: &str = "$LATEST";
@@ -103,12 +103,7 @@ fn target(
     function: &str,
     query: Option<String>,
 ) -> Result<(String, String), ApiError> {
-    let fref = state.parse_ref(function)?;
-    let q = validate::merge_qualifier(fref.qualifier, query)?;
-    if let Some(q) = &q {
-        Qualifier::parse(q)?;
-    }
-    Ok((fref.name, q.unwrap_or_else(|| UNQUALIFIED.to_string())))
+    state.name_and_qualifier(function, query, UNQUALIFIED)
 }
 
 /// The qualifier must exist; returns its revision id.

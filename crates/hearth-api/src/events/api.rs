@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::model::ListParams;
 use crate::state::AppState;
 use crate::store::FunctionRecord;
-use crate::validate::{self, Qualifier};
+use crate::validate::Qualifier;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -111,12 +111,7 @@ fn target(
     function: &str,
     query: Option<String>,
 ) -> Result<(String, String), ApiError> {
-    let fref = state.parse_ref(function)?;
-    let q = validate::merge_qualifier(fref.qualifier, query)?;
-    if let Some(q) = &q {
-        Qualifier::parse(q)?;
-    }
-    Ok((fref.name, q.unwrap_or_else(|| "$LATEST".to_string())))
+    state.name_and_qualifier(function, query, "$LATEST")
 }
 
 fn check_qualifier(state: &AppState, rec: &FunctionRecord, q: &str) -> Result<(), ApiError> {
