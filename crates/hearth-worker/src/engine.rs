@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use hearth_proto::{AgentMsg, Frame};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 
 use crate::cgroup::Cgroups;
@@ -204,12 +204,17 @@ pub enum Phase {
     Running,
 }
 
+/// The worker's end of the pipe into a sandbox's agent.
+pub type AgentIn = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+/// The worker's end of the pipe out of a sandbox's agent.
+pub type AgentOut = Box<dyn AsyncRead + Send + Sync + Unpin>;
+
 /// A sandbox: its pipes, the processes to reap, and what it owns on the host.
 pub struct Sandbox {
     pub id: String,
-    pub stdin: ChildStdin,
+    pub stdin: AgentIn,
     /// Taken by the frame reader once the sandbox runs.
-    pub stdout: Option<ChildStdout>,
+    pub stdout: Option<AgentOut>,
     reapers: Vec<std::thread::JoinHandle<()>>,
     /// Last lines the sandbox wrote to stderr (agent diagnostics, runsc errors).
     pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
@@ -222,6 +227,34 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// A sandbox that owns nothing on the host but its directory: what an engine other than
+    /// runsc (a test's fake) hands the pool, with the agent's pipes.
+    pub fn detached(
+        id: String,
+        spec: SlotSpec,
+        dir: PathBuf,
+        stdin: AgentIn,
+        stdout: AgentOut,
+    ) -> Self {
+        Sandbox {
+            id,
+            stdin,
+            stdout: Some(stdout),
+            reapers: Vec::new(),
+            stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
+            phase: if spec.started {
+                Phase::Running
+            } else {
+                Phase::Created
+            },
+            spec,
+            created_at: Instant::now(),
+            dir,
+            tmp: None,
+            net: None,
+        }
+    }
+
     pub fn task_dir(&self) -> PathBuf {
         self.dir.join("task")
     }
@@ -229,6 +262,102 @@ impl Sandbox {
     /// The directory bound read-only at `/opt`: the function's layers, merged.
     pub fn opt_dir(&self) -> PathBuf {
         self.dir.join("opt")
+    }
+}
+
+/// What the worker's pool needs from a sandbox engine. [`RunscEngine`] runs gVisor; tests of
+/// the pool's decisions use [`crate::fake::FakeEngine`], which runs an in-process agent and
+/// keeps time on tokio's clock.
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Remove what an earlier run left (containers, cgroups, networks); their ids.
+    fn cleanup_stale(&self) -> Vec<String>;
+    /// Whether sandboxes may get outbound network (the server's policy).
+    fn egress_allowed(&self) -> bool;
+    /// Whether a sandbox with outbound network can be checkpointed and restored.
+    fn egress_with_snapshots(&self) -> bool;
+    /// What snapshots depend on: the agent and the engine with its flags.
+    fn agent_digest(&self) -> &str;
+    fn engine_id(&self) -> String;
+    /// A generic sandbox of `spec` (started, with its agent said `Hello`, if `spec.started`).
+    async fn create(&self, spec: &SlotSpec) -> Result<Sandbox, EngineError>;
+    /// Give a created sandbox to a function and boot its agent.
+    async fn start(&self, sandbox: &mut Sandbox, claim: &Claim) -> Result<(), EngineError>;
+    /// Give a created sandbox to a function and restore the checkpoint in `image_dir` into it.
+    async fn restore(
+        &self,
+        sandbox: &mut Sandbox,
+        claim: &Claim,
+        image_dir: &Path,
+    ) -> Result<(), EngineError>;
+    /// Checkpoint a running sandbox into `image_dir` (the sandbox stops).
+    async fn checkpoint(&self, sandbox: &Sandbox, image_dir: &Path) -> Result<(), EngineError>;
+    /// Kill the sandbox and remove what it owns. Blocking.
+    fn destroy(&self, sandbox: Sandbox);
+    /// Freeze or thaw a sandbox; whether it is now as asked.
+    fn set_frozen(&self, id: &str, frozen: bool) -> bool;
+    /// The sandbox's resident memory, bytes.
+    fn resident(&self, id: &str) -> Option<u64>;
+    /// Whether a sandbox whose memory peaked at `peak` ran out of memory.
+    fn out_of_memory(&self, id: &str, peak: u64) -> bool;
+    /// Whether the kernel killed the sandbox for memory.
+    fn oom_killed(&self, id: &str) -> bool;
+    /// The worker stopped: remove the engine's shared resources (cgroup parent, network).
+    fn shutdown(&self);
+}
+
+#[async_trait::async_trait]
+impl Engine for RunscEngine {
+    fn cleanup_stale(&self) -> Vec<String> {
+        RunscEngine::cleanup_stale(self)
+    }
+    fn egress_allowed(&self) -> bool {
+        RunscEngine::egress_allowed(self)
+    }
+    fn egress_with_snapshots(&self) -> bool {
+        RunscEngine::egress_with_snapshots(self)
+    }
+    fn agent_digest(&self) -> &str {
+        RunscEngine::agent_digest(self)
+    }
+    fn engine_id(&self) -> String {
+        RunscEngine::engine_id(self)
+    }
+    async fn create(&self, spec: &SlotSpec) -> Result<Sandbox, EngineError> {
+        RunscEngine::create(self, spec).await
+    }
+    async fn start(&self, sandbox: &mut Sandbox, claim: &Claim) -> Result<(), EngineError> {
+        RunscEngine::start(self, sandbox, claim).await
+    }
+    async fn restore(
+        &self,
+        sandbox: &mut Sandbox,
+        claim: &Claim,
+        image_dir: &Path,
+    ) -> Result<(), EngineError> {
+        RunscEngine::restore(self, sandbox, claim, image_dir).await
+    }
+    async fn checkpoint(&self, sandbox: &Sandbox, image_dir: &Path) -> Result<(), EngineError> {
+        RunscEngine::checkpoint(self, sandbox, image_dir).await
+    }
+    fn destroy(&self, sandbox: Sandbox) {
+        RunscEngine::destroy(self, sandbox)
+    }
+    fn set_frozen(&self, id: &str, frozen: bool) -> bool {
+        self.cgroups.set_frozen(id, frozen)
+    }
+    fn resident(&self, id: &str) -> Option<u64> {
+        self.cgroups.resident(id)
+    }
+    fn out_of_memory(&self, id: &str, peak: u64) -> bool {
+        self.cgroups.out_of_memory(id, peak)
+    }
+    fn oom_killed(&self, id: &str) -> bool {
+        self.cgroups.oom_killed(id)
+    }
+    fn shutdown(&self) {
+        self.cgroups.remove_parent();
+        self.shutdown_network();
     }
 }
 
@@ -580,8 +709,8 @@ impl RunscEngine {
                 let reapers = self.reap_threads(&id);
                 Ok(Sandbox {
                     id,
-                    stdin,
-                    stdout: Some(stdout),
+                    stdin: Box::new(stdin),
+                    stdout: Some(Box::new(stdout)),
                     reapers,
                     stderr_tail,
                     spec: spec.clone(),
@@ -756,8 +885,8 @@ impl RunscEngine {
                 std::fs::write(&config, v.to_string()).map_err(io_err(&config))?;
             }
             let (stdin, stdout, tail) = self.spawn_with_pipes(cmd, "restore", &sandbox.id).await?;
-            sandbox.stdin = stdin;
-            sandbox.stdout = Some(stdout);
+            sandbox.stdin = Box::new(stdin);
+            sandbox.stdout = Some(Box::new(stdout));
             sandbox.stderr_tail = tail;
             sandbox.reapers = self.reap_threads(&sandbox.id);
         }

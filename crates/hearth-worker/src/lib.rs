@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod demand;
 pub mod engine;
 pub mod evict;
+pub mod fake;
 pub mod frames;
 pub mod images;
 pub mod layers;
@@ -17,6 +18,6 @@ pub mod sentry;
 pub mod snapshots;
 pub mod tmpdisk;
 
-pub use engine::{EngineConfig, RunscEngine};
+pub use engine::{Engine, EngineConfig, RunscEngine};
 pub use images::ImageStore;
 pub use pool::{Worker, WorkerConfig};

@@ -37,7 +37,7 @@ use hearth_proto::{AgentMsg, Frame, HostMsg, InvokeMeta, MAX_SYNC_PAYLOAD, Sandb
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::demand::{self, DemandConfig, DemandHistory};
-use crate::engine::{Claim, NetMode, RunscEngine, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
+use crate::engine::{Claim, Engine, NetMode, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
 use crate::evict;
 use crate::frames;
 use crate::images::ImageStore;
@@ -232,7 +232,7 @@ struct State {
 }
 
 struct Inner {
-    engine: Arc<RunscEngine>,
+    engine: Arc<dyn Engine>,
     images: ImageStore,
     snapshots: Option<SnapshotStore>,
     cfg: WorkerConfig,
@@ -285,7 +285,7 @@ enum Start {
 
 impl Worker {
     /// Create the worker; removes what an earlier run left and starts the keep-alive reaper.
-    pub fn new(engine: Arc<RunscEngine>, images: ImageStore, cfg: WorkerConfig) -> Self {
+    pub fn new(engine: Arc<dyn Engine>, images: ImageStore, cfg: WorkerConfig) -> Self {
         let stale = engine.cleanup_stale();
         if !stale.is_empty() {
             tracing::info!(
@@ -311,7 +311,7 @@ impl Worker {
             destroyed: Notify::new(),
             refill: Arc::new(Notify::new()),
             changed: Notify::new(),
-            epoch: Instant::now(),
+            epoch: now(),
         });
         tokio::spawn(refill_loop(Arc::downgrade(&inner)));
         let weak = Arc::downgrade(&inner);
@@ -335,7 +335,7 @@ impl Worker {
     /// sandboxes). Returns how many were frozen.
     pub fn freeze_idle(&self, after: Duration) -> usize {
         let mut st = self.inner.lock();
-        self.inner.freeze_idle_in(&mut st, Instant::now(), after)
+        self.inner.freeze_idle_in(&mut st, now(), after)
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -373,7 +373,7 @@ impl Worker {
         }
     }
 
-    pub fn engine(&self) -> &Arc<RunscEngine> {
+    pub fn engine(&self) -> &Arc<dyn Engine> {
         &self.inner.engine
     }
 
@@ -396,7 +396,7 @@ impl Worker {
         for sandbox in ready {
             self.inner.destroy_ready(sandbox);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = now() + Duration::from_secs(30);
         loop {
             let (live, creating) = {
                 let st = self.inner.lock();
@@ -405,7 +405,7 @@ impl Worker {
             if live == 0 && creating == 0 && self.inner.destroying.load(Ordering::SeqCst) == 0 {
                 break;
             }
-            if Instant::now() > deadline {
+            if now() > deadline {
                 tracing::warn!(live, "shutdown: sandboxes still busy");
                 break;
             }
@@ -413,8 +413,7 @@ impl Worker {
                 tokio::time::timeout(Duration::from_millis(100), self.inner.destroyed.notified())
                     .await;
         }
-        self.inner.engine.cgroups().remove_parent();
-        self.inner.engine.shutdown_network();
+        self.inner.engine.shutdown();
     }
 
     /// Expect cold starts of `runtime` (e.g. at server start): the pool keeps a sandbox of its
@@ -439,12 +438,23 @@ impl Worker {
             .demand
             .entry(kind)
             .or_default()
-            .push_back(Instant::now());
+            .push_back(now());
         self.inner.refill.notify_one();
     }
 }
 
 const PIDS_LIMIT: i64 = 1024;
+
+/// The pool's clock: tokio's, which tests pause and advance (`tokio::time::pause`), so that the
+/// pool's timing decisions run on virtual time against a fake engine ([`crate::fake`]).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Time since `t` on the pool's clock.
+fn since(t: Instant) -> Duration {
+    now().saturating_duration_since(t)
+}
 
 /// Keep the ready pool at its targets: one sandbox created at a time (creation is CPU-heavy and
 /// the machine may have few cores), extras destroyed, all within the budgets.
@@ -525,7 +535,7 @@ impl Inner {
     /// What the refill task should do now: the kind to create one sandbox of (if any) and the
     /// ready sandboxes past their kind's target.
     fn plan_refill(&self) -> (Option<SlotSpec>, Vec<Sandbox>) {
-        let now = Instant::now();
+        let now = now();
         let cfg = &self.cfg.prewarm;
         let mut st = self.lock();
         for h in st.demand.values_mut() {
@@ -612,10 +622,7 @@ impl Inner {
     ) -> Result<Sandbox, InvokeError> {
         let ready = {
             let mut st = self.lock();
-            st.demand
-                .entry(kind.clone())
-                .or_default()
-                .push_back(Instant::now());
+            st.demand.entry(kind.clone()).or_default().push_back(now());
             let s = st.ready.get_mut(kind).and_then(|v| v.pop());
             st.ready.retain(|_, v| !v.is_empty());
             if s.is_some() {
@@ -650,7 +657,7 @@ impl Inner {
     /// sandbox that died is replaced, never handed an invocation.
     fn take_if_alive(self: &Arc<Self>, key: &str, mut env: Env, log: &mut InvLog) -> Option<Env> {
         if env.frozen {
-            self.engine.cgroups().set_frozen(&env.sandbox.id, false);
+            self.engine.set_frozen(&env.sandbox.id, false);
             env.frozen = false;
         }
         if still_alive(&mut env, log) {
@@ -722,11 +729,11 @@ impl Inner {
     /// take one between the decision and the write: a claim thaws what it takes). Returns how
     /// many were frozen now.
     fn freeze_idle_in(&self, st: &mut State, now: Instant, after: Duration) -> usize {
-        let cgroups = self.engine.cgroups();
+        let engine = &self.engine;
         let mut n = 0;
         for env in st.idle.values_mut().flatten() {
             if !env.frozen && now.duration_since(env.last_used) >= after {
-                env.frozen = cgroups.set_frozen(&env.sandbox.id, true);
+                env.frozen = engine.set_frozen(&env.sandbox.id, true);
                 n += usize::from(env.frozen);
             }
         }
@@ -736,7 +743,7 @@ impl Inner {
     /// Destroy idle sandboxes past their keep-alive, and those beyond their revision's predicted
     /// demand past the idle grace ([`demand::expired`]).
     fn expire_idle(self: &Arc<Self>) {
-        let now = Instant::now();
+        let now = now();
         let (keep_alive, dcfg) = (self.cfg.keep_alive, self.cfg.demand);
         let expired: Vec<Env> = {
             let mut st = self.lock();
@@ -792,7 +799,7 @@ impl Inner {
                 !h.is_stale(now, keep_alive) || idle.contains_key(k)
             });
             // Allowances back at the whole burst are the same as none.
-            let (rule, t) = (self.cfg.burst, self.epoch.elapsed());
+            let (rule, t) = (self.cfg.burst, since(self.epoch));
             st.burst.retain(|_, b| !b.full(rule, t));
             out
         };
@@ -806,7 +813,7 @@ impl Inner {
     /// An invocation of revision `key` arrived: it counts in the revision's demand until the
     /// returned guard is dropped.
     fn arrive(self: &Arc<Self>, key: &str, reserved: Option<u32>) -> InFlight {
-        let now = Instant::now();
+        let now = now();
         let mut st = self.lock();
         st.revision_demand
             .entry(key.to_string())
@@ -957,7 +964,7 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let now = Instant::now();
+        let now = now();
         let ran = now.saturating_duration_since(self.since);
         let cfg = self.inner.cfg.demand;
         let mut st = self.inner.lock();
@@ -1411,7 +1418,7 @@ impl Worker {
             frames: rx,
             function: spec.name.clone(),
             memory_mb: spec.memory_mb,
-            last_used: Instant::now(),
+            last_used: now(),
             frozen: false,
         })
     }
@@ -1489,7 +1496,7 @@ impl Worker {
                         .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
                         .unwrap_or_default();
                     tracing::debug!(sandbox = %env.sandbox.id, "sandbox ended during init: {detail}");
-                    let (msg, ty) = if self.inner.engine.cgroups().oom_killed(&env.sandbox.id) {
+                    let (msg, ty) = if self.inner.engine.oom_killed(&env.sandbox.id) {
                         (
                             "Runtime exited with error: signal: killed",
                             "Runtime.OutOfMemory",
@@ -1560,11 +1567,11 @@ impl Worker {
                 ));
             }
         };
-        let init_ms = env.last_used.elapsed().as_secs_f64() * 1000.0;
+        let init_ms = since(env.last_used).as_secs_f64() * 1000.0;
         let tmp = store.tmp_dir()?;
-        let t = Instant::now();
+        let t = now();
         let checkpointed = self.inner.engine.checkpoint(&env.sandbox, &tmp).await;
-        let checkpoint_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let checkpoint_ms = since(t).as_secs_f64() * 1000.0;
         self.inner.destroy(env);
         if let Err(e) = checkpointed {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -1604,7 +1611,7 @@ impl Worker {
                 return None;
             }
         };
-        let t = Instant::now();
+        let t = now();
         let mut env = match self.launch(spec, "snap-start", Some(&dir)).await {
             Ok(env) => env,
             Err(e) => {
@@ -1612,7 +1619,7 @@ impl Worker {
                 return None;
             }
         };
-        tracing::debug!(function = %spec.name, ms = t.elapsed().as_secs_f64() * 1000.0, "restored; resuming the runtime");
+        tracing::debug!(function = %spec.name, ms = since(t).as_secs_f64() * 1000.0, "restored; resuming the runtime");
         if meta.point == RestorePoint::RestoreNext {
             if frames::write_frame(&mut env.sandbox.stdin, &HostMsg::Restore, b"")
                 .await
@@ -1634,8 +1641,8 @@ impl Worker {
             }
         }
         self.inner.lock().restores += 1;
-        tracing::debug!(function = %spec.name, ms = t.elapsed().as_secs_f64() * 1000.0, "restore done");
-        Some((env, t.elapsed().as_secs_f64() * 1000.0))
+        tracing::debug!(function = %spec.name, ms = since(t).as_secs_f64() * 1000.0, "restore done");
+        Some((env, since(t).as_secs_f64() * 1000.0))
     }
 
     /// Take a new snapshot of `spec` in the background (once at a time per revision).
@@ -1685,7 +1692,7 @@ impl Worker {
         req: &InvokeRequest,
         request_id: &str,
         log: &mut InvLog,
-        cgroups: &crate::cgroup::Cgroups,
+        engine: &dyn Engine,
         peak: &mut u64,
     ) -> Outcome {
         let timeout = Duration::from_secs(req.spec.timeout_s as u64);
@@ -1720,7 +1727,7 @@ impl Worker {
                 f = env.frames.recv() => f,
                 _ = tokio::time::sleep_until(deadline) => return Outcome::Timeout,
                 _ = sample.tick() => {
-                    if let Some(now) = cgroups.resident(&env.sandbox.id) {
+                    if let Some(now) = engine.resident(&env.sandbox.id) {
                         *peak = (*peak).max(now);
                     }
                     continue;
@@ -1897,7 +1904,7 @@ impl Worker {
                         if let Some((id, _)) = &queued {
                             rev.waiters.retain(|(w, _)| w != id);
                         }
-                        let (rule, t) = (inner.cfg.burst, inner.epoch.elapsed());
+                        let (rule, t) = (inner.cfg.burst, since(inner.epoch));
                         let allowed = st
                             .burst
                             .entry(function.to_string())
@@ -1977,12 +1984,12 @@ impl Worker {
             }
         };
         // Counted busy from here (or starting, counted by `acquire`) until `finish_busy`.
-        let cold_started = Instant::now();
+        let cold_started = now();
         let (mut env, init_ms) = match warm {
             Some(env) => (env, None),
             None => {
                 let created = self.create(&req.spec, &mut log).await;
-                inner.start_done(&key, created.is_ok(), cold_started.elapsed());
+                inner.start_done(&key, created.is_ok(), since(cold_started));
                 let (env, init, start) = match created {
                     Ok(created) => created,
                     Err(e) => {
@@ -2021,7 +2028,7 @@ impl Worker {
                         log.push_str(&format!(
                             "REPORT RequestId: {request_id}\tDuration: 0.00 ms\tBilled Duration: 0 ms\tMemory Size: {} MB\tMax Memory Used: {} MB\tStatus: error\tError Type: {ty}\n",
                             req.spec.memory_mb,
-                            inner.engine.cgroups().resident(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
+                            inner.engine.resident(&env.sandbox.id).unwrap_or(0) / (1024 * 1024),
                         ));
                         inner.finish_busy(&key, None);
                         inner.destroy(env);
@@ -2041,12 +2048,12 @@ impl Worker {
             "START RequestId: {request_id} Version: {}\n",
             req.spec.version
         ));
-        let started = Instant::now();
-        let cgroups = inner.engine.cgroups();
-        let mut peak = cgroups.resident(&env.sandbox.id).unwrap_or(0);
-        let outcome = Self::run(&mut env, &req, &request_id, &mut log, cgroups, &mut peak).await;
-        let duration = started.elapsed();
-        peak = peak.max(cgroups.resident(&env.sandbox.id).unwrap_or(0));
+        let started = now();
+        let engine = &*inner.engine;
+        let mut peak = engine.resident(&env.sandbox.id).unwrap_or(0);
+        let outcome = Self::run(&mut env, &req, &request_id, &mut log, engine, &mut peak).await;
+        let duration = since(started);
+        peak = peak.max(engine.resident(&env.sandbox.id).unwrap_or(0));
         let peak_mb = peak / (1024 * 1024);
         let timeout_s = req.spec.timeout_s;
         let note = |log: &mut InvLog, text: &str| {
@@ -2069,7 +2076,7 @@ impl Worker {
             Outcome::Exit(status) => {
                 // A runtime that exits after its sandbox hit the memory limit ran out of memory
                 // (inside gVisor an allocation past the limit can fail instead of being killed).
-                let ty = if cgroups.out_of_memory(&env.sandbox.id, peak) {
+                let ty = if engine.out_of_memory(&env.sandbox.id, peak) {
                     "Runtime.OutOfMemory"
                 } else {
                     "Runtime.ExitError"
@@ -2081,7 +2088,7 @@ impl Worker {
             }
             Outcome::Died => {
                 // Let the frame reader see the end, then ask the cgroup why the sandbox died.
-                let (msg, ty) = if cgroups.out_of_memory(&env.sandbox.id, peak) {
+                let (msg, ty) = if engine.out_of_memory(&env.sandbox.id, peak) {
                     (
                         format!(
                             "RequestId: {request_id} Error: Runtime exited with error: signal: killed"
@@ -2121,7 +2128,7 @@ impl Worker {
         log.push_str(&report);
         inner.finish_busy(&key, Some(duration));
         if keep && !inner.closed.load(Ordering::SeqCst) {
-            env.last_used = Instant::now();
+            env.last_used = now();
             inner.give_back(&key, env);
         } else {
             inner.destroy(env);

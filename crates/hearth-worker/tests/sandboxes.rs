@@ -77,6 +77,8 @@ fn code_root(dir: &Path) -> PathBuf {
 
 struct Harness {
     worker: Worker,
+    /// The worker's engine, for what only runsc can tell (containers, cgroups).
+    engine: Arc<RunscEngine>,
     dir: tempfile::TempDir,
 }
 
@@ -112,8 +114,13 @@ impl Harness {
             ..WorkerConfig::default()
         };
         adjust_worker(&mut cfg);
-        let worker = Worker::new(Arc::new(engine), images, cfg);
-        Harness { worker, dir }
+        let engine = Arc::new(engine);
+        let worker = Worker::new(engine.clone(), images, cfg);
+        Harness {
+            worker,
+            engine,
+            dir,
+        }
     }
 
     /// Unpack a "package" into the worker's code cache, as the chunk store fetch would: under
@@ -195,7 +202,7 @@ impl Harness {
     /// Shut down and check nothing is left: no containers, no cgroups.
     async fn finish(self) {
         self.worker.shutdown().await;
-        let engine = self.worker.engine();
+        let engine = &self.engine;
         assert_eq!(
             engine.list(),
             Vec::<String>::new(),
@@ -774,7 +781,7 @@ async fn a_restarted_worker_removes_what_a_killed_one_left() {
     h.invoke(&spec, json!({})).await.expect("invoke");
     // The idle sandbox frozen, as an idle one is when the worker dies: it must still go.
     assert_eq!(h.worker.freeze_idle(Duration::ZERO), 1);
-    let engine = h.worker.engine().clone();
+    let engine = h.engine.clone();
     // The sandbox that ran, and maybe ready ones the pool created.
     assert!(!engine.list().is_empty());
     // Simulate a crash: a new engine on the same state root, without shutting the old one down.
@@ -856,9 +863,9 @@ fn snap_worker(dir: tempfile::TempDir, shared: Option<&Path>) -> Harness {
     let origin = shared
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.path().join("store"));
-    let engine = engine_in(dir.path());
+    let engine = Arc::new(engine_in(dir.path()));
     let worker = Worker::new(
-        Arc::new(engine),
+        engine.clone(),
         ImageStore::new(image_cache()),
         WorkerConfig {
             keep_alive: Duration::from_secs(60),
@@ -869,7 +876,11 @@ fn snap_worker(dir: tempfile::TempDir, shared: Option<&Path>) -> Harness {
             ..WorkerConfig::default()
         },
     );
-    Harness { worker, dir }
+    Harness {
+        worker,
+        engine,
+        dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1098,9 +1109,9 @@ async fn a_worker_without_the_image_fetches_it_from_the_chunk_store() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let empty_cache = dir.path().join("images");
-    let engine = engine_in(dir.path());
+    let engine = Arc::new(engine_in(dir.path()));
     let worker = Worker::new(
-        Arc::new(engine),
+        engine.clone(),
         ImageStore::new(&empty_cache),
         WorkerConfig {
             chunk_store: Some(chunks),
@@ -1109,7 +1120,11 @@ async fn a_worker_without_the_image_fetches_it_from_the_chunk_store() {
             ..WorkerConfig::default()
         },
     );
-    let h = Harness { worker, dir };
+    let h = Harness {
+        worker,
+        engine,
+        dir,
+    };
     let spec = h.spec(
         "fetched",
         "provided",
@@ -1256,8 +1271,9 @@ async fn functions_with_different_code_environment_and_memory_are_served_from_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_pool_still_serves_cold_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Arc::new(engine_in(dir.path()));
     let worker = Worker::new(
-        Arc::new(engine_in(dir.path())),
+        engine.clone(),
         ImageStore::new(image_cache()),
         WorkerConfig {
             memory_budget_mb: 8192,
@@ -1266,7 +1282,11 @@ async fn an_empty_pool_still_serves_cold_starts() {
             ..WorkerConfig::default()
         },
     );
-    let h = Harness { worker, dir };
+    let h = Harness {
+        worker,
+        engine,
+        dir,
+    };
     h.worker.prewarm("python3.11");
     let spec = h.spec("nopool", "python3.11", "app.handler", &[("app.py", PY_APP)]);
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
@@ -1757,7 +1777,7 @@ async fn idle_sandboxes_are_frozen_and_thawed_when_taken() {
     let spec = h.spec("frozen", "python3.11", "app.handler", &[("app.py", PY_APP)]);
     let r = h.invoke(&spec, json!({})).await.expect("invoke");
     assert_eq!(json_of(&r)["count"], 1);
-    let engine = h.worker.engine().clone();
+    let engine = h.engine.clone();
     let ids = engine.list();
     assert_eq!(ids.len(), 1, "{ids:?}");
     let cgroups = engine.cgroups();
