@@ -183,6 +183,8 @@ struct Revision {
     cold_ms: Option<f64>,
     waiters: VecDeque<(u64, oneshot::Sender<Env>)>,
     next_waiter: u64,
+    /// When its latest invocations finished (the last second's, at most [`RATE_SAMPLES`]).
+    finished: VecDeque<Instant>,
     /// The function's reserved concurrency, as its last invocation stated it.
     reserved: Option<u32>,
 }
@@ -191,7 +193,33 @@ impl Revision {
     fn unused(&self) -> bool {
         self.busy == 0 && self.starting == 0 && self.waiters.is_empty()
     }
+
+    /// An invocation finished at `now` after running for `ran`.
+    fn finished(&mut self, now: Instant, ran: Duration) {
+        self.invoke_ms = scaling::ewma(self.invoke_ms, ran);
+        self.finished.push_back(now);
+        while self.finished.len() > RATE_SAMPLES
+            || self
+                .finished
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) > RATE_WINDOW)
+        {
+            self.finished.pop_front();
+        }
+    }
+
+    /// Invocations finished per second over the last second (at least four to tell).
+    fn done_per_s(&self, now: Instant) -> Option<f64> {
+        let first = *self.finished.front()?;
+        let span = now.saturating_duration_since(first).as_secs_f64();
+        (self.finished.len() >= 4 && span > 0.0 && span <= RATE_WINDOW.as_secs_f64())
+            .then(|| (self.finished.len() - 1) as f64 / span)
+    }
 }
+
+/// How far back the rate of finished invocations looks, and how many it keeps.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+const RATE_SAMPLES: usize = 4096;
 
 #[derive(Default)]
 struct State {
@@ -220,6 +248,8 @@ struct State {
     expired_beyond_demand: usize,
     /// Cold starts running now (all revisions).
     starts_in_flight: usize,
+    /// Average time to create a sandbox on this worker (ready pool and inline).
+    create_ms: Option<f64>,
     /// Misses that waited for a sandbox instead of starting one.
     paced: usize,
     /// Per function: its allowance of new sandboxes ([`WorkerConfig::burst`]).
@@ -554,6 +584,9 @@ impl Inner {
             .map(|k| st.demand.get(k).unwrap_or(&empty))
             .collect();
         let targets = prewarm::targets(&histories, now, cfg);
+        // While invocations wait for sandboxes the cores are busy serving them: a create would
+        // slow them down for a sandbox none of them gets. Refill once nothing waits.
+        let busy = st.revisions.values().any(|r| !r.waiters.is_empty());
         let mut create = None;
         let mut extra = Vec::new();
         for (kind, target) in kinds.iter().zip(targets) {
@@ -564,7 +597,7 @@ impl Inner {
                     // The oldest go first.
                     extra.extend(v.drain(..ready - target));
                 }
-            } else if ready + creating < target && create.is_none() {
+            } else if ready + creating < target && create.is_none() && !busy {
                 create = Some(kind.clone());
             }
         }
@@ -585,8 +618,12 @@ impl Inner {
             st.committed_disk_mb += kind.tmp_mb as u64;
             *st.creating.entry(kind.clone()).or_insert(0) += 1;
         }
+        let t = now();
         let made = self.engine.create(&kind).await;
         let mut st = self.lock();
+        if made.is_ok() {
+            st.create_ms = scaling::ewma(st.create_ms, since(t));
+        }
         if let Some(n) = st.creating.get_mut(&kind) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -643,8 +680,13 @@ impl Inner {
         }
         let need = memory_mb as u64 + SENTRY_OVERHEAD_MB;
         self.reserve(need, kind.tmp_mb as u64, true)?;
+        let t = now();
         match self.engine.create(kind).await {
-            Ok(s) => Ok(s),
+            Ok(s) => {
+                let mut st = self.lock();
+                st.create_ms = scaling::ewma(st.create_ms, since(t));
+                Ok(s)
+            }
             Err(e) => {
                 self.release(need, kind.tmp_mb as u64, true);
                 Err(InvokeError::Service(e.to_string()))
@@ -652,10 +694,17 @@ impl Inner {
         }
     }
 
-    /// An idle sandbox for an invocation of `key`, counted busy; `None` (and destroyed) if its
-    /// runtime died meanwhile (a background thread exited, it ran out of memory): an idle
+    /// A sandbox for an invocation of `key`, counted busy: taken from the idle stack, or
+    /// `handed` over by a finishing invocation (already counted busy). `None` (and destroyed)
+    /// if its runtime died meanwhile (a background thread exited, it ran out of memory): a
     /// sandbox that died is replaced, never handed an invocation.
-    fn take_if_alive(self: &Arc<Self>, key: &str, mut env: Env, log: &mut InvLog) -> Option<Env> {
+    fn take_if_alive(
+        self: &Arc<Self>,
+        key: &str,
+        mut env: Env,
+        handed: bool,
+        log: &mut InvLog,
+    ) -> Option<Env> {
         if env.frozen {
             self.engine.set_frozen(&env.sandbox.id, false);
             env.frozen = false;
@@ -663,13 +712,25 @@ impl Inner {
         if still_alive(&mut env, log) {
             let mut st = self.lock();
             st.warm_starts += 1;
-            st.revisions.entry(key.to_string()).or_default().busy += 1;
+            if !handed {
+                st.revisions.entry(key.to_string()).or_default().busy += 1;
+            }
             return Some(env);
         }
         tracing::info!(sandbox = %env.sandbox.id, "idle sandbox died; replacing it");
+        if handed {
+            self.unbusy(key);
+        }
         self.destroy(env);
         self.changed.notify_waiters();
         None
+    }
+
+    /// A sandbox handed over to an invocation of `key` will not serve it.
+    fn unbusy(&self, key: &str) {
+        if let Some(rev) = self.lock().revisions.get_mut(key) {
+            rev.busy = rev.busy.saturating_sub(1);
+        }
     }
 
     /// A cold start of `key` ended: it no longer counts as starting; if it succeeded its
@@ -693,27 +754,38 @@ impl Inner {
         if let Some(rev) = st.revisions.get_mut(key) {
             rev.busy = rev.busy.saturating_sub(1);
             if let Some(d) = ran {
-                rev.invoke_ms = scaling::ewma(rev.invoke_ms, d);
+                rev.finished(now(), d);
             }
         }
         drop(st);
         self.changed.notify_waiters();
     }
 
-    /// Return a sandbox after an invocation: to the oldest invocation waiting for its
-    /// revision, else to the idle stack.
-    fn give_back(&self, key: &str, mut env: Env) {
+    /// An invocation of `key` ended after running for `ran` and keeps its sandbox: the sandbox
+    /// goes to the oldest invocation waiting for the revision, still counted busy (for that
+    /// one), else to the idle stack. One step under the lock: a waiter deciding meanwhile never
+    /// sees the revision with one sandbox fewer than it has, and starts no extra one.
+    fn finish_and_give_back(&self, key: &str, ran: Duration, mut env: Env) {
         let mut st = self.lock();
-        if let Some(rev) = st.revisions.get_mut(key) {
-            while let Some((_, tx)) = rev.waiters.pop_front() {
-                // The waiter counts it busy once it has checked it (`take_if_alive`).
-                match tx.send(env) {
-                    Ok(()) => return,
-                    Err(back) => env = back,
+        let State {
+            revisions, idle, ..
+        } = &mut *st;
+        let rev = revisions.entry(key.to_string()).or_default();
+        rev.finished(now(), ran);
+        while let Some((_, tx)) = rev.waiters.pop_front() {
+            match tx.send(env) {
+                Ok(()) => {
+                    drop(st);
+                    self.changed.notify_waiters();
+                    return;
                 }
+                Err(back) => env = back,
             }
         }
-        st.idle.entry(key.to_string()).or_default().push(env);
+        rev.busy = rev.busy.saturating_sub(1);
+        idle.entry(key.to_string()).or_default().push(env);
+        drop(st);
+        self.changed.notify_waiters();
     }
 
     /// Kill a sandbox whose memory is already released from the accounting.
@@ -1845,16 +1917,22 @@ impl Worker {
         &self,
         key: &str,
         function: &str,
+        kind: Option<&SlotSpec>,
         log: &mut InvLog,
     ) -> Result<Option<Env>, InvokeError> {
         let inner = &self.inner;
         let mut queued: Option<(u64, oneshot::Receiver<Env>)> = None;
         loop {
             if inner.closed.load(Ordering::SeqCst) {
-                if let Some((id, _)) = &queued
-                    && let Some(rev) = inner.lock().revisions.get_mut(key)
-                {
-                    rev.waiters.retain(|(w, _)| w != id);
+                if let Some((id, rx)) = queued.as_mut() {
+                    if let Some(rev) = inner.lock().revisions.get_mut(key) {
+                        rev.waiters.retain(|(w, _)| w != id);
+                    }
+                    // A sandbox handed over just now goes with the worker.
+                    if let Ok(env) = rx.try_recv() {
+                        inner.unbusy(key);
+                        inner.destroy(env);
+                    }
                 }
                 return Err(InvokeError::NotReady("the worker is shutting down".into()));
             }
@@ -1863,7 +1941,7 @@ impl Worker {
                 && let Ok(env) = rx.try_recv()
             {
                 queued = None;
-                if let Some(env) = inner.take_if_alive(key, env, log) {
+                if let Some(env) = inner.take_if_alive(key, env, true, log) {
                     return Ok(Some(env));
                 }
                 continue;
@@ -1877,12 +1955,14 @@ impl Worker {
                     && let Some(env) = st.idle.get_mut(key).and_then(Vec::pop)
                 {
                     drop(st);
-                    if let Some(env) = inner.take_if_alive(key, env, log) {
+                    if let Some(env) = inner.take_if_alive(key, env, false, log) {
                         return Ok(Some(env));
                     }
                     continue;
                 }
                 let (starts, limit) = (st.starts_in_flight, inner.cfg.start_limit);
+                let ready = kind.is_some_and(|k| st.ready.get(k).is_some_and(|v| !v.is_empty()));
+                let create_ms = (!ready).then(|| st.create_ms.unwrap_or(scaling::DEFAULT_COLD_MS));
                 let rev = st.revisions.entry(key.to_string()).or_default();
                 let position = match &queued {
                     None => rev.waiters.len(),
@@ -1898,9 +1978,23 @@ impl Worker {
                     waiting: position,
                     invoke_ms: rev.invoke_ms,
                     cold_ms: rev.cold_ms,
+                    create_ms,
+                    done_per_s: rev.done_per_s(now()),
                 };
                 match scaling::on_miss(&load, starts, limit) {
                     scaling::Miss::Start => {
+                        tracing::debug!(
+                            function,
+                            busy = load.busy,
+                            starting = load.starting,
+                            waiting = load.waiting,
+                            invoke_ms = load.invoke_ms,
+                            cold_ms = load.cold_ms,
+                            create_ms = load.create_ms,
+                            done_per_s = load.done_per_s,
+                            starts,
+                            "cold start"
+                        );
                         if let Some((id, _)) = &queued {
                             rev.waiters.retain(|(w, _)| w != id);
                         }
@@ -1955,7 +2049,7 @@ impl Worker {
                 got = rx => {
                     queued = None;
                     if let Ok(env) = got
-                        && let Some(env) = inner.take_if_alive(key, env, log)
+                        && let Some(env) = inner.take_if_alive(key, env, true, log)
                     {
                         return Ok(Some(env));
                     }
@@ -1976,7 +2070,13 @@ impl Worker {
         let _in_flight = inner.arrive(&key, req.reserved_concurrency);
         let request_id = req.request_id.clone();
         let mut log = InvLog::new(req.log.clone());
-        let warm = match self.acquire(&key, &req.spec.name, &mut log).await {
+        // The kind of sandbox a boot of this version would claim (whether one is ready decides
+        // how long a start would take).
+        let kind = self.slot_spec(&req.spec, true).ok();
+        let warm = match self
+            .acquire(&key, &req.spec.name, kind.as_ref(), &mut log)
+            .await
+        {
             Ok(warm) => warm,
             Err(e) => {
                 log.finish();
@@ -2126,11 +2226,11 @@ impl Worker {
         }
         report.push('\n');
         log.push_str(&report);
-        inner.finish_busy(&key, Some(duration));
         if keep && !inner.closed.load(Ordering::SeqCst) {
             env.last_used = now();
-            inner.give_back(&key, env);
+            inner.finish_and_give_back(&key, duration, env);
         } else {
+            inner.finish_busy(&key, Some(duration));
             inner.destroy(env);
         }
         Ok(InvokeResult {

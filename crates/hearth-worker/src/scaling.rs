@@ -12,6 +12,11 @@
 //! - **Start no more sandboxes at once than the worker can start** (`start_limit`); past it,
 //!   the invocation waits for an idle sandbox or a free start.
 //!
+//! A cold start that claims a ready sandbox is quick; once the ready ones are taken, the next
+//! start must create its sandbox first, and takes at least as long as a create
+//! ([`RevisionLoad::create_ms`]). Averaging only the quick claims would start sandboxes that
+//! each take far longer than the wait for a busy one.
+//!
 //! Timings are exponentially weighted averages of this worker's own invocations and cold
 //! starts of the revision. Before an invocation of the revision has finished, nothing waits
 //! for a busy sandbox (a burst of slow first calls starts as many sandboxes as the start limit
@@ -38,6 +43,12 @@ pub struct RevisionLoad {
     pub invoke_ms: Option<f64>,
     /// Average cold start (claim to ready), once one has finished.
     pub cold_ms: Option<f64>,
+    /// What creating a sandbox takes on this worker, when no ready sandbox of the revision's
+    /// kind waits and the next start must create one; `None` when one waits.
+    pub create_ms: Option<f64>,
+    /// How many invocations of the revision finished per second lately (`None`: too few to
+    /// tell).
+    pub done_per_s: Option<f64>,
 }
 
 impl RevisionLoad {
@@ -48,6 +59,8 @@ impl RevisionLoad {
             waiting: 0,
             invoke_ms: None,
             cold_ms: None,
+            create_ms: None,
+            done_per_s: None,
         }
     }
 }
@@ -69,7 +82,11 @@ pub enum Miss {
 
 /// The decision for an invocation that found no idle sandbox of its revision.
 pub fn on_miss(load: &RevisionLoad, starts_in_flight: usize, start_limit: usize) -> Miss {
-    let cold = load.cold_ms.unwrap_or(DEFAULT_COLD_MS);
+    // A start without a ready sandbox to claim creates one first: it takes at least that long.
+    let cold = load
+        .cold_ms
+        .unwrap_or(DEFAULT_COLD_MS)
+        .max(load.create_ms.unwrap_or(0.0));
     let coming = load.busy + load.starting;
     // Until one invocation has finished nobody knows how long they take: never wait for one.
     if let Some(invoke) = load.invoke_ms
@@ -79,7 +96,15 @@ pub fn on_miss(load: &RevisionLoad, starts_in_flight: usize, start_limit: usize)
         // With nothing busy yet, the first sandboxes come free after their start finishes
         // (at most a whole cold start from now) and their first invocation.
         let head = if load.busy == 0 { cold } else { 0.0 };
-        if head + rounds * invoke < cold {
+        let mut expect = rounds * invoke;
+        // Sandboxes that have been coming free at a measured rate serve the queue at that
+        // rate: on cores that are all busy, each invocation takes longer the more run at once
+        // (and a few slow ones weigh on the average), while the rate at which the revision's
+        // sandboxes come free does not fall.
+        if let Some(rate) = load.done_per_s.filter(|r| *r > 0.0) {
+            expect = expect.min((load.waiting + 1) as f64 / rate * 1000.0);
+        }
+        if head + expect < cold {
             return Miss::Wait;
         }
     }
@@ -181,7 +206,50 @@ mod tests {
             waiting,
             invoke_ms: Some(2.0),
             cold_ms: Some(60.0),
+            create_ms: None,
+            done_per_s: None,
         }
+    }
+
+    #[test]
+    fn the_rate_sandboxes_come_free_at_bounds_the_wait() {
+        // Seven busy sandboxes whose calls average 130 ms on saturated cores: 56 waiters ahead
+        // expect 9 rounds (1.2 s), longer than an 800 ms create...
+        let saturated = RevisionLoad {
+            invoke_ms: Some(130.0),
+            create_ms: Some(800.0),
+            ..load(7, 0, 56)
+        };
+        assert_eq!(on_miss(&saturated, 0, 2), Miss::Start);
+        // ...but the revision finishes 400 calls a second: the 57th comes in 143 ms.
+        let measured = RevisionLoad {
+            done_per_s: Some(400.0),
+            ..saturated
+        };
+        assert_eq!(on_miss(&measured, 0, 2), Miss::Wait);
+        // A slow rate never makes the wait look longer than the durations say.
+        let slow = RevisionLoad {
+            done_per_s: Some(1.0),
+            ..load(1, 0, 3)
+        };
+        assert_eq!(on_miss(&slow, 0, 2), Miss::Wait);
+    }
+
+    #[test]
+    fn a_start_that_must_create_its_sandbox_counts_the_create() {
+        // 41 rounds of 2 ms behind one busy sandbox: longer than a 60 ms claim of a ready
+        // sandbox, shorter than creating one (500 ms).
+        assert_eq!(on_miss(&load(1, 0, 40), 0, 2), Miss::Start);
+        let none_ready = RevisionLoad {
+            create_ms: Some(500.0),
+            ..load(1, 0, 40)
+        };
+        assert_eq!(on_miss(&none_ready, 0, 2), Miss::Wait);
+        let very_long = RevisionLoad {
+            waiting: 260,
+            ..none_ready
+        };
+        assert_eq!(on_miss(&very_long, 0, 2), Miss::Start);
     }
 
     #[test]

@@ -206,6 +206,46 @@ async fn a_burst_waits_for_sandboxes_instead_of_starting_one_per_call() {
     assert!(worst < Duration::from_millis(600), "slowest call {worst:?}");
 }
 
+/// The same burst with sandboxes ready: the first calls claim them, later ones wait rather than
+/// create (a create takes far longer than the queue), and the ready pool is refilled only once
+/// nothing waits: a create during the burst would take cores from the calls.
+#[tokio::test(start_paused = true)]
+async fn a_burst_claims_ready_sandboxes_and_refills_after_it() {
+    let p = Arc::new(Pool::new(|cfg| {
+        cfg.prewarm = PrewarmConfig::default();
+    }));
+    p.worker.prewarm("python3.11");
+    settle(&p, |c| c.created >= 1).await;
+    let spec = p.spec("ready-burst");
+    p.call(&spec, json!({})).await.expect("first call");
+    // The claim is replaced: demand now keeps two ready.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = p.engine.counts().created;
+    assert!(p.worker.stats().ready >= 1, "{:?}", p.worker.stats());
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (p, spec) = (p.clone(), spec.clone());
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    let r = p.call(&spec, json!({"sleep_ms": 5})).await.expect("call");
+                    assert!(!r.function_error);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.expect("client");
+    }
+    let during = p.engine.counts().created - before;
+    let stats = p.worker.stats();
+    assert_eq!(during, 0, "created {during} during the burst; {stats:?}");
+    assert!(stats.claimed_ready >= 2, "{stats:?}");
+    // Nothing waits now: the pool refills.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(p.engine.counts().created > before, "never refilled");
+    assert_eq!(p.engine.counts().double_leases, 0);
+}
+
 /// Calls of a function that runs long do not wait behind each other: 16 calls of 2 s each
 /// start their own sandboxes, at most `start_limit` (2) at a time; the last ones wait for a
 /// sandbox that comes free sooner than a new one would.
