@@ -155,6 +155,9 @@ pub struct Lease {
     pub expires_ms: u64,
     /// Counted against the unreserved pool (the function had no reservation when it was taken).
     pub unreserved: bool,
+    /// The id the Acquire that took it carried ([`Command::Acquire`]'s `request`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// A change to a partition. Every command carries the leader's time.
@@ -170,6 +173,11 @@ pub enum Command {
         limits: Limits,
         now_ms: u64,
         lease_ttl_ms: u64,
+        /// The caller's id for this acquire. A retry with the same id (the reply was lost, or
+        /// the leader changed before answering) gets the lease the first one took while that
+        /// lease lives, and takes no second one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
     },
     /// Record the worker chosen for an Initializing sandbox (only valid while its lease is live
     /// and it has no worker yet).
@@ -388,6 +396,8 @@ pub struct Partition {
     burst: BTreeMap<String, Bucket>,
     /// Front ends' asynchronous event queues kept in this partition ([`crate::queues`]).
     queues: Queues,
+    /// The live leases taken by Acquires that carried a request id, by that id.
+    by_request: BTreeMap<String, LeaseId>,
 }
 
 /// The serialized form of a [`Partition`].
@@ -479,7 +489,26 @@ impl Partition {
                 limits,
                 now_ms,
                 lease_ttl_ms,
-            } => self.acquire(key, memory_mb, holder, limits, now_ms, lease_ttl_ms),
+                request,
+            } => match request
+                .as_ref()
+                .and_then(|r| self.replay(r, &holder, now_ms))
+            {
+                Some(again) => again,
+                None => {
+                    // An id already in use (by another holder) is not this caller's to share.
+                    let request = request.filter(|r| !self.by_request.contains_key(r));
+                    self.acquire(
+                        key,
+                        memory_mb,
+                        holder,
+                        limits,
+                        now_ms,
+                        lease_ttl_ms,
+                        request,
+                    )
+                }
+            },
             Command::Assign {
                 lease,
                 worker,
@@ -635,6 +664,14 @@ impl Partition {
             if lease.unreserved {
                 unreserved += 1;
             }
+            if let Some(r) = &lease.request
+                && self.by_request.get(r) != Some(id)
+            {
+                return Err(format!("lease {id:?} of request {r} is not indexed"));
+            }
+        }
+        if self.by_request.len() != self.leases.values().filter(|l| l.request.is_some()).count() {
+            return Err("the request index names leases that are gone".into());
         }
         if running != self.running {
             return Err(format!(
@@ -715,6 +752,31 @@ impl Partition {
         Ok(())
     }
 
+    /// What an Acquire with request id `request` answered, if the lease it took still lives
+    /// (a retry of it changes nothing).
+    fn replay(&self, request: &str, holder: &str, now_ms: u64) -> Option<Response> {
+        let lease = self.leases.get(self.by_request.get(request)?)?;
+        if lease.holder != holder || now_ms > lease.expires_ms {
+            return None;
+        }
+        let sandbox = self.sandboxes.get(&lease.sandbox)?;
+        match (&sandbox.state, &sandbox.worker) {
+            (SandboxState::Busy { .. }, Some(worker)) => Some(Response::Leased {
+                lease: lease.id,
+                sandbox: sandbox.id,
+                worker: worker.clone(),
+                expires_ms: lease.expires_ms,
+            }),
+            (SandboxState::Initializing { .. }, _) => Some(Response::Place {
+                lease: lease.id,
+                sandbox: sandbox.id,
+                expires_ms: lease.expires_ms,
+            }),
+            _ => None,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &mut self,
         key: FnKey,
@@ -723,6 +785,7 @@ impl Partition {
         limits: Limits,
         now_ms: u64,
         lease_ttl_ms: u64,
+        request: Option<String>,
     ) -> Response {
         match limits.reserved {
             Some(0) => {
@@ -805,6 +868,7 @@ impl Partition {
             holder,
             expires_ms,
             unreserved: limits.reserved.is_none(),
+            request,
         });
         response
     }
@@ -989,6 +1053,9 @@ impl Partition {
         if lease.unreserved {
             self.unreserved_in_use += 1;
         }
+        if let Some(r) = &lease.request {
+            self.by_request.insert(r.clone(), lease.id);
+        }
         self.leases.insert(lease.id, lease);
     }
 
@@ -1003,6 +1070,9 @@ impl Partition {
         }
         if lease.unreserved {
             self.unreserved_in_use = self.unreserved_in_use.saturating_sub(1);
+        }
+        if let Some(r) = &lease.request {
+            self.by_request.remove(r);
         }
         Some(lease)
     }
@@ -1106,11 +1176,55 @@ mod tests {
             limits,
             now_ms,
             lease_ttl_ms,
+            request: None,
         }
     }
 
     fn acquire(p: &mut Partition, k: &FnKey, limits: Limits, now_ms: u64) -> Response {
         p.apply(acquire_with(k, limits, now_ms, TTL))
+    }
+
+    #[test]
+    fn an_acquire_sent_twice_takes_one_lease() {
+        let mut p = Partition::new();
+        let k = key("f", "r1");
+        let with_id = |now_ms| {
+            let mut cmd = acquire_with(&k, open(), now_ms, TTL);
+            if let Command::Acquire { request, .. } = &mut cmd {
+                *request = Some("abc".into());
+            }
+            cmd
+        };
+        let first = p.apply(with_id(100));
+        let Response::Place { lease, sandbox, .. } = first.clone() else {
+            panic!("expected Place, got {first:?}");
+        };
+        // The reply was lost; the caller sends it again (a new leader stamps a later time).
+        assert_eq!(p.apply(with_id(150)), first);
+        assert_eq!(p.running("f"), 1);
+        assert_eq!(p.sandboxes().count(), 1);
+        // Placed and started: the same retry now reads as a warm lease on that sandbox.
+        assert_eq!(assign(&mut p, lease, "w1", 160), Response::Ok);
+        assert_eq!(started(&mut p, lease, 170), Response::Ok);
+        assert!(matches!(
+            p.apply(with_id(180)),
+            Response::Leased { lease: l, sandbox: s, .. } if l == lease && s == sandbox
+        ));
+        assert_eq!(p.running("f"), 1);
+        // Once the lease is returned the id is free: the same id is a new acquire.
+        assert_eq!(release(&mut p, lease, true, 200), Response::Ok);
+        assert!(matches!(
+            p.apply(with_id(210)),
+            Response::Leased { lease: l, .. } if l != lease
+        ));
+        // Another holder's acquire with the same id takes its own lease.
+        let mut other = with_id(220);
+        if let Command::Acquire { holder, .. } = &mut other {
+            *holder = "someone else".into();
+        }
+        assert!(matches!(p.apply(other), Response::Place { .. }));
+        assert_eq!(p.running("f"), 2);
+        assert_eq!(p.check_invariants(), Ok(()));
     }
 
     fn assign(p: &mut Partition, lease: LeaseId, worker: &str, now_ms: u64) -> Response {
@@ -1284,6 +1398,7 @@ mod tests {
                 holder: "h".into(),
                 expires_ms: 100 + TTL,
                 unreserved: true,
+                request: None,
             }
         );
 
@@ -2221,6 +2336,8 @@ mod tests {
             reserved: Option<u32>,
             unreserved: u32,
             ttl: u64,
+            /// A request id from a small set: repeats are retries.
+            request: Option<u8>,
         },
         Assign {
             lease: Ref,
@@ -2272,13 +2389,15 @@ mod tests {
                 prop::option::weighted(0.2, 0u32..4),
                 0u32..10,
                 1u64..1_000,
+                prop::option::weighted(0.5, 0u8..4),
             )
-                .prop_map(|(function, revision, reserved, unreserved, ttl)| Op::Acquire {
+                .prop_map(|(function, revision, reserved, unreserved, ttl, request)| Op::Acquire {
                     function,
                     revision,
                     reserved,
                     unreserved,
                     ttl,
+                    request,
                 }),
             3 => (lease.clone(), 0..WORKERS.len())
                 .prop_map(|(lease, worker)| Op::Assign { lease, worker }),
@@ -2309,16 +2428,23 @@ mod tests {
                 reserved,
                 unreserved,
                 ttl,
-            } => acquire_with(
-                &key(FUNCTIONS[*function], REVISIONS[*revision]),
-                Limits {
-                    reserved: *reserved,
-                    unreserved: *unreserved,
-                    burst: None,
-                },
-                now_ms,
-                *ttl,
-            ),
+                request,
+            } => {
+                let mut cmd = acquire_with(
+                    &key(FUNCTIONS[*function], REVISIONS[*revision]),
+                    Limits {
+                        reserved: *reserved,
+                        unreserved: *unreserved,
+                        burst: None,
+                    },
+                    now_ms,
+                    *ttl,
+                );
+                if let Command::Acquire { request: r, .. } = &mut cmd {
+                    *r = request.map(|n| format!("req{n}"));
+                }
+                cmd
+            }
             Op::Assign { lease, worker } => Command::Assign {
                 lease: lease.lease(p, Want::Unplaced),
                 worker: WORKERS[*worker].into(),
@@ -2392,6 +2518,19 @@ mod tests {
                 let r = p.apply(cmd.clone());
                 prop_assert_eq!(&twin.apply(cmd.clone()), &r);
                 prop_assert_eq!(p.check_invariants(), Ok(()), "after {}", shown);
+                // A retried Acquire (same request id) answers with the lease it took, and
+                // changes nothing.
+                let replayed = match (&cmd, &r) {
+                    (
+                        Command::Acquire { request: Some(_), .. },
+                        Response::Leased { lease, sandbox, .. } | Response::Place { lease, sandbox, .. },
+                    ) => held.get(sandbox) == Some(lease),
+                    _ => false,
+                };
+                if replayed {
+                    prop_assert_eq!(&p, &before, "a replayed acquire changed the state");
+                    continue;
+                }
                 match &r {
                     Response::Leased { lease, sandbox, worker, .. } => {
                         prop_assert!(

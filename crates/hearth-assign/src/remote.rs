@@ -847,6 +847,8 @@ impl Invoker for RemoteInvoker {
                 limits,
                 now_ms: 0,
                 lease_ttl_ms,
+                // The client may send it twice (a lost reply, a new leader): one lease.
+                request: Some(format!("{:032x}", rand::random::<u128>())),
             };
             let (lease, worker, addr, cold) = match self
                 .client

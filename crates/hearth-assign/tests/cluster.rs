@@ -166,6 +166,7 @@ fn acquire(function: &str, ttl_ms: u64) -> Command {
         limits: limits(),
         now_ms: 0,
         lease_ttl_ms: ttl_ms,
+        request: None,
     }
 }
 

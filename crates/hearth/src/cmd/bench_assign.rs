@@ -64,6 +64,7 @@ fn acquire(function: &str, now_ms: u64) -> Command {
         },
         now_ms,
         lease_ttl_ms: 30_000,
+        request: None,
     }
 }
 
