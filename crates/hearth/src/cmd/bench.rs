@@ -160,6 +160,107 @@ impl EngineSel {
     }
 }
 
+/// The bench's working directory, `$TMPDIR/hearth-bench-*`, holding this process's pid. What
+/// benches that were killed left (their sandboxes, and the mounts of their `/tmp` disks) is
+/// removed first: unlike `hearth up`, a bench starts in a new directory each time, so its
+/// engine's own clean-up of an earlier run never sees theirs.
+pub(crate) fn work_dir() -> anyhow::Result<tempfile::TempDir> {
+    reap_killed_benches(&std::env::temp_dir());
+    let dir = tempfile::Builder::new().prefix(BENCH_PREFIX).tempdir()?;
+    std::fs::write(dir.path().join("pid"), std::process::id().to_string())?;
+    Ok(dir)
+}
+
+const BENCH_PREFIX: &str = "hearth-bench-";
+
+/// Remove the working directories under `tmp` of benches whose process is gone.
+fn reap_killed_benches(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with(BENCH_PREFIX) {
+            continue;
+        }
+        // No pid yet: a bench just starting; a live pid: a bench running.
+        let Some(pid) = std::fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let runsc = default_runsc();
+        for root in runsc_roots(&dir, 3) {
+            let ids = Command::new(&runsc)
+                .arg(format!("--root={}", root.display()))
+                .args(["list", "-quiet"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for id in ids.split_whitespace() {
+                for args in [vec!["kill", id, "KILL"], vec!["delete", "--force", id]] {
+                    run_bounded(
+                        Command::new(&runsc)
+                            .arg(format!("--root={}", root.display()))
+                            .args(&args),
+                        Duration::from_secs(5),
+                    );
+                }
+            }
+        }
+        for m in hearth_worker::tmpdisk::mounts_under(&dir) {
+            hearth_worker::tmpdisk::unmount(&m);
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => eprintln!(
+                "hearth bench: removed what a killed bench (pid {pid}) left in {}",
+                dir.display()
+            ),
+            Err(e) => eprintln!("hearth bench: cannot remove {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// Directories named `runsc` (engines' state roots) under `dir`, at most `depth` levels down.
+fn runsc_roots(dir: &Path, depth: usize) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = e.path();
+        if e.file_name() == "runsc" {
+            found.push(path);
+        } else if depth > 1 {
+            found.extend(runsc_roots(&path, depth - 1));
+        }
+    }
+    found
+}
+
+/// Run `cmd`, killing it after `limit` (a frozen sandbox does not answer runsc).
+fn run_bounded(cmd: &mut Command, limit: Duration) {
+    let Ok(mut child) = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn() else {
+        return;
+    };
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// An engine for `choice` with everything under `dir` (its own runsc root, cgroups and
 /// network table, so engines in one run never see each other's sandboxes).
 fn make_engine(
@@ -566,7 +667,7 @@ fn native_baseline(code: &Path, n: usize) -> anyhow::Result<Vec<Duration>> {
 }
 
 async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
-    let dir = tempfile::tempdir()?;
+    let dir = work_dir()?;
     let code = dir.path().join("code");
     std::fs::create_dir_all(&code)?;
     std::fs::write(code.join("app.py"), HANDLER)?;
@@ -1036,7 +1137,7 @@ fn pct_of(part: usize, whole: usize) -> f64 {
 
 async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
     use hearth_store::{ChunkStore, Secrets};
-    let dir = tempfile::tempdir()?;
+    let dir = work_dir()?;
     let agent = a.engines.agent();
     let images = ImageStore::new(&a.engines.image_cache);
     println!(
@@ -1280,7 +1381,7 @@ async fn snapstart(a: SnapArgs) -> anyhow::Result<ExitCode> {
 /// every function's image and code.
 async fn store_bench(a: StoreArgs) -> anyhow::Result<ExitCode> {
     use hearth_store::{ChunkStore, Scope, Secrets};
-    let dir = tempfile::tempdir()?;
+    let dir = work_dir()?;
     let chunks = ChunkStore::local(&dir.path().join("origin"), None, Secrets::generate()?)?;
     let images = ImageStore::new(&a.image_cache);
     let name = hearth_worker::images::recipe_for(&a.runtime)?.name;
@@ -1402,7 +1503,7 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
         .map(|r| r.trim().to_string())
         .filter(|r| !r.is_empty())
         .collect();
-    let dir = tempfile::tempdir()?;
+    let dir = work_dir()?;
     let code_cache = dir.path().join("code-cache");
     let images = ImageStore::new(&a.engines.image_cache);
     let mut fns = Vec::new();
@@ -1516,4 +1617,30 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
     }
     table.print();
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_benchs_directory_goes_and_a_running_ones_stays() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dead = tmp.path().join(format!("{BENCH_PREFIX}dead"));
+        std::fs::create_dir_all(dead.join("engine/runsc")).expect("dead dir");
+        // Pids never go this high here (`/proc/sys/kernel/pid_max` is at most 4194304).
+        std::fs::write(dead.join("pid"), "4999999").expect("pid");
+        let live = tmp.path().join(format!("{BENCH_PREFIX}live"));
+        std::fs::create_dir_all(&live).expect("live dir");
+        std::fs::write(live.join("pid"), std::process::id().to_string()).expect("pid");
+        let starting = tmp.path().join(format!("{BENCH_PREFIX}starting"));
+        std::fs::create_dir_all(&starting).expect("starting dir");
+        let other = tmp.path().join("something-else");
+        std::fs::create_dir_all(&other).expect("other dir");
+        std::fs::write(other.join("pid"), "4999999").expect("pid");
+        assert_eq!(runsc_roots(&dead, 3), vec![dead.join("engine/runsc")]);
+        reap_killed_benches(tmp.path());
+        assert!(!dead.exists());
+        assert!(live.exists() && starting.exists() && other.exists());
+    }
 }

@@ -260,7 +260,7 @@ fn row(name: &str, r: &LoadResult) -> String {
 }
 
 pub fn run(a: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
-    let dir = tempfile::tempdir()?;
+    let dir = super::bench::work_dir()?;
     let mut rows = Vec::new();
     let mut failed = 0;
     let mut added = Vec::new();
