@@ -490,25 +490,15 @@ impl Partition {
                 now_ms,
                 lease_ttl_ms,
                 request,
-            } => match request
-                .as_ref()
-                .and_then(|r| self.replay(r, &holder, now_ms))
-            {
-                Some(again) => again,
-                None => {
-                    // An id already in use (by another holder) is not this caller's to share.
-                    let request = request.filter(|r| !self.by_request.contains_key(r));
-                    self.acquire(
-                        key,
-                        memory_mb,
-                        holder,
-                        limits,
-                        now_ms,
-                        lease_ttl_ms,
-                        request,
-                    )
-                }
-            },
+            } => self.acquire(
+                key,
+                memory_mb,
+                holder,
+                limits,
+                now_ms,
+                lease_ttl_ms,
+                request,
+            ),
             Command::Assign {
                 lease,
                 worker,
@@ -787,6 +777,14 @@ impl Partition {
         lease_ttl_ms: u64,
         request: Option<String>,
     ) -> Response {
+        if let Some(again) = request
+            .as_ref()
+            .and_then(|r| self.replay(r, &holder, now_ms))
+        {
+            return again;
+        }
+        // An id already in use (by another holder) is not this caller's to share.
+        let request = request.filter(|r| !self.by_request.contains_key(r));
         match limits.reserved {
             Some(0) => {
                 return Response::Throttled {

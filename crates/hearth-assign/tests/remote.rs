@@ -128,17 +128,10 @@ fn spec(name: &str) -> FunctionSpec {
 }
 
 fn request(name: &str, payload: serde_json::Value, reserved: Option<u32>) -> InvokeRequest {
-    InvokeRequest {
-        request_id: format!("req-{}", rand_id()),
-        spec: spec(name),
-        invoked_arn: spec(name).arn,
-        payload: payload.to_string().into_bytes().into(),
-        client_context: None,
-        reserved_concurrency: reserved,
-        unreserved_limit: 1000,
-        log: None,
-        response: None,
-    }
+    let mut req = InvokeRequest::new(spec(name), payload.to_string().into_bytes());
+    req.request_id = format!("req-{}", rand_id());
+    req.reserved_concurrency = reserved;
+    req
 }
 
 fn rand_id() -> u64 {

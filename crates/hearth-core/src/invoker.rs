@@ -134,6 +134,28 @@ pub struct InvokeRequest {
     pub response: Option<ResponseTarget>,
 }
 
+/// Lambda's default account concurrency.
+pub const DEFAULT_ACCOUNT_CONCURRENCY: u32 = 1000;
+
+impl InvokeRequest {
+    /// An invocation of `spec` (its unqualified ARN) with `payload` and a new request id; no
+    /// reservation, the default account concurrency, no client context, log sink or response
+    /// stream. Callers change what they need.
+    pub fn new(spec: FunctionSpec, payload: impl Into<bytes::Bytes>) -> Self {
+        InvokeRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            invoked_arn: spec.arn.clone(),
+            spec,
+            payload: payload.into(),
+            client_context: None,
+            reserved_concurrency: None,
+            unreserved_limit: DEFAULT_ACCOUNT_CONCURRENCY,
+            log: None,
+            response: None,
+        }
+    }
+}
+
 /// What came back from the function.
 #[derive(Debug, Clone, Default)]
 pub struct InvokeResult {

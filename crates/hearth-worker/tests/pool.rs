@@ -86,19 +86,9 @@ impl Pool {
         payload: Value,
         reserved: Option<u32>,
     ) -> Result<InvokeResult, InvokeError> {
-        self.worker
-            .invoke(InvokeRequest {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                spec: spec.clone(),
-                invoked_arn: spec.arn.clone(),
-                payload: serde_json::to_vec(&payload).expect("json").into(),
-                client_context: None,
-                reserved_concurrency: reserved,
-                unreserved_limit: 1000,
-                log: None,
-                response: None,
-            })
-            .await
+        let mut req = InvokeRequest::new(spec.clone(), payload.to_string().into_bytes());
+        req.reserved_concurrency = reserved;
+        self.worker.invoke(req).await
     }
 }
 

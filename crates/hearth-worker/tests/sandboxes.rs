@@ -185,17 +185,10 @@ impl Harness {
         payload: Value,
     ) -> Result<InvokeResult, InvokeError> {
         self.worker
-            .invoke(InvokeRequest {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                spec: spec.clone(),
-                invoked_arn: spec.arn.clone(),
-                payload: serde_json::to_vec(&payload).expect("json").into(),
-                client_context: None,
-                reserved_concurrency: None,
-                unreserved_limit: 100,
-                log: None,
-                response: None,
-            })
+            .invoke(InvokeRequest::new(
+                spec.clone(),
+                payload.to_string().into_bytes(),
+            ))
             .await
     }
 

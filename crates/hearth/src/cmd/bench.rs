@@ -562,17 +562,8 @@ fn report_init_ms(log: &str) -> Option<f64> {
 /// One invocation through the worker, timed request in → response out; fails on a function
 /// error.
 async fn timed_invoke(worker: &Worker, spec: FunctionSpec, n: usize) -> anyhow::Result<Timed> {
-    let req = InvokeRequest {
-        request_id: format!("bench-{n}-{:016x}", rand::random::<u64>()),
-        invoked_arn: spec.arn.clone(),
-        spec,
-        payload: format!("{{\"n\":{n}}}").into_bytes().into(),
-        client_context: None,
-        reserved_concurrency: None,
-        unreserved_limit: 1000,
-        log: None,
-        response: None,
-    };
+    let mut req = InvokeRequest::new(spec, format!("{{\"n\":{n}}}").into_bytes());
+    req.request_id = format!("bench-{n}-{:016x}", rand::random::<u64>());
     let t = Instant::now();
     let r = worker.invoke(req).await?;
     let elapsed = t.elapsed();
