@@ -120,15 +120,8 @@ async fn url_config_lifecycle() {
     assert_eq!(url_id(&u), id);
 
     // A URL on an alias (not on a version).
-    api.post(&format!("{}/versions", fpath("f")), json!({}))
-        .await
-        .assert_status(201);
-    api.post(
-        &format!("{}/aliases", fpath("f")),
-        json!({"Name": "live", "FunctionVersion": "1"}),
-    )
-    .await
-    .assert_status(201);
+    api.publish("f").await;
+    api.alias("f", "live", "1").await;
     let a = api
         .post(
             &format!("{URL}?Qualifier=live"),
@@ -600,15 +593,8 @@ async fn aws_iam_urls_need_a_valid_signature() {
 async fn an_alias_url_invokes_the_alias() {
     let api = Api::new().await;
     api.create("f", json!({})).await.assert_status(201);
-    api.post(&format!("{}/versions", fpath("f")), json!({}))
-        .await
-        .assert_status(201);
-    api.post(
-        &format!("{}/aliases", fpath("f")),
-        json!({"Name": "live", "FunctionVersion": "1"}),
-    )
-    .await
-    .assert_status(201);
+    api.publish("f").await;
+    api.alias("f", "live", "1").await;
     let r = api
         .post(
             &format!("{URL}?Qualifier=live"),

@@ -711,12 +711,7 @@ async fn restart_keeps_everything() {
     )
     .await
     .assert_status(201);
-    api.post(
-        &format!("{}/aliases", fpath("keep")),
-        json!({"Name": "live", "FunctionVersion": "1"}),
-    )
-    .await
-    .assert_status(201);
+    api.alias("keep", "live", "1").await;
     api.put(
         &format!("/2017-10-31/functions/{}/concurrency", "keep"),
         json!({"ReservedConcurrentExecutions": 5}),

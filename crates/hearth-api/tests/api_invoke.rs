@@ -75,12 +75,7 @@ async fn invoke_resolves_names_arns_and_qualifiers() {
     )
     .await
     .assert_status(200);
-    api.post(
-        &format!("{}/aliases", fpath("f")),
-        json!({"Name": "live", "FunctionVersion": "1"}),
-    )
-    .await
-    .assert_status(201);
+    api.alias("f", "live", "1").await;
 
     let cases = [
         ("f", "", "$LATEST", format!("{ARN_PREFIX}f")),

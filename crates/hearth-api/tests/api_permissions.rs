@@ -147,15 +147,8 @@ async fn permission_validation_and_qualifiers() {
     .assert_error(412, "PreconditionFailedException");
 
     // An alias's policy is its own and goes with the alias.
-    api.post(&format!("{}/versions", fpath("f")), json!({}))
-        .await
-        .assert_status(201);
-    api.post(
-        &format!("{}/aliases", fpath("f")),
-        json!({"Name": "live", "FunctionVersion": "1"}),
-    )
-    .await
-    .assert_status(201);
+    api.publish("f").await;
+    api.alias("f", "live", "1").await;
     let r = api
         .post(
             &format!("{}?Qualifier=live", policy_path("f")),
@@ -176,12 +169,7 @@ async fn permission_validation_and_qualifiers() {
     api.delete(&format!("{}/aliases/live", fpath("f")))
         .await
         .assert_status(204);
-    api.post(
-        &format!("{}/aliases", fpath("f")),
-        json!({"Name": "live", "FunctionVersion": "1"}),
-    )
-    .await
-    .assert_status(201);
+    api.alias("f", "live", "1").await;
     api.get(&format!("{}?Qualifier=live", policy_path("f")))
         .await
         .assert_error(404, "ResourceNotFoundException");

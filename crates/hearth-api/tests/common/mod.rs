@@ -413,6 +413,23 @@ impl Api {
     }
 
     /// CreateFunction with a small python handler; `extra` fields override the defaults.
+    /// Publish `function`'s `$LATEST` as a new version (expects 201).
+    pub async fn publish(&self, function: &str) {
+        self.post(&format!("{}/versions", fpath(function)), json!({}))
+            .await
+            .assert_status(201);
+    }
+
+    /// Create alias `alias` of `function` on `version` (expects 201).
+    pub async fn alias(&self, function: &str, alias: &str, version: &str) {
+        self.post(
+            &format!("{}/aliases", fpath(function)),
+            json!({"Name": alias, "FunctionVersion": version}),
+        )
+        .await
+        .assert_status(201);
+    }
+
     pub async fn create(&self, name: &str, extra: Value) -> Resp {
         let mut body = json!({
             "FunctionName": name,
