@@ -250,6 +250,8 @@ struct State {
     starts_in_flight: usize,
     /// Average time to create a sandbox on this worker (ready pool and inline).
     create_ms: Option<f64>,
+    /// Since when ready-pool refills have been held back because calls wait for sandboxes.
+    refill_held_since: Option<Instant>,
     /// Misses that waited for a sandbox instead of starting one.
     paced: usize,
     /// Per function: its allowance of new sandboxes ([`WorkerConfig::burst`]).
@@ -475,6 +477,9 @@ impl Worker {
 
 const PIDS_LIMIT: i64 = 1024;
 
+/// While calls wait for sandboxes, the ready pool gets at most one new sandbox this often.
+const REFILL_HOLD: Duration = Duration::from_secs(5);
+
 /// The pool's clock: tokio's, which tests pause and advance (`tokio::time::pause`), so that the
 /// pool's timing decisions run on virtual time against a fake engine ([`crate::fake`]).
 fn now() -> Instant {
@@ -585,8 +590,18 @@ impl Inner {
             .collect();
         let targets = prewarm::targets(&histories, now, cfg);
         // While invocations wait for sandboxes the cores are busy serving them: a create would
-        // slow them down for a sandbox none of them gets. Refill once nothing waits.
-        let busy = st.revisions.values().any(|r| !r.waiters.is_empty());
+        // slow them down for a sandbox none of them gets. Refill once nothing waits, or at most
+        // one sandbox per `REFILL_HOLD` while calls keep waiting (a function that keeps the
+        // worker saturated must not leave every other function's cold starts without a ready
+        // sandbox).
+        let waiting = st.revisions.values().any(|r| !r.waiters.is_empty());
+        let busy = if waiting {
+            let held = *st.refill_held_since.get_or_insert(now);
+            now.saturating_duration_since(held) < REFILL_HOLD
+        } else {
+            st.refill_held_since = None;
+            false
+        };
         let mut create = None;
         let mut extra = Vec::new();
         for (kind, target) in kinds.iter().zip(targets) {
@@ -602,6 +617,10 @@ impl Inner {
             }
         }
         st.ready.retain(|_, v| !v.is_empty());
+        if create.is_some() && waiting {
+            // The next create under load waits another `REFILL_HOLD`.
+            st.refill_held_since = Some(now);
+        }
         (create, extra)
     }
 

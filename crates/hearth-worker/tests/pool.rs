@@ -236,6 +236,49 @@ async fn a_burst_claims_ready_sandboxes_and_refills_after_it() {
     assert_eq!(p.engine.counts().double_leases, 0);
 }
 
+/// A function that keeps the worker saturated for long does not stop the ready pool for good:
+/// while calls wait it gets at most one new sandbox per 5 s.
+#[tokio::test(start_paused = true)]
+async fn sustained_waiting_refills_the_ready_pool_slowly() {
+    let p = Arc::new(Pool::new(|cfg| {
+        cfg.prewarm = PrewarmConfig::default();
+    }));
+    p.worker.prewarm("python3.11");
+    settle(&p, |c| c.created >= 1).await;
+    let spec = p.spec("saturating");
+    p.call(&spec, json!({})).await.expect("first call");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = p.engine.counts().created;
+    let t = tokio::time::Instant::now();
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (p, spec) = (p.clone(), spec.clone());
+            tokio::spawn(async move {
+                for _ in 0..150 {
+                    let r = p.call(&spec, json!({"sleep_ms": 5})).await.expect("call");
+                    assert!(!r.function_error);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.expect("client");
+    }
+    let took = t.elapsed();
+    let during = p.engine.counts().created - before;
+    let stats = p.worker.stats();
+    assert!(
+        took > Duration::from_secs(11),
+        "the load lasted only {took:?}"
+    );
+    // The burst's own starts claim ready sandboxes; the pool then gets one per 5 s.
+    let refills = (took.as_secs() / 5) as usize;
+    assert!(
+        during >= 1 && during <= refills + 1,
+        "created {during} in {took:?}; {stats:?}"
+    );
+}
+
 /// Calls of a function that runs long do not wait behind each other: 16 calls of 2 s each
 /// start their own sandboxes, at most `start_limit` (2) at a time; the last ones wait for a
 /// sandbox that comes free sooner than a new one would.
