@@ -405,10 +405,6 @@ impl Worker {
         }
     }
 
-    pub fn engine(&self) -> &Arc<dyn Engine> {
-        &self.inner.engine
-    }
-
     /// Destroy every idle sandbox and wait until all destroys finish; later invocations fail.
     /// Busy sandboxes are destroyed as their invocations end.
     pub async fn shutdown(&self) {
@@ -637,12 +633,8 @@ impl Inner {
             st.committed_disk_mb += kind.tmp_mb as u64;
             *st.creating.entry(kind.clone()).or_insert(0) += 1;
         }
-        let t = now();
-        let made = self.engine.create(&kind).await;
+        let made = self.create_timed(&kind).await;
         let mut st = self.lock();
-        if made.is_ok() {
-            st.create_ms = scaling::ewma(st.create_ms, since(t));
-        }
         if let Some(n) = st.creating.get_mut(&kind) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -667,6 +659,18 @@ impl Inner {
                 Refill::Failed
             }
         }
+    }
+
+    /// Create a sandbox of `kind`, folding how long it took into the worker's create average
+    /// (what a start without a ready sandbox pays, see [`scaling::RevisionLoad::create_ms`]).
+    async fn create_timed(&self, kind: &SlotSpec) -> Result<Sandbox, crate::engine::EngineError> {
+        let t = now();
+        let made = self.engine.create(kind).await;
+        if made.is_ok() {
+            let mut st = self.lock();
+            st.create_ms = scaling::ewma(st.create_ms, since(t));
+        }
+        made
     }
 
     /// A sandbox of `kind` for a cold start: a ready one when there is one, else created now.
@@ -699,13 +703,8 @@ impl Inner {
         }
         let need = memory_mb as u64 + SENTRY_OVERHEAD_MB;
         self.reserve(need, kind.tmp_mb as u64, true)?;
-        let t = now();
-        match self.engine.create(kind).await {
-            Ok(s) => {
-                let mut st = self.lock();
-                st.create_ms = scaling::ewma(st.create_ms, since(t));
-                Ok(s)
-            }
+        match self.create_timed(kind).await {
+            Ok(s) => Ok(s),
             Err(e) => {
                 self.release(need, kind.tmp_mb as u64, true);
                 Err(InvokeError::Service(e.to_string()))
@@ -1935,12 +1934,15 @@ impl Worker {
     async fn acquire(
         &self,
         key: &str,
-        function: &str,
-        kind: Option<&SlotSpec>,
+        spec: &FunctionSpec,
         log: &mut InvLog,
     ) -> Result<Option<Env>, InvokeError> {
         let inner = &self.inner;
+        let function = spec.name.as_str();
         let mut queued: Option<(u64, oneshot::Receiver<Env>)> = None;
+        // The kind of sandbox a boot of this version would claim (whether one is ready decides
+        // how long a start would take); looked up on the first miss, never on a warm start.
+        let mut kind: Option<Option<SlotSpec>> = None;
         loop {
             if inner.closed.load(Ordering::SeqCst) {
                 if let Some((id, rx)) = queued.as_mut() {
@@ -1979,8 +1981,15 @@ impl Worker {
                     }
                     continue;
                 }
+                let Some(kind_now) = &kind else {
+                    drop(st);
+                    kind = Some(self.slot_spec(spec, true).ok());
+                    continue;
+                };
                 let (starts, limit) = (st.starts_in_flight, inner.cfg.start_limit);
-                let ready = kind.is_some_and(|k| st.ready.get(k).is_some_and(|v| !v.is_empty()));
+                let ready = kind_now
+                    .as_ref()
+                    .is_some_and(|k| st.ready.get(k).is_some_and(|v| !v.is_empty()));
                 let create_ms = (!ready).then(|| st.create_ms.unwrap_or(scaling::DEFAULT_COLD_MS));
                 let rev = st.revisions.entry(key.to_string()).or_default();
                 let position = match &queued {
@@ -2089,13 +2098,7 @@ impl Worker {
         let _in_flight = inner.arrive(&key, req.reserved_concurrency);
         let request_id = req.request_id.clone();
         let mut log = InvLog::new(req.log.clone());
-        // The kind of sandbox a boot of this version would claim (whether one is ready decides
-        // how long a start would take).
-        let kind = self.slot_spec(&req.spec, true).ok();
-        let warm = match self
-            .acquire(&key, &req.spec.name, kind.as_ref(), &mut log)
-            .await
-        {
+        let warm = match self.acquire(&key, &req.spec, &mut log).await {
             Ok(warm) => warm,
             Err(e) => {
                 log.finish();
