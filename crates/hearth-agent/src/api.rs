@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::io::{self, BufReader, Read};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,20 @@ struct Current {
     answered: bool,
 }
 
+/// A `next` long-poll parked on its connection. The thread that queues the next invocation
+/// (the worker reader) writes the answer straight onto the socket: the connection's own thread
+/// stays blocked reading the runtime's next request, with no hand-off between the two (inside
+/// gVisor a hand-off between threads costs round trips through the sentry).
+struct Parked {
+    conn: u64,
+    stream: TcpStream,
+    keep_alive: bool,
+}
+
 struct State {
     init: Init,
+    /// At most one parked `next` (other concurrent ones wait on the condvar).
+    parked: Option<Parked>,
     /// Invocations from the worker that no `next` has taken yet.
     pending: VecDeque<(InvokeMeta, Vec<u8>)>,
     current: Option<Current>,
@@ -125,6 +138,7 @@ impl Shared {
         Shared {
             state: Mutex::new(State {
                 init: Init::Running,
+                parked: None,
                 pending: VecDeque::new(),
                 current: None,
                 restored: false,
@@ -147,8 +161,61 @@ impl Shared {
 
     /// The worker sent an invocation.
     pub fn invoke(&self, meta: InvokeMeta, event: Vec<u8>) {
-        self.lock().pending.push_back((meta, event));
-        self.cond.notify_all();
+        let mut st = self.lock();
+        st.pending.push_back((meta, event));
+        if !self.dispatch(&mut st) {
+            self.cond.notify_all();
+        }
+    }
+
+    /// Hand the first queued invocation to a parked `next`, if there is one and no invocation
+    /// is out: true if it was written to the parked connection.
+    fn dispatch(&self, st: &mut State) -> bool {
+        while st.parked.is_some() && st.current.as_ref().is_none_or(|c| c.answered) {
+            let Some((meta, event)) = st.pending.pop_front() else {
+                return false;
+            };
+            let Some(parked) = st.parked.take() else {
+                return false;
+            };
+            st.current = Some(Current {
+                request_id: meta.request_id.clone(),
+                answered: false,
+            });
+            let reply = invocation_reply(meta, event);
+            let mut stream = &parked.stream;
+            let written = http::write_response(
+                &mut stream,
+                reply.status,
+                &reply.headers,
+                &reply.body,
+                parked.keep_alive,
+            );
+            match written {
+                Ok(()) => {
+                    if !parked.keep_alive {
+                        let _ = parked.stream.shutdown(Shutdown::Both);
+                    }
+                    return true;
+                }
+                Err(_) => {
+                    // The runtime hung up on its `next`: the invocation waits for another.
+                    st.current = None;
+                    if let Some(meta) = reply.handed_out {
+                        st.pending.push_front((meta, reply.body));
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// The connection `conn` ended: a `next` parked on it waits no more.
+    pub fn unpark(&self, conn: u64) {
+        let mut st = self.lock();
+        if st.parked.as_ref().is_some_and(|p| p.conn == conn) {
+            st.parked = None;
+        }
     }
 
     /// The worker says the sandbox was restored from a snapshot.
@@ -170,7 +237,7 @@ impl Shared {
     }
 
     /// The reaper saw the runtime exit: report it (as an init error too if init never ended),
-    /// then have the pump exit.
+    /// then exit.
     pub fn runtime_exited(&self, status: String) {
         let mut st = self.lock();
         if st.init == Init::Running {
@@ -187,10 +254,10 @@ impl Shared {
                 error_doc("Runtime.ExitError", &message),
             );
         }
-        self.out.send(AgentMsg::RuntimeExit { status }, Vec::new());
-        self.out.exit(0);
         st.runtime_exited = true;
         self.cond.notify_all();
+        self.out.send(AgentMsg::RuntimeExit { status }, Vec::new());
+        self.out.exit(0)
     }
 
     /// Wait up to `timeout` for the runtime to exit; true if it did.
@@ -203,9 +270,9 @@ impl Shared {
         st.runtime_exited
     }
 
-    /// Have the pump exit after writing everything queued so far.
-    pub fn exit(&self, code: i32) {
-        self.out.exit(code);
+    /// Forward the runtime's pending output and exit.
+    pub fn exit(&self, code: i32) -> ! {
+        self.out.exit(code)
     }
 
     /// Put back an invocation whose `next` reply could not be delivered.
@@ -218,7 +285,9 @@ impl Shared {
         {
             st.current = None;
             st.pending.push_front((meta, event));
-            self.cond.notify_all();
+            if !self.dispatch(&mut st) {
+                self.cond.notify_all();
+            }
         }
     }
 
@@ -256,14 +325,18 @@ impl Shared {
         }
     }
 
-    /// `GET /runtime/invocation/next`: end init on the first call, then long-poll.
-    fn next(&self) -> Reply {
-        let mut st = self.lock();
+    /// The start of every `next`: a refusal while an invocation is out or after a failed init;
+    /// otherwise end init on the first call, forget the answered invocation and say nothing.
+    fn begin_next(&self, st: &mut State) -> Option<Reply> {
         if st.current.as_ref().is_some_and(|c| !c.answered) {
-            return Reply::invalid_state("the current invocation has not been answered");
+            return Some(Reply::invalid_state(
+                "the current invocation has not been answered",
+            ));
         }
         match st.init {
-            Init::Failed => return Reply::invalid_state("init failed: the runtime should exit"),
+            Init::Failed => {
+                return Some(Reply::invalid_state("init failed: the runtime should exit"));
+            }
             Init::Running => {
                 st.init = Init::Done;
                 let init_ms = self.started.elapsed().as_secs_f64() * 1000.0;
@@ -272,6 +345,43 @@ impl Shared {
             Init::Done => {}
         }
         st.current = None;
+        None
+    }
+
+    /// `GET /runtime/invocation/next` on connection `conn`: the reply now (a queued invocation
+    /// or a refusal), or `None` once parked: the next invocation is then written onto `stream`
+    /// by whoever queues it. With a `next` already parked elsewhere it long-polls as
+    /// [`Shared::route`] does.
+    pub fn next_or_park(&self, conn: u64, stream: &TcpStream, keep_alive: bool) -> Option<Reply> {
+        let mut st = self.lock();
+        if let Some(reply) = self.begin_next(&mut st) {
+            return Some(reply);
+        }
+        if st.parked.is_none()
+            && st.pending.is_empty()
+            && let Ok(stream) = stream.try_clone()
+        {
+            st.parked = Some(Parked {
+                conn,
+                stream,
+                keep_alive,
+            });
+            return None;
+        }
+        Some(self.wait_next(st))
+    }
+
+    /// `GET /runtime/invocation/next`: end init on the first call, then long-poll.
+    fn next(&self) -> Reply {
+        let mut st = self.lock();
+        if let Some(reply) = self.begin_next(&mut st) {
+            return reply;
+        }
+        self.wait_next(st)
+    }
+
+    /// Wait for an invocation no other `next` has taken and hand it out.
+    fn wait_next(&self, mut st: MutexGuard<'_, State>) -> Reply {
         let (meta, event) = loop {
             // Another long-poll may have taken an invocation meanwhile: wait for it to end.
             let free = st.current.as_ref().is_none_or(|c| c.answered);
@@ -285,28 +395,7 @@ impl Shared {
             answered: false,
         });
         drop(st);
-
-        let mut headers = vec![
-            ("Lambda-Runtime-Aws-Request-Id", meta.request_id.clone()),
-            ("Lambda-Runtime-Deadline-Ms", meta.deadline_ms.to_string()),
-            (
-                "Lambda-Runtime-Invoked-Function-Arn",
-                meta.invoked_function_arn.clone(),
-            ),
-            ("Lambda-Runtime-Trace-Id", meta.trace_id.clone()),
-        ];
-        if let Some(cc) = &meta.client_context {
-            headers.push(("Lambda-Runtime-Client-Context", cc.clone()));
-        }
-        if let Some(ci) = &meta.cognito_identity {
-            headers.push(("Lambda-Runtime-Cognito-Identity", ci.clone()));
-        }
-        Reply {
-            status: 200,
-            headers,
-            body: event,
-            handed_out: Some(meta),
-        }
+        invocation_reply(meta, event)
     }
 
     /// `POST /runtime/invocation/{id}/response` (`error_type` None) or `.../error`.
@@ -346,7 +435,16 @@ impl Shared {
                 );
             }
         }
+        self.release(&mut st);
         Reply::accepted()
+    }
+
+    /// The current invocation was answered: an invocation queued meanwhile goes to a waiting
+    /// `next`.
+    fn release(&self, st: &mut State) {
+        if !st.pending.is_empty() && !self.dispatch(st) {
+            self.cond.notify_all();
+        }
     }
 
     /// `POST /runtime/invocation/{id}/response` with `Lambda-Runtime-Function-Response-Mode:
@@ -374,6 +472,7 @@ impl Shared {
                 },
                 Vec::new(),
             );
+            self.release(&mut st);
         }
         let fail = |error_type: &str, message: &str| {
             self.out.send(
@@ -515,6 +614,31 @@ fn streamed_response(head: &Head) -> Option<&str> {
     (streaming && head.method == "POST" && !id.contains('/')).then_some(id)
 }
 
+/// The answer to a `next` that hands out this invocation.
+fn invocation_reply(meta: InvokeMeta, event: Vec<u8>) -> Reply {
+    let mut headers = vec![
+        ("Lambda-Runtime-Aws-Request-Id", meta.request_id.clone()),
+        ("Lambda-Runtime-Deadline-Ms", meta.deadline_ms.to_string()),
+        (
+            "Lambda-Runtime-Invoked-Function-Arn",
+            meta.invoked_function_arn.clone(),
+        ),
+        ("Lambda-Runtime-Trace-Id", meta.trace_id.clone()),
+    ];
+    if let Some(cc) = &meta.client_context {
+        headers.push(("Lambda-Runtime-Client-Context", cc.clone()));
+    }
+    if let Some(ci) = &meta.cognito_identity {
+        headers.push(("Lambda-Runtime-Cognito-Identity", ci.clone()));
+    }
+    Reply {
+        status: 200,
+        headers,
+        body: event,
+        handed_out: Some(meta),
+    }
+}
+
 fn not_found() -> Reply {
     Reply::error(404, "NotFound", "no such Runtime API endpoint")
 }
@@ -548,12 +672,31 @@ pub fn serve(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// Numbers the connections, so a parked `next` knows its own.
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Unparks the connection's `next` however the connection ends.
+struct ConnectionEnd<'a>(&'a Shared, u64);
+
+impl Drop for ConnectionEnd<'_> {
+    fn drop(&mut self) {
+        self.0.unpark(self.1);
+    }
+}
+
+/// Whether a request is `GET /runtime/invocation/next`.
+fn is_next(head: &Head) -> bool {
+    head.method == "GET" && head.path == "/2018-06-01/runtime/invocation/next"
+}
+
 /// Serve requests on one connection until it closes, fails or asks to close.
 fn connection(shared: &Shared, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let Ok(mut w) = stream.try_clone() else {
         return;
     };
+    let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    let _end = ConnectionEnd(shared, id);
     let mut r = BufReader::new(stream);
     loop {
         let head = match http::read_head(&mut r) {
@@ -594,8 +737,16 @@ fn connection(shared: &Shared, stream: TcpStream) {
                 Err(e @ HttpError::Malformed(_)) => return bad_request(&mut w, &e),
             };
         let too_large = body == Body::TooLarge;
-        let reply = shared.route(&head, body, &trailers);
         let keep_alive = head.keep_alive && !too_large;
+        let reply = if is_next(&head) && !too_large {
+            match shared.next_or_park(id, &w, keep_alive) {
+                Some(reply) => reply,
+                // Parked: the invocation is written onto this connection when it comes.
+                None => continue,
+            }
+        } else {
+            shared.route(&head, body, &trailers)
+        };
         let written = http::write_response(
             &mut w,
             reply.status,

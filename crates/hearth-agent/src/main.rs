@@ -44,8 +44,8 @@
 //! - **main**: reads `HostMsg` frames from stdin. `Invoke` queues an invocation, `Restore`
 //!   releases a pending `restore/next`, `Shutdown` or EOF stops the runtime (SIGTERM to its
 //!   process group, SIGKILL 500 ms later) and exits 0. A malformed frame exits 1.
-//! - **pump** ([`output`]): the only writer of stdout. It `poll`s the runtime's stdout and
-//!   stderr pipes and a control pipe, forwarding runtime output as coalesced `Log` frames.
+//! - **pump** ([`output`]): `poll`s the runtime's stdout and stderr pipes and forwards output
+//!   that no frame carried along as coalesced `Log` frames.
 //! - **accept** and **one thread per connection** ([`api`], [`http`]): the Runtime API.
 //!   Handlers share one state machine (a mutex and a condvar: init running / failed / done,
 //!   queued invocations, the current invocation and whether it was answered).
@@ -54,15 +54,15 @@
 //!
 //! # Ordering
 //!
-//! No thread but the pump writes stdout. Everyone else queues frames through an
-//! [`output::Emitter`]: a channel plus one byte on the pump's control pipe. When woken, the
-//! pump first reads everything readable on the runtime's pipes (non-blocking) and writes it as
-//! `Log` frames, and only then writes the queued frames. A runtime writes its output before it
-//! sends the HTTP request that makes a handler queue `Response`, `FunctionError` or `InitDone`,
-//! so that output is in the pipes by then and reaches the worker first. Frames are queued
-//! while the state lock is held, so their order matches the order of state transitions.
-//! `Hello` (and a deferred start's refusal) is written by the main thread before the pump
-//! starts, so it is always first.
+//! Every frame is written through one [`output::Emitter`], under its lock, on the thread that
+//! has it to send (no hand-off: inside gVisor each one costs round trips through the sentry).
+//! Before its frame, the writer forwards everything readable on the runtime's pipes
+//! (non-blocking) as `Log` frames. A runtime writes its output before it sends the HTTP
+//! request that makes a handler send `Response`, `FunctionError` or `InitDone`, so that output
+//! is in the pipes by then and reaches the worker first. Frames are sent while the state lock
+//! is held, so their order matches the order of state transitions. `Hello` (and a deferred
+//! start's refusal) is written by the main thread before any other thread runs, so it is
+//! always first.
 
 mod api;
 mod config;
@@ -142,7 +142,7 @@ fn run() -> Result<(), AgentError> {
         .local_addr()
         .map_err(|e| AgentError::Listen(listen.clone(), e))?
         .to_string();
-    let (out, mut pump) = output::channel().map_err(|e| AgentError::Setup("create a pipe", e))?;
+    let (out, mut pump) = output::channel();
     let hello = AgentMsg::Hello {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         protocol: PROTOCOL_VERSION,
@@ -349,8 +349,6 @@ fn shutdown(shared: &Shared, runtime_pid: Option<i32>) -> ! {
         // Whatever the runtime left behind in its group goes too.
         process::signal_group(pid, libc::SIGKILL);
     }
-    // Normally the pump exits after reporting RuntimeExit; this covers the other cases.
-    shared.exit(0);
-    std::thread::sleep(Duration::from_secs(2));
-    std::process::exit(0);
+    // Normally the reaper exits after reporting RuntimeExit; this covers the other cases.
+    shared.exit(0)
 }

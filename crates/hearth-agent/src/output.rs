@@ -1,16 +1,17 @@
-//! The output pump: the one thread that writes the agent's stdout.
+//! The agent's stdout: frames to the worker, and the runtime's output as `Log` frames.
 //!
-//! It polls the runtime's stdout and stderr pipes plus a control pipe. Other threads hand it
-//! frames through an [`Emitter`] (a channel, then one byte on the control pipe to wake it).
-//! Before writing any batch of requested frames it drains whatever the runtime's pipes hold and
-//! writes that as `Log` frames first: so output the runtime wrote before an HTTP request always
-//! reaches the worker before the frame that request caused.
+//! Every writer goes through one [`Output`] behind a mutex. A thread that has a frame to send
+//! (an [`Emitter`]) takes the lock, forwards whatever the runtime's stdout and stderr pipes hold
+//! right now as `Log` frames, and writes its frame, all on its own thread: so output the runtime
+//! wrote before an HTTP request always reaches the worker before the frame that request caused,
+//! and a response costs no hand-off to another thread (inside gVisor every hand-off and every
+//! system call is a round trip through the sentry). The pump thread only waits for runtime
+//! output that no frame carries along and forwards it the same way.
 
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hearth_proto::{AgentMsg, write_frame};
 
@@ -24,7 +25,7 @@ const DRAIN_CAP: usize = 4 * 1024 * 1024;
 pub static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 
 /// Set when the worker broke the protocol: the agent exits 1 whichever thread exits first
-/// (killing the runtime makes the pump report its exit and exit too).
+/// (killing the runtime makes the reaper report its exit and exit too).
 pub static PROTOCOL_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// `code`, or 1 once the protocol failed.
@@ -36,45 +37,52 @@ pub fn exit_code(code: i32) -> i32 {
     }
 }
 
-enum Cmd {
-    Frame(AgentMsg, Vec<u8>),
-    Exit(i32),
+/// One of the runtime's output pipes. Its descriptor stays open (and out of the poll set once
+/// the pipe ended) until the agent exits, so a descriptor the pump is polling is never closed
+/// and reused under it.
+struct LogPipe {
+    fd: OwnedFd,
+    open: bool,
 }
 
-/// A handle to ask the pump for frames; cheap to clone, never blocks.
+/// The agent's stdout and the runtime's output pipes.
+struct Output {
+    out: Box<dyn Write + Send>,
+    logs: Vec<LogPipe>,
+    runtime_pid: Option<i32>,
+    buf: Vec<u8>,
+}
+
+/// A handle to send frames; cheap to clone. A send writes on the calling thread.
 #[derive(Clone)]
 pub struct Emitter {
-    tx: Sender<Cmd>,
-    wake: Arc<OwnedFd>,
+    output: Arc<Mutex<Output>>,
 }
 
 impl Emitter {
-    /// Queue a frame; it is written after all runtime output pending right now.
+    fn lock(&self) -> MutexGuard<'_, Output> {
+        self.output.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write a frame, after all runtime output pending right now.
     pub fn send(&self, msg: AgentMsg, body: Vec<u8>) {
-        self.push(Cmd::Frame(msg, body));
+        let mut o = self.lock();
+        o.drain_logs();
+        o.write(&msg, &body);
     }
 
-    /// Queue an exit: the pump writes everything queued before it, flushes and exits.
-    pub fn exit(&self, code: i32) {
-        self.push(Cmd::Exit(code));
-    }
-
-    fn push(&self, cmd: Cmd) {
-        if self.tx.send(cmd).is_ok() {
-            // SAFETY: writes one byte from a live buffer to a pipe we own. A full pipe (EAGAIN)
-            // already holds a wake-up, so the result does not matter.
-            let _ = unsafe { libc::write(self.wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
-        }
+    /// Forward the runtime output pending now, flush and exit the process.
+    pub fn exit(&self, code: i32) -> ! {
+        let mut o = self.lock();
+        o.drain_logs();
+        let _ = o.out.flush();
+        std::process::exit(exit_code(code));
     }
 }
 
-/// The pump's state; [`Pump::run`] takes over the calling thread.
+/// The pump's handle; [`Pump::run`] takes over the calling thread.
 pub struct Pump {
-    rx: Receiver<Cmd>,
-    wake: OwnedFd,
-    logs: Vec<OwnedFd>,
-    runtime_pid: Option<i32>,
-    buf: Vec<u8>,
+    output: Arc<Mutex<Output>>,
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -90,28 +98,24 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     }
 }
 
-/// Create a connected emitter and pump.
-pub fn channel() -> io::Result<(Emitter, Pump)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just created both descriptors and nothing else owns them.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let (tx, rx) = mpsc::channel();
-    let emitter = Emitter {
-        tx,
-        wake: Arc::new(w),
-    };
-    let pump = Pump {
-        rx,
-        wake: r,
+/// An emitter and a pump writing to the process's stdout.
+pub fn channel() -> (Emitter, Pump) {
+    channel_to(Box::new(io::stdout()))
+}
+
+fn channel_to(out: Box<dyn Write + Send>) -> (Emitter, Pump) {
+    let output = Arc::new(Mutex::new(Output {
+        out,
         logs: Vec::new(),
         runtime_pid: None,
         buf: vec![0; LOG_FRAME],
-    };
-    Ok((emitter, pump))
+    }));
+    (
+        Emitter {
+            output: output.clone(),
+        },
+        Pump { output },
+    )
 }
 
 enum Read {
@@ -138,94 +142,53 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> Read {
     }
 }
 
-impl Pump {
-    /// Forward this pipe (the runtime's stdout or stderr) as `Log` frames.
-    pub fn attach(&mut self, fd: OwnedFd) -> io::Result<()> {
-        set_nonblocking(fd.as_raw_fd())?;
-        self.logs.push(fd);
-        Ok(())
+/// `poll` the descriptors; `timeout_ms` -1 waits. Interrupted or failed polls report nothing
+/// ready (the callers poll again or drain on their next frame).
+fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` holds fds.len() initialised pollfd structs.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n as usize)
+}
+
+impl Output {
+    fn pollfds(&self) -> Vec<libc::pollfd> {
+        self.logs
+            .iter()
+            .filter(|p| p.open)
+            .map(|p| libc::pollfd {
+                fd: p.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect()
     }
 
-    /// The runtime's pid: killed (with its process group) if the worker channel breaks.
-    pub fn set_runtime(&mut self, pid: i32) {
-        self.runtime_pid = Some(pid);
-    }
-
-    /// Write a frame right away, before [`Pump::run`] starts (the `Hello` that must come first,
-    /// or the `InitError` refusing a deferred start).
-    pub fn write_now(&self, msg: &AgentMsg, body: &[u8]) {
-        self.write(&mut io::stdout().lock(), msg, body);
-    }
-
-    /// Run the pump forever; the process exits from here on an `Exit` or a dead stdout.
-    pub fn run(mut self) -> ! {
-        let stdout = io::stdout();
-        let mut out = stdout.lock();
-        loop {
-            let mut fds: Vec<libc::pollfd> = std::iter::once(&self.wake)
-                .chain(&self.logs)
-                .map(|fd| libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: `fds` holds fds.len() initialised pollfd structs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                self.fail(&format!("poll: {e}"));
-            }
-            if fds[1..].iter().any(|p| p.revents != 0) {
-                self.drain_logs(&mut out);
-            }
-            if fds[0].revents != 0 {
-                while let Read::Data(_) = read_fd(self.wake.as_raw_fd(), &mut [0u8; 256]) {}
-                self.run_commands(&mut out);
-            }
+    /// Forward everything readable now on the runtime's pipes, as coalesced `Log` frames. One
+    /// `poll` finds the pipes that hold anything; only those are read.
+    fn drain_logs(&mut self) {
+        let mut fds = self.pollfds();
+        if fds.is_empty() || poll(&mut fds, 0).unwrap_or(0) == 0 {
+            return;
         }
-    }
-
-    /// Write every queued command, each batch after the runtime output pending when it was taken.
-    fn run_commands(&mut self, out: &mut impl Write) {
-        loop {
-            // Drain first: every command taken below was queued before this point, so any
-            // output the runtime produced before causing it is in the pipes now.
-            self.drain_logs(out);
-            let batch: Vec<Cmd> = self.rx.try_iter().collect();
-            if batch.is_empty() {
-                return;
-            }
-            for cmd in batch {
-                match cmd {
-                    Cmd::Frame(msg, body) => self.write(out, &msg, &body),
-                    Cmd::Exit(code) => {
-                        let _ = out.flush();
-                        std::process::exit(exit_code(code));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Read everything readable now from the runtime's pipes, as coalesced `Log` frames.
-    fn drain_logs(&mut self, out: &mut impl Write) {
         let mut buf = std::mem::take(&mut self.buf);
         let mut len = 0;
-        let mut i = 0;
-        while i < self.logs.len() {
-            let fd = self.logs[i].as_raw_fd();
+        for p in fds.iter().filter(|p| p.revents != 0) {
             let mut taken = 0;
             let mut closed = false;
             while taken < DRAIN_CAP {
                 if len == buf.len() {
-                    self.write(out, &AgentMsg::Log, &buf);
+                    self.write(&AgentMsg::Log, &buf);
                     len = 0;
                 }
-                match read_fd(fd, &mut buf[len..]) {
+                match read_fd(p.fd, &mut buf[len..]) {
                     Read::Data(n) => {
                         len += n;
                         taken += n;
@@ -238,19 +201,19 @@ impl Pump {
                 }
             }
             if closed {
-                self.logs.remove(i);
-            } else {
-                i += 1;
+                for log in self.logs.iter_mut().filter(|l| l.fd.as_raw_fd() == p.fd) {
+                    log.open = false;
+                }
             }
         }
         if len > 0 {
-            self.write(out, &AgentMsg::Log, &buf[..len]);
+            self.write(&AgentMsg::Log, &buf[..len]);
         }
         self.buf = buf;
     }
 
-    fn write(&self, out: &mut impl Write, msg: &AgentMsg, body: &[u8]) {
-        if let Err(e) = write_frame(out, msg, body) {
+    fn write(&mut self, msg: &AgentMsg, body: &[u8]) {
+        if let Err(e) = write_frame(&mut self.out, msg, body) {
             self.fail(&format!("cannot write to the worker: {e}"));
         }
     }
@@ -268,6 +231,45 @@ impl Pump {
     }
 }
 
+impl Pump {
+    fn lock(&self) -> MutexGuard<'_, Output> {
+        self.output.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forward this pipe (the runtime's stdout or stderr) as `Log` frames.
+    pub fn attach(&mut self, fd: OwnedFd) -> io::Result<()> {
+        set_nonblocking(fd.as_raw_fd())?;
+        self.lock().logs.push(LogPipe { fd, open: true });
+        Ok(())
+    }
+
+    /// The runtime's pid: killed (with its process group) if the worker channel breaks.
+    pub fn set_runtime(&mut self, pid: i32) {
+        self.lock().runtime_pid = Some(pid);
+    }
+
+    /// Write a frame right away, draining nothing (the `Hello` that must come first, or the
+    /// `InitError` refusing a deferred start).
+    pub fn write_now(&self, msg: &AgentMsg, body: &[u8]) {
+        self.lock().write(msg, body);
+    }
+
+    /// Forward runtime output as it comes, until every pipe has ended; then the thread ends.
+    pub fn run(self) {
+        loop {
+            let mut fds = self.lock().pollfds();
+            if fds.is_empty() {
+                return;
+            }
+            match poll(&mut fds, -1) {
+                Ok(0) => continue,
+                Ok(_) => self.lock().drain_logs(),
+                Err(e) => self.lock().fail(&format!("poll: {e}")),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,23 +284,45 @@ mod tests {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
     }
 
-    fn frames(mut out: &[u8]) -> Vec<Frame<AgentMsg>> {
-        let mut frames = Vec::new();
-        while !out.is_empty() {
-            frames.push(read_frame(&mut out).expect("frame"));
+    /// A stdout the test can read back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(buf);
+            Ok(buf.len())
         }
-        frames
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
+    impl Sink {
+        /// The frames written since the last call.
+        fn frames(&self) -> Vec<Frame<AgentMsg>> {
+            let bytes = std::mem::take(&mut *self.0.lock().expect("sink"));
+            let mut out = bytes.as_slice();
+            let mut frames = Vec::new();
+            while !out.is_empty() {
+                frames.push(read_frame(&mut out).expect("frame"));
+            }
+            frames
+        }
+    }
+
+    use std::os::fd::FromRawFd;
+
     #[test]
-    fn pending_output_is_written_before_requested_frames() {
-        let (emitter, mut pump) = channel().expect("channel");
+    fn pending_output_is_written_before_a_sent_frame() {
+        let sink = Sink::default();
+        let (emitter, mut pump) = channel_to(Box::new(sink.clone()));
         let (stdout_r, mut stdout_w) = pipe();
         let (stderr_r, mut stderr_w) = pipe();
         pump.attach(stdout_r).expect("attach");
         pump.attach(stderr_r).expect("attach");
 
-        // Three writes on stdout and one on stderr, then the request: one coalesced Log first.
+        // Three writes on stdout and one on stderr, then the frame: one coalesced Log first.
         for chunk in [b"one\n", b"two\n", b"six\n"] {
             stdout_w.write_all(chunk).expect("write");
         }
@@ -307,10 +331,7 @@ mod tests {
             request_id: "r".into(),
         };
         emitter.send(response.clone(), b"body".to_vec());
-
-        let mut out = Vec::new();
-        pump.run_commands(&mut out);
-        let got = frames(&out);
+        let got = sink.frames();
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].msg, AgentMsg::Log);
         assert_eq!(got[0].body, b"one\ntwo\nsix\nerr\n");
@@ -319,15 +340,17 @@ mod tests {
             (&response, &b"body"[..])
         );
 
-        // Nothing pending, nothing queued: nothing written.
-        let mut out = Vec::new();
-        pump.run_commands(&mut out);
-        assert!(out.is_empty());
+        // Nothing pending: the next frame comes alone.
+        emitter.send(AgentMsg::RestoreReady, Vec::new());
+        let got = sink.frames();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].msg, AgentMsg::RestoreReady);
     }
 
     #[test]
     fn large_output_is_split_into_bounded_frames_and_eof_detaches() {
-        let (_emitter, mut pump) = channel().expect("channel");
+        let sink = Sink::default();
+        let (_emitter, mut pump) = channel_to(Box::new(sink.clone()));
         let (r, mut w) = pipe();
         // SAFETY: F_SETPIPE_SZ on a pipe we own.
         unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * 1024) };
@@ -336,12 +359,35 @@ mod tests {
         w.write_all(&data).expect("write");
         drop(w);
 
-        let mut out = Vec::new();
-        pump.drain_logs(&mut out);
-        let got = frames(&out);
+        // The pump forwards it all and ends once its only pipe has ended.
+        let pumping = std::thread::spawn(move || pump.run());
+        pumping.join().expect("pump");
+        let got = sink.frames();
         assert!(got.len() >= 3 && got.iter().all(|f| f.body.len() <= LOG_FRAME));
         let joined: Vec<u8> = got.into_iter().flat_map(|f| f.body).collect();
         assert_eq!(joined, data);
-        assert!(pump.logs.is_empty(), "a closed pipe is no longer polled");
+    }
+
+    #[test]
+    fn the_pump_forwards_output_no_frame_carries() {
+        let sink = Sink::default();
+        let (_emitter, mut pump) = channel_to(Box::new(sink.clone()));
+        let (r, mut w) = pipe();
+        pump.attach(r).expect("attach");
+        let pumping = std::thread::spawn(move || pump.run());
+        w.write_all(b"hello\n").expect("write");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while seen.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            seen = sink.frames();
+        }
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(
+            (&seen[0].msg, seen[0].body.as_slice()),
+            (&AgentMsg::Log, &b"hello\n"[..])
+        );
+        drop(w);
+        pumping.join().expect("pump");
     }
 }

@@ -794,6 +794,90 @@ fn runtime_api_state_rules_over_raw_http() {
 }
 
 #[test]
+fn a_waiting_next_gets_the_invocation_on_its_own_connection() {
+    let mut agent = Agent::start(Some(IDLE_BOOTSTRAP), &[]);
+    agent.expect_hello();
+    let next = b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // A `next` whose connection closes while it waits is forgotten: the invocation goes to the
+    // runtime's next `next`, on another connection.
+    let mut gone = agent.client();
+    gone.send_raw(next);
+    agent.expect_init_done();
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = agent.client();
+    c.send_raw(next);
+    std::thread::sleep(Duration::from_millis(100));
+    agent.invoke("p-1", &json!({"n": 1}));
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("lambda-runtime-aws-request-id"), Some("p-1"));
+    assert_eq!(r.json(), json!({"n": 1}));
+    let r = c.request("POST", "invocation/p-1/response", &[], b"1");
+    assert_eq!(r.status, 202);
+    assert_eq!(
+        agent.recv().msg,
+        AgentMsg::Response {
+            request_id: "p-1".into()
+        }
+    );
+
+    // Two `next`s waiting at once on two connections: each gets one invocation, and the
+    // second only once the first is answered.
+    c.send_raw(next);
+    let mut c2 = agent.client();
+    c2.send_raw(next);
+    std::thread::sleep(Duration::from_millis(100));
+    agent.invoke("p-2", &json!({"n": 2}));
+    agent.invoke("p-3", &json!({"n": 3}));
+    let r = c.response();
+    assert_eq!(r.header("lambda-runtime-aws-request-id"), Some("p-2"));
+    assert_eq!(
+        c.request("POST", "invocation/p-2/response", &[], b"2")
+            .status,
+        202
+    );
+    let r = c2.response();
+    assert_eq!(r.header("lambda-runtime-aws-request-id"), Some("p-3"));
+    assert_eq!(
+        c2.request("POST", "invocation/p-3/response", &[], b"3")
+            .status,
+        202
+    );
+    for id in ["p-2", "p-3"] {
+        assert_eq!(
+            agent.recv().msg,
+            AgentMsg::Response {
+                request_id: id.into()
+            }
+        );
+    }
+
+    // A waiting `next` that asked to close its connection gets its invocation, then the close.
+    let mut once = agent.client();
+    once.send_raw(
+        b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    agent.invoke("p-4", &json!({"n": 4}));
+    let r = once.response();
+    assert_eq!(r.header("lambda-runtime-aws-request-id"), Some("p-4"));
+    assert!(once.closed());
+    assert_eq!(
+        c.request("POST", "invocation/p-4/response", &[], b"4")
+            .status,
+        202
+    );
+    assert_eq!(
+        agent.recv().msg,
+        AgentMsg::Response {
+            request_id: "p-4".into()
+        }
+    );
+}
+
+#[test]
 fn oversized_response_fails_the_invocation() {
     let mut agent = Agent::start(Some(IDLE_BOOTSTRAP), &[]);
     agent.expect_hello();
