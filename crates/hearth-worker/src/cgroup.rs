@@ -149,6 +149,19 @@ impl Cgroups {
         out
     }
 
+    /// The host processes of a sandbox now (sentry, gofer, stubs).
+    pub fn procs(&self, id: &str) -> Vec<i32> {
+        let Some(dir) = self
+            .controller_dir("cpuset")
+            .or(self.controller_dir("memory"))
+        else {
+            return Vec::new();
+        };
+        fs::read_to_string(dir.join(&self.parent).join(id).join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
     /// Restrict a running sandbox to `cpus` (e.g. `"1"`): pins it after a restore.
     pub fn set_cpus(&self, id: &str, cpus: &str) {
         if let Some(dir) = self.controller_dir("cpuset") {

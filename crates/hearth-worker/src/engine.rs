@@ -45,6 +45,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 
+use crate::affinity::{self, Pinning};
 use crate::cgroup::Cgroups;
 use crate::frames;
 use crate::netns::{NetPolicy, Network, SandboxNet};
@@ -99,8 +100,8 @@ pub struct EngineConfig {
     pub slots: PathBuf,
     /// The static agent binary, bind-mounted read-only at `/hearth/agent`.
     pub agent: PathBuf,
-    /// Pin each sandbox to one core (round robin).
-    pub pin_cores: bool,
+    /// How sandboxes are placed on cores (round robin).
+    pub pinning: Pinning,
     /// Restore through the sentry's control socket where the probe found that works
     /// (`sentry.rs`); false always runs `runsc restore`.
     pub control_restore: bool,
@@ -122,7 +123,7 @@ impl EngineConfig {
             bundles: dir.join("bundles"),
             slots: dir.join("slots"),
             agent,
-            pin_cores: true,
+            pinning: Pinning::Split,
             control_restore: true,
             extra_flags: vec![],
             network: NetPolicy::Egress,
@@ -793,26 +794,44 @@ impl RunscEngine {
         self.cgroups.set_memory_limit(&sandbox.id, mem);
         self.cgroups
             .set_cpu_shares(&sandbox.id, (claim.memory_mb as u64 * 1024 / 1769).max(2));
-        Ok(self
-            .cfg
-            .pin_cores
+        Ok((self.cfg.pinning != Pinning::Off)
             .then(|| self.next_core.fetch_add(1, Ordering::Relaxed) % self.cores))
+    }
+
+    /// Place a running sandbox on `core` (and, split, its application on the next core).
+    fn place(&self, id: &str, core: usize) {
+        match self.cfg.pinning {
+            Pinning::Off => {}
+            Pinning::Split if self.cores > 1 => {
+                let placed =
+                    affinity::split(&self.cgroups.procs(id), core, (core + 1) % self.cores);
+                tracing::debug!("placed {placed} threads of {id} from core {core}");
+            }
+            Pinning::Core | Pinning::Split => self.cgroups.set_cpus(id, &core.to_string()),
+        }
     }
 
     /// Claim a sandbox for a function and boot its agent (unless it was started at create).
     /// The agent then waits for the function's environment (`Configure`) as its first frame.
     pub async fn start(&self, sandbox: &mut Sandbox, claim: &Claim) -> Result<(), EngineError> {
         let core = self.claim(sandbox, claim)?;
-        if let Some(core) = core {
+        if let Some(core) = core
+            && self.cfg.pinning == Pinning::Core
+        {
             self.cgroups.set_cpus(&sandbox.id, &core.to_string());
         }
-        if sandbox.phase == Phase::Running {
-            return Ok(());
+        if sandbox.phase != Phase::Running {
+            let mut cmd = self.runsc_async(sandbox.spec.net);
+            cmd.args(["start", &sandbox.id]);
+            run_op(cmd, "start", &sandbox.id).await?;
+            sandbox.phase = Phase::Running;
         }
-        let mut cmd = self.runsc_async(sandbox.spec.net);
-        cmd.args(["start", &sandbox.id]);
-        run_op(cmd, "start", &sandbox.id).await?;
-        sandbox.phase = Phase::Running;
+        // Split once its processes run (the application's later ones inherit the placement).
+        if let Some(core) = core
+            && self.cfg.pinning == Pinning::Split
+        {
+            self.place(&sandbox.id, core);
+        }
         Ok(())
     }
 
@@ -890,9 +909,9 @@ impl RunscEngine {
             sandbox.stderr_tail = tail;
             sandbox.reapers = self.reap_threads(&sandbox.id);
         }
-        // Restores read the image with every core; pin once restored.
+        // Restores read the image with every core; placed once restored.
         if let Some(core) = core {
-            self.cgroups.set_cpus(&sandbox.id, &core.to_string());
+            self.place(&sandbox.id, core);
         }
         sandbox.phase = Phase::Running;
         Ok(())

@@ -1,5 +1,6 @@
 //! hearth's worker: runtime images, the runsc sandbox engine, the agent's host side and the
 //! pool that assigns invocations to sandboxes.
+pub mod affinity;
 pub mod artifacts;
 pub mod cgroup;
 pub mod demand;

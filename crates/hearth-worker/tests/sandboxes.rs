@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_core::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
+use hearth_worker::affinity::{self, Pinning};
 use hearth_worker::engine::default_runsc;
 use hearth_worker::{EngineConfig, ImageStore, RunscEngine, Worker, WorkerConfig};
 use serde_json::{Value, json};
@@ -63,7 +64,7 @@ fn engine_in(dir: &Path) -> RunscEngine {
 
 fn engine_with(dir: &Path, adjust: impl FnOnce(&mut EngineConfig)) -> RunscEngine {
     let mut cfg = EngineConfig {
-        pin_cores: true,
+        pinning: Pinning::Split,
         ..EngineConfig::under(dir, default_runsc(), agent_path())
     };
     adjust(&mut cfg);
@@ -334,6 +335,75 @@ async fn python_handler_sees_event_context_and_environment_and_is_reused_warm() 
     assert_eq!(
         (stats.cold_starts, stats.warm_starts, stats.live),
         (1, 1, 1)
+    );
+    h.finish().await;
+}
+
+/// A handler that starts a process (a new address space, so a new stub process) each call.
+const PY_SPAWN_APP: &str = r#"
+import subprocess
+def handler(event, context):
+    return {"out": subprocess.run(["echo", "hi"], capture_output=True, text=True).stdout}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_sandbox_runs_its_sentry_and_its_application_on_two_cores() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cores >= 2,
+        "splitting a sandbox needs two cores; this machine has {cores}"
+    );
+    let h = Harness::new(Duration::from_secs(60));
+    let spec = h.spec(
+        "split",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_SPAWN_APP)],
+    );
+    for _ in 0..2 {
+        let r = h.invoke(&spec, json!({})).await.expect("invoke");
+        assert_eq!(json_of(&r)["out"], "hi\n");
+    }
+    // The invoked sandbox is the one whose threads are placed (the pool's are not yet).
+    let mut split = Vec::new();
+    for id in h.engine.list() {
+        let mut sides: Vec<(affinity::Side, Vec<usize>)> = Vec::new();
+        for pid in h.engine.cgroups().procs(&id) {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                if let Some(tid) = t.file_name().to_str().and_then(|t| t.parse().ok()) {
+                    sides.push((affinity::side(&cmdline), affinity::cores_of(tid)));
+                }
+            }
+        }
+        let on = |side| -> Vec<Vec<usize>> {
+            let mut c: Vec<Vec<usize>> = sides
+                .iter()
+                .filter(|(s, _)| *s == side)
+                .map(|(_, c)| c.clone())
+                .collect();
+            c.sort();
+            c.dedup();
+            c
+        };
+        let (sentry, app) = (on(affinity::Side::Sentry), on(affinity::Side::Application));
+        if sentry.len() == 1 && sentry[0].len() == 1 {
+            split.push((id, sentry, app));
+        }
+    }
+    assert_eq!(split.len(), 1, "{split:?}");
+    let (_, sentry, app) = &split[0];
+    let (s, a) = (sentry[0][0], app.first().cloned());
+    assert_eq!(a, Some(vec![(s + 1) % cores]), "{split:?}");
+    assert_eq!(
+        app.len(),
+        1,
+        "every application thread on one core: {split:?}"
     );
     h.finish().await;
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use hearth_api::invoker::{FunctionSpec, InvokeRequest, Invoker};
+use hearth_worker::affinity::Pinning;
 use hearth_worker::engine::default_runsc;
 use hearth_worker::netns::NetPolicy;
 use hearth_worker::pool::PoolStats;
@@ -72,13 +73,19 @@ pub struct StoreArgs {
     image_cache: PathBuf,
 }
 
-/// Whether sandboxes are pinned to one core each.
+/// How sandboxes are placed on cores.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PinSel {
+    /// As `hearth up` places them: split (sentry on one core, application on the next).
     On,
+    /// Each sandbox wholly on one core.
+    Core,
+    /// Not pinned.
     Off,
-    /// Each engine measured pinned, then unpinned.
+    /// Each engine measured split, then unpinned.
     Both,
+    /// Each engine measured split, on one core, then unpinned.
+    All,
 }
 
 /// How restores reach the sentry.
@@ -99,7 +106,8 @@ pub struct EngineSel {
     /// run (default: $HEARTH_RUNSC, else runsc on PATH). Each is probed as `hearth up` does.
     #[arg(long = "runsc", value_name = "PATH")]
     runsc: Vec<PathBuf>,
-    /// Pin each sandbox to one core: on, off, or both (each engine measured both ways).
+    /// Place sandboxes on cores: on (as `hearth up` does: sentry and application split over
+    /// two cores), core (one core each), off, both (on, then off) or all (on, core, off).
     #[arg(long, value_enum, default_value_t = PinSel::On)]
     pin: PinSel,
     /// Do not pin sandboxes to a core (the same as `--pin off`).
@@ -119,7 +127,7 @@ pub struct EngineSel {
 /// One engine configuration to measure.
 struct Choice {
     runsc: PathBuf,
-    pin: bool,
+    pin: Pinning,
     control: bool,
 }
 
@@ -130,10 +138,12 @@ impl EngineSel {
         } else {
             self.runsc.clone()
         };
-        let pins: &[bool] = match (self.no_pin, self.pin) {
-            (true, _) | (false, PinSel::Off) => &[false],
-            (false, PinSel::On) => &[true],
-            (false, PinSel::Both) => &[true, false],
+        let pins: &[Pinning] = match (self.no_pin, self.pin) {
+            (true, _) | (false, PinSel::Off) => &[Pinning::Off],
+            (false, PinSel::On) => &[Pinning::Split],
+            (false, PinSel::Core) => &[Pinning::Core],
+            (false, PinSel::Both) => &[Pinning::Split, Pinning::Off],
+            (false, PinSel::All) => &[Pinning::Split, Pinning::Core, Pinning::Off],
         };
         let controls: &[bool] = match self.restore_via {
             RestoreSel::Control => &[true],
@@ -271,7 +281,7 @@ fn make_engine(
 ) -> anyhow::Result<Arc<RunscEngine>> {
     std::fs::create_dir_all(dir)?;
     Ok(Arc::new(RunscEngine::new(EngineConfig {
-        pin_cores: choice.pin,
+        pinning: choice.pin,
         control_restore: choice.control,
         network,
         ..EngineConfig::under(dir, choice.runsc.clone(), agent.to_path_buf())
@@ -285,7 +295,7 @@ fn engine_label(engine: &RunscEngine, choice: &Choice) -> String {
         "{} {}{}{}",
         caps.version.replace("runsc version ", ""),
         caps.platform,
-        if choice.pin { ", pinned" } else { ", unpinned" },
+        pin_label(choice.pin),
         if caps.control_restore && !choice.control {
             ", `runsc restore`"
         } else {
@@ -297,7 +307,7 @@ fn engine_label(engine: &RunscEngine, choice: &Choice) -> String {
 fn print_caps(engine: &RunscEngine, choice: &Choice) {
     let c = engine.caps();
     println!(
-        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}, pinned {}",
+        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}{}",
         c.version.replace("runsc version ", ""),
         engine.config().runsc.display(),
         c.platform,
@@ -307,8 +317,16 @@ fn print_caps(engine: &RunscEngine, choice: &Choice) {
         c.control_restore,
         c.control_restore && choice.control,
         c.netstack,
-        choice.pin
+        pin_label(choice.pin)
     );
+}
+
+fn pin_label(p: Pinning) -> &'static str {
+    match p {
+        Pinning::Split => ", split over two cores",
+        Pinning::Core => ", pinned to one core",
+        Pinning::Off => ", unpinned",
+    }
 }
 
 /// Measures (rows) by engine configuration (columns), printed as a markdown table.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use hearth_worker::affinity::Pinning;
 use hearth_worker::engine::default_runsc;
 use hearth_worker::{EngineConfig, RunscEngine, Worker, WorkerConfig};
 use serde::{Deserialize, Serialize};
@@ -96,7 +97,12 @@ pub struct WorkerArgs {
     /// Size bound (MiB) of the worker's disk cache of chunks.
     #[arg(long, env = "HEARTH_CHUNK_CACHE_MB", default_value_t = 4096)]
     pub chunk_cache_mb: u64,
-    /// Do not pin each sandbox to one core.
+    /// How sandboxes are placed on cores: `split` (each sandbox's sentry on one core, its
+    /// application on the next; the fastest here, see docs/perf.md), `core` (each sandbox on
+    /// one core) or `off`.
+    #[arg(long, env = "HEARTH_PIN", value_enum, default_value_t = PinMode::Split)]
+    pub pin: PinMode,
+    /// Do not pin sandboxes to cores (the same as `--pin off`).
     #[arg(long, env = "HEARTH_NO_PIN")]
     pub no_pin: bool,
     /// Network policy for functions: `egress` (outbound access through NAT, never to this
@@ -150,6 +156,24 @@ pub struct StoreArgs {
     /// with at least the same grace.
     #[arg(long, env = "HEARTH_GC_GRACE", default_value_t = hearth_store::DEFAULT_GC_GRACE.as_secs())]
     pub gc_grace: u64,
+}
+
+/// How `hearth up` places sandboxes on cores.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinMode {
+    Split,
+    Core,
+    Off,
+}
+
+impl From<PinMode> for Pinning {
+    fn from(m: PinMode) -> Self {
+        match m {
+            PinMode::Split => Pinning::Split,
+            PinMode::Core => Pinning::Core,
+            PinMode::Off => Pinning::Off,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -342,7 +366,11 @@ pub async fn start_worker(
         bundles: data_dir.join("sandboxes"),
         slots: data_dir.join("slots"),
         agent: super::find_agent(args.agent.clone()),
-        pin_cores: !args.no_pin,
+        pinning: if args.no_pin {
+            Pinning::Off
+        } else {
+            args.pin.into()
+        },
         control_restore: true,
         extra_flags: vec![],
         network: args.network,
