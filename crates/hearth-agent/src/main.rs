@@ -41,7 +41,8 @@
 //!
 //! # Threads
 //!
-//! - **main**: reads `HostMsg` frames from stdin. `Invoke` queues an invocation, `Restore`
+//! - **main**: reads `HostMsg` frames from stdin. `Invoke` queues an invocation (or writes it
+//!   straight onto the connection a `next` waits on), `Restore`
 //!   releases a pending `restore/next`, `Shutdown` or EOF stops the runtime (SIGTERM to its
 //!   process group, SIGKILL 500 ms later) and exits 0. A malformed frame exits 1.
 //! - **pump** ([`output`]): `poll`s the runtime's stdout and stderr pipes and forwards output
