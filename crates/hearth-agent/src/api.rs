@@ -163,25 +163,31 @@ impl Shared {
     pub fn invoke(&self, meta: InvokeMeta, event: Vec<u8>) {
         let mut st = self.lock();
         st.pending.push_back((meta, event));
-        if !self.dispatch(&mut st) {
+        if !self.dispatch(st) {
             self.cond.notify_all();
         }
     }
 
     /// Hand the first queued invocation to a parked `next`, if there is one and no invocation
-    /// is out: true if it was written to the parked connection.
-    fn dispatch(&self, st: &mut State) -> bool {
-        while st.parked.is_some() && st.current.as_ref().is_none_or(|c| c.answered) {
+    /// is out: true if it was written to the parked connection. The write happens after the
+    /// state lock is released (a runtime slow to read a large event holds up no one else).
+    fn dispatch<'a>(&'a self, mut st: MutexGuard<'a, State>) -> bool {
+        loop {
+            if st.parked.is_none() || st.current.as_ref().is_some_and(|c| !c.answered) {
+                return false;
+            }
             let Some((meta, event)) = st.pending.pop_front() else {
                 return false;
             };
             let Some(parked) = st.parked.take() else {
                 return false;
             };
+            let request_id = meta.request_id.clone();
             st.current = Some(Current {
-                request_id: meta.request_id.clone(),
+                request_id: request_id.clone(),
                 answered: false,
             });
+            drop(st);
             let reply = invocation_reply(meta, event);
             let mut stream = &parked.stream;
             let written = http::write_response(
@@ -191,23 +197,24 @@ impl Shared {
                 &reply.body,
                 parked.keep_alive,
             );
-            match written {
-                Ok(()) => {
-                    if !parked.keep_alive {
-                        let _ = parked.stream.shutdown(Shutdown::Both);
-                    }
-                    return true;
+            if written.is_ok() {
+                if !parked.keep_alive {
+                    let _ = parked.stream.shutdown(Shutdown::Both);
                 }
-                Err(_) => {
-                    // The runtime hung up on its `next`: the invocation waits for another.
-                    st.current = None;
-                    if let Some(meta) = reply.handed_out {
-                        st.pending.push_front((meta, reply.body));
-                    }
-                }
+                return true;
+            }
+            // The runtime hung up on its `next`: the invocation waits for another.
+            st = self.lock();
+            if st
+                .current
+                .as_ref()
+                .is_some_and(|c| c.request_id == request_id && !c.answered)
+                && let Some(meta) = reply.handed_out
+            {
+                st.current = None;
+                st.pending.push_front((meta, reply.body));
             }
         }
-        false
     }
 
     /// The connection `conn` ended: a `next` parked on it waits no more.
@@ -285,7 +292,7 @@ impl Shared {
         {
             st.current = None;
             st.pending.push_front((meta, event));
-            if !self.dispatch(&mut st) {
+            if !self.dispatch(st) {
                 self.cond.notify_all();
             }
         }
@@ -435,13 +442,13 @@ impl Shared {
                 );
             }
         }
-        self.release(&mut st);
+        self.release(st);
         Reply::accepted()
     }
 
     /// The current invocation was answered: an invocation queued meanwhile goes to a waiting
     /// `next`.
-    fn release(&self, st: &mut State) {
+    fn release<'a>(&'a self, st: MutexGuard<'a, State>) {
         if !st.pending.is_empty() && !self.dispatch(st) {
             self.cond.notify_all();
         }
@@ -472,7 +479,7 @@ impl Shared {
                 },
                 Vec::new(),
             );
-            self.release(&mut st);
+            self.release(st);
         }
         let fail = |error_type: &str, message: &str| {
             self.out.send(

@@ -815,10 +815,11 @@ impl RunscEngine {
     /// The agent then waits for the function's environment (`Configure`) as its first frame.
     pub async fn start(&self, sandbox: &mut Sandbox, claim: &Claim) -> Result<(), EngineError> {
         let core = self.claim(sandbox, claim)?;
+        // One core: the cpuset, before the agent starts.
         if let Some(core) = core
             && self.cfg.pinning == Pinning::Core
         {
-            self.cgroups.set_cpus(&sandbox.id, &core.to_string());
+            self.place(&sandbox.id, core);
         }
         if sandbox.phase != Phase::Running {
             let mut cmd = self.runsc_async(sandbox.spec.net);
@@ -826,7 +827,7 @@ impl RunscEngine {
             run_op(cmd, "start", &sandbox.id).await?;
             sandbox.phase = Phase::Running;
         }
-        // Split once its processes run (the application's later ones inherit the placement).
+        // Split: per thread, once its processes run (the application's later ones inherit it).
         if let Some(core) = core
             && self.cfg.pinning == Pinning::Split
         {
