@@ -53,27 +53,33 @@ struct Output {
     buf: Vec<u8>,
 }
 
+/// The shared [`Output`] both handles lock.
+#[derive(Clone)]
+struct Shared(Arc<Mutex<Output>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Output> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A handle to send frames; cheap to clone. A send writes on the calling thread.
 #[derive(Clone)]
 pub struct Emitter {
-    output: Arc<Mutex<Output>>,
+    output: Shared,
 }
 
 impl Emitter {
-    fn lock(&self) -> MutexGuard<'_, Output> {
-        self.output.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Write a frame, after all runtime output pending right now.
     pub fn send(&self, msg: AgentMsg, body: Vec<u8>) {
-        let mut o = self.lock();
+        let mut o = self.output.lock();
         o.drain_logs();
         o.write(&msg, &body);
     }
 
     /// Forward the runtime output pending now, flush and exit the process.
     pub fn exit(&self, code: i32) -> ! {
-        let mut o = self.lock();
+        let mut o = self.output.lock();
         o.drain_logs();
         let _ = o.out.flush();
         std::process::exit(exit_code(code));
@@ -82,7 +88,7 @@ impl Emitter {
 
 /// The pump's handle; [`Pump::run`] takes over the calling thread.
 pub struct Pump {
-    output: Arc<Mutex<Output>>,
+    output: Shared,
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -104,12 +110,12 @@ pub fn channel() -> (Emitter, Pump) {
 }
 
 fn channel_to(out: Box<dyn Write + Send>) -> (Emitter, Pump) {
-    let output = Arc::new(Mutex::new(Output {
+    let output = Shared(Arc::new(Mutex::new(Output {
         out,
         logs: Vec::new(),
         runtime_pid: None,
         buf: vec![0; LOG_FRAME],
-    }));
+    })));
     (
         Emitter {
             output: output.clone(),
@@ -232,39 +238,35 @@ impl Output {
 }
 
 impl Pump {
-    fn lock(&self) -> MutexGuard<'_, Output> {
-        self.output.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Forward this pipe (the runtime's stdout or stderr) as `Log` frames.
     pub fn attach(&mut self, fd: OwnedFd) -> io::Result<()> {
         set_nonblocking(fd.as_raw_fd())?;
-        self.lock().logs.push(LogPipe { fd, open: true });
+        self.output.lock().logs.push(LogPipe { fd, open: true });
         Ok(())
     }
 
     /// The runtime's pid: killed (with its process group) if the worker channel breaks.
     pub fn set_runtime(&mut self, pid: i32) {
-        self.lock().runtime_pid = Some(pid);
+        self.output.lock().runtime_pid = Some(pid);
     }
 
     /// Write a frame right away, draining nothing (the `Hello` that must come first, or the
     /// `InitError` refusing a deferred start).
     pub fn write_now(&self, msg: &AgentMsg, body: &[u8]) {
-        self.lock().write(msg, body);
+        self.output.lock().write(msg, body);
     }
 
     /// Forward runtime output as it comes, until every pipe has ended; then the thread ends.
     pub fn run(self) {
         loop {
-            let mut fds = self.lock().pollfds();
+            let mut fds = self.output.lock().pollfds();
             if fds.is_empty() {
                 return;
             }
             match poll(&mut fds, -1) {
                 Ok(0) => continue,
-                Ok(_) => self.lock().drain_logs(),
-                Err(e) => self.lock().fail(&format!("poll: {e}")),
+                Ok(_) => self.output.lock().drain_logs(),
+                Err(e) => self.output.lock().fail(&format!("poll: {e}")),
             }
         }
     }
