@@ -111,6 +111,10 @@ pub struct EngineConfig {
     pub network: NetPolicy,
     /// Where probe results are cached (per runsc binary).
     pub probe_cache: PathBuf,
+    /// Mark the sandboxes' sentry and gofer mergeable by the kernel's same-page merging
+    /// (`ksm.rs`), starting its scanner if it is off; where the kernel cannot, the engine
+    /// says why and runs without.
+    pub merge_pages: bool,
 }
 
 impl EngineConfig {
@@ -128,6 +132,7 @@ impl EngineConfig {
             extra_flags: vec![],
             network: NetPolicy::Egress,
             probe_cache: default_probe_cache(),
+            merge_pages: true,
         }
     }
 }
@@ -372,6 +377,8 @@ pub struct RunscEngine {
     cgroups: Cgroups,
     next_core: AtomicUsize,
     cores: usize,
+    /// Sandboxes' sentry and gofer are marked mergeable (`ksm.rs`).
+    merging: bool,
 }
 
 impl RunscEngine {
@@ -437,6 +444,20 @@ impl RunscEngine {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        let merging = cfg.merge_pages
+            && match crate::ksm::enable(Path::new(crate::ksm::SYSFS)) {
+                Ok(changed) => {
+                    tracing::info!(
+                        changed = %changed.join(" "),
+                        "same-page merging on for the sandboxes' sentry and gofer"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("same-page merging off: {e}");
+                    false
+                }
+            };
         Ok(RunscEngine {
             agent_digest: file_digest(&cfg.agent),
             caps,
@@ -445,7 +466,13 @@ impl RunscEngine {
             cgroups,
             next_core: AtomicUsize::new(0),
             cores,
+            merging,
         })
+    }
+
+    /// Whether the sandboxes' sentry and gofer are made mergeable (`ksm.rs`).
+    pub fn merging(&self) -> bool {
+        self.merging
     }
 
     pub fn cgroups(&self) -> &Cgroups {
@@ -510,6 +537,20 @@ impl RunscEngine {
     fn runsc_async(&self, net: NetMode) -> Command {
         let mut c = Command::new(&self.cfg.runsc);
         c.args(self.base_args(net));
+        c
+    }
+
+    /// A runsc command that starts a sandbox's processes (create, restore into a new
+    /// container): with merging on, marked mergeable, which its gofer and sentry inherit.
+    fn runsc_sandbox(&self, net: NetMode) -> Command {
+        let mut c = self.runsc_async(net);
+        if self.merging {
+            // SAFETY: the closure runs in the child between fork and exec and makes one
+            // system call (prctl), allocating nothing.
+            unsafe {
+                c.pre_exec(crate::ksm::mark_this_process);
+            }
+        }
         c
     }
 
@@ -662,7 +703,7 @@ impl RunscEngine {
                 serde_json::to_vec_pretty(&self.bundle_config(&id, spec, &dir, owned.net.as_ref()))
                     .unwrap_or_default();
             std::fs::write(&config, text).map_err(io_err(&config))?;
-            let mut cmd = self.runsc_async(spec.net);
+            let mut cmd = self.runsc_sandbox(spec.net);
             cmd.args(["create", "--bundle"]).arg(&bundle).arg(&id);
             let (stdin, stdout, stderr_tail) = self.spawn_with_pipes(cmd, "create", &id).await?;
             if spec.started {
@@ -854,7 +895,7 @@ impl RunscEngine {
         }
         let core = self.claim(sandbox, claim)?;
         let bundle = self.cfg.bundles.join(&sandbox.id);
-        let mut cmd = self.runsc_async(sandbox.spec.net);
+        let mut cmd = self.runsc_sandbox(sandbox.spec.net);
         cmd.arg("restore")
             .arg(format!("--image-path={}", image_dir.display()))
             .args(["--detach", "--bundle"])

@@ -9,6 +9,7 @@ pub mod evict;
 pub mod fake;
 pub mod frames;
 pub mod images;
+pub mod ksm;
 pub mod layers;
 pub mod netns;
 pub mod pool;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use hearth_core::invoker::{FunctionSpec, InvokeError, InvokeRequest, InvokeResult, Invoker};
 use hearth_worker::affinity::{self, Pinning};
 use hearth_worker::engine::default_runsc;
+use hearth_worker::ksm;
 use hearth_worker::{EngineConfig, ImageStore, RunscEngine, Worker, WorkerConfig};
 use serde_json::{Value, json};
 
@@ -406,6 +407,97 @@ async fn a_claimed_sandbox_runs_its_sentry_and_its_application_on_two_cores() {
         "every application thread on one core: {split:?}"
     );
     h.finish().await;
+}
+
+/// Same-page merging state of the sentry and gofer processes of every sandbox `engine` has.
+fn runsc_merging(engine: &RunscEngine) -> Vec<(i32, ksm::ProcessStat)> {
+    let mut out = Vec::new();
+    for id in engine.list() {
+        for pid in engine.cgroups().procs(&id) {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            if affinity::side(&cmdline) != affinity::Side::Sentry {
+                continue;
+            }
+            if let Some(stat) = ksm::process_stat(pid) {
+                out.push((pid, stat));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_merges_the_sandboxes_runsc_pages_and_nothing_of_the_worker() {
+    // Off: no sandbox process is mergeable.
+    let off = Harness::with_engine(Duration::from_secs(60), |c| c.merge_pages = false);
+    assert!(!off.engine.merging());
+    let spec = off.spec(
+        "unmerged",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
+    off.invoke(&spec, json!({"n": 1})).await.expect("invoke");
+    let procs = runsc_merging(&off.engine);
+    assert!(procs.len() >= 2, "a sentry and a gofer at least: {procs:?}");
+    assert!(procs.iter().all(|(_, s)| !s.merge_any), "{procs:?}");
+    off.finish().await;
+
+    // On (the default): every sentry and gofer is mergeable, the worker itself is not, and
+    // the kernel's scanner (started if it was off) merges their pages.
+    let on = Harness::new(Duration::from_secs(60));
+    assert!(
+        on.engine.merging(),
+        "this kernel can merge pages (Linux 6.4+ with KSM, as root): see the worker's log"
+    );
+    assert_eq!(
+        std::fs::read_to_string(Path::new(ksm::SYSFS).join("run"))
+            .expect("ksm run")
+            .trim(),
+        "1"
+    );
+    for name in ["merged-a", "merged-b"] {
+        let spec = on.spec(name, "python3.11", "app.handler", &[("app.py", PY_APP)]);
+        on.invoke(&spec, json!({"n": 1})).await.expect("invoke");
+    }
+    let procs = runsc_merging(&on.engine);
+    assert!(
+        procs.len() >= 4,
+        "two sandboxes' sentry and gofer at least: {procs:?}"
+    );
+    assert!(procs.iter().all(|(_, s)| s.merge_any), "{procs:?}");
+    let me = ksm::process_stat(std::process::id() as i32).expect("own ksm_stat");
+    assert!(!me.merge_any, "the worker must not make itself mergeable");
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    let merged = loop {
+        let merged: u64 = runsc_merging(&on.engine)
+            .iter()
+            .map(|(_, s)| s.merging_pages + s.zero_pages)
+            .sum();
+        if merged > 0 || std::time::Instant::now() > until {
+            break merged;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        merged > 0,
+        "no page of the sandboxes' runsc processes merged in 90 s"
+    );
+    // Merged sandboxes still serve.
+    let spec = on.spec(
+        "merged-a",
+        "python3.11",
+        "app.handler",
+        &[("app.py", PY_APP)],
+    );
+    let r = on
+        .invoke(&spec, json!({"n": 2}))
+        .await
+        .expect("invoke after merging");
+    assert_eq!(json_of(&r)["event"]["n"], 2, "{}", json_of(&r));
+    on.finish().await;
 }
 
 const NODE_APP: &str = r#"

@@ -88,6 +88,16 @@ pub enum PinSel {
     All,
 }
 
+/// Whether the sandboxes' sentry and gofer are made mergeable (KSM).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MergeSel {
+    /// As `hearth up` does by default.
+    On,
+    Off,
+    /// Each engine measured with merging, then without.
+    Both,
+}
+
 /// How restores reach the sentry.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RestoreSel {
@@ -113,6 +123,10 @@ pub struct EngineSel {
     /// Do not pin sandboxes to a core (the same as `--pin off`).
     #[arg(long)]
     no_pin: bool,
+    /// Same-page merging of the sandboxes' sentry and gofer: on (as `hearth up` does), off,
+    /// or both (on, then off).
+    #[arg(long, value_enum, default_value_t = MergeSel::On)]
+    merge_pages: MergeSel,
     /// Restore through the sentry's control socket, with `runsc restore`, or both.
     #[arg(long, value_enum, default_value_t = RestoreSel::Control)]
     restore_via: RestoreSel,
@@ -129,6 +143,7 @@ struct Choice {
     runsc: PathBuf,
     pin: Pinning,
     control: bool,
+    merge: bool,
 }
 
 impl EngineSel {
@@ -150,15 +165,23 @@ impl EngineSel {
             RestoreSel::Runsc => &[false],
             RestoreSel::Both => &[true, false],
         };
+        let merges: &[bool] = match self.merge_pages {
+            MergeSel::On => &[true],
+            MergeSel::Off => &[false],
+            MergeSel::Both => &[true, false],
+        };
         let mut out = Vec::new();
         for r in &binaries {
             for &pin in pins {
                 for &control in controls {
-                    out.push(Choice {
-                        runsc: r.clone(),
-                        pin,
-                        control,
-                    });
+                    for &merge in merges {
+                        out.push(Choice {
+                            runsc: r.clone(),
+                            pin,
+                            control,
+                            merge,
+                        });
+                    }
                 }
             }
         }
@@ -284,6 +307,7 @@ fn make_engine(
         pinning: choice.pin,
         control_restore: choice.control,
         network,
+        merge_pages: choice.merge,
         ..EngineConfig::under(dir, choice.runsc.clone(), agent.to_path_buf())
     })?))
 }
@@ -292,7 +316,7 @@ fn make_engine(
 fn engine_label(engine: &RunscEngine, choice: &Choice) -> String {
     let caps = engine.caps();
     format!(
-        "{} {}{}{}",
+        "{} {}{}{}{}",
         caps.version.replace("runsc version ", ""),
         caps.platform,
         pin_label(choice.pin),
@@ -300,14 +324,23 @@ fn engine_label(engine: &RunscEngine, choice: &Choice) -> String {
             ", `runsc restore`"
         } else {
             ""
-        }
+        },
+        merge_label(engine, choice)
     )
+}
+
+fn merge_label(engine: &RunscEngine, choice: &Choice) -> &'static str {
+    match (choice.merge, engine.merging()) {
+        (true, true) => ", pages merged",
+        (true, false) => ", pages not merged (the kernel cannot)",
+        (false, _) => ", pages not merged",
+    }
 }
 
 fn print_caps(engine: &RunscEngine, choice: &Choice) {
     let c = engine.caps();
     println!(
-        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}{}",
+        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}{}{}",
         c.version.replace("runsc version ", ""),
         engine.config().runsc.display(),
         c.platform,
@@ -317,7 +350,8 @@ fn print_caps(engine: &RunscEngine, choice: &Choice) {
         c.control_restore,
         c.control_restore && choice.control,
         c.netstack,
-        pin_label(choice.pin)
+        pin_label(choice.pin),
+        merge_label(engine, choice)
     );
 }
 
@@ -843,6 +877,34 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             wait_ready(&worker, want, Duration::from_secs(10)).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
+            if engine.merging() {
+                // The kernel merges a page once it has seen it unchanged twice: wait until a
+                // full pass over every mergeable page saves nothing more (at least three
+                // passes after the last sandbox came up, two minutes at most).
+                let ksm = Path::new(hearth_worker::ksm::SYSFS);
+                let t = Instant::now();
+                let (mut passes, mut last_scan) = (0, hearth_worker::ksm::full_scans(ksm));
+                let mut saved = hearth_worker::ksm::saved_pages(ksm);
+                while t.elapsed() < Duration::from_secs(120) {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let scan = hearth_worker::ksm::full_scans(ksm);
+                    if scan == last_scan {
+                        continue;
+                    }
+                    last_scan = scan;
+                    passes += 1;
+                    let now = hearth_worker::ksm::saved_pages(ksm);
+                    if passes >= 3 && now == saved {
+                        break;
+                    }
+                    saved = now;
+                }
+                println!(
+                    "same-page merging: settled after {passes} full scans, {:.1} s ({} pages saved host-wide)",
+                    t.elapsed().as_secs_f64(),
+                    saved.unwrap_or(0)
+                );
+            }
             let stats = worker.stats();
             let usage: Vec<u64> = engine
                 .cgroups()
@@ -856,8 +918,11 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             let n = usage.len().max(1);
+            let ksmd0 = ksmd_ticks();
             let idle_pct = idle_cpu(&engine, n).await;
+            let ksmd_pct = ksmd_ticks().saturating_sub(ksmd0) as f64 * 10.0 / 5000.0 * 100.0;
             println!("idle CPU: {n} idle + ready sandboxes, {idle_pct:.2} % of a core each");
+            println!("the kernel's page-merging scanner (ksmd) meanwhile: {ksmd_pct:.2} % of a core");
             // The same idle sandboxes frozen, as the pool freezes them after
             // `--freeze-idle-ms` (the ready ones stay as they are).
             let frozen = worker.freeze_idle(Duration::ZERO);
@@ -897,6 +962,11 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 "idle CPU per sandbox, idle + ready (sentry + gofer)",
                 col,
                 format!("{idle_pct:.2} % of a core each"),
+            );
+            table.set(
+                "the kernel's page-merging scanner (ksmd) meanwhile, all sandboxes together",
+                col,
+                format!("{ksmd_pct:.2} % of a core"),
             );
             Ok::<(), anyhow::Error>(())
         }
@@ -957,6 +1027,31 @@ async fn idle_cpu(engine: &RunscEngine, sandboxes: usize) -> f64 {
     t1.saturating_sub(t0) as f64 * 10.0 / 5000.0 * 100.0 / sandboxes.max(1) as f64
 }
 
+/// CPU time (ticks) of the kernel's page-merging thread so far; 0 where there is none.
+fn ksmd_ticks() -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == "ksmd") {
+            return stat_ticks(&std::fs::read_to_string(p.join("stat")).unwrap_or_default());
+        }
+    }
+    0
+}
+
+/// User + system ticks from a `/proc/PID/stat` line (0 if it does not parse).
+fn stat_ticks(stat: &str) -> u64 {
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
 /// Processes whose command line contains `needle` (a runsc state root), and their CPU time
 /// so far in ticks (user + system).
 fn cpu_ticks(needle: &str) -> (usize, u64) {
@@ -975,13 +1070,7 @@ fn cpu_ticks(needle: &str) -> (usize, u64) {
         let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
             continue;
         };
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        ticks += get(11) + get(12);
+        ticks += stat_ticks(&stat);
         n += 1;
     }
     (n, ticks)
