@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Bumped when the probe itself changes, so cached results from an older probe are redone.
-const PROBE_FORMAT: u32 = 3;
+const PROBE_FORMAT: u32 = 4;
 
 /// Capabilities of one runsc binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +47,10 @@ pub struct Caps {
     pub control_restore: bool,
     /// `--network=sandbox` (gVisor's netstack) works here.
     pub netstack: bool,
+    /// The sentry opens the container's files itself (`--directfs`, on by default where
+    /// runsc has it): the gofer then only serves the mounts' setup and restores.
+    #[serde(default)]
+    pub directfs: bool,
     /// Why a feature was found missing (what runsc said).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -143,7 +147,8 @@ fn probe_uncached(runsc: &Path, agent: &Path, work: &Path) -> Result<Caps, Probe
         let Some(platform) = platform else {
             return Err(ProbeError::NoPlatform(failures.join("; ")));
         };
-        let help = checkpoint_help(runsc);
+        let directfs = directfs_default(&runsc_output(runsc, &["flags"]));
+        let help = runsc_output(runsc, &["checkpoint", "--help"]);
         let uncompressed = help.contains("-compression");
         let zero_pages = help.contains("exclude-committed-zero-pages");
         let mut notes = Vec::new();
@@ -178,6 +183,7 @@ fn probe_uncached(runsc: &Path, agent: &Path, work: &Path) -> Result<Caps, Probe
             restore_into_created,
             control_restore,
             netstack,
+            directfs,
             notes,
         })
     })();
@@ -185,9 +191,21 @@ fn probe_uncached(runsc: &Path, agent: &Path, work: &Path) -> Result<Caps, Probe
     result
 }
 
-fn checkpoint_help(runsc: &Path) -> String {
+/// Whether `runsc flags` lists `-directfs` with a default of true (hearth never sets it).
+fn directfs_default(flags: &str) -> bool {
+    let mut lines = flags.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == "-directfs" {
+            return lines.next().is_some_and(|d| d.contains("(default true)"));
+        }
+    }
+    false
+}
+
+/// What `runsc ARGS` printed (stdout, then stderr); empty if it did not run.
+fn runsc_output(runsc: &Path, args: &[&str]) -> String {
     Command::new(runsc)
-        .args(["checkpoint", "--help"])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .map(|o| {
@@ -516,8 +534,18 @@ mod tests {
             restore_into_created: true,
             control_restore: true,
             netstack: false,
+            directfs: true,
             notes: vec![],
         }
+    }
+
+    #[test]
+    fn directfs_is_read_from_runsc_flags() {
+        let newer = "  -dcache int\n    \tSet the global dentry cache size. (default -1)\n  -directfs\n    \tdirectly access the container filesystems from the sentry. Sentry runs with higher privileges. (default true)\n  -file-access value\n";
+        assert!(directfs_default(newer));
+        assert!(!directfs_default(&newer.replace("(default true)", "")));
+        // An older runsc without the flag.
+        assert!(!directfs_default("  -dcache int\n  -file-access value\n"));
     }
 
     #[test]

@@ -468,6 +468,25 @@ async fn the_kernel_merges_the_sandboxes_runsc_pages_and_nothing_of_the_worker()
         "two sandboxes' sentry and gofer at least: {procs:?}"
     );
     assert!(procs.iter().all(|(_, s)| s.merge_any), "{procs:?}");
+    // With directfs the gofer runs on one Go processor (the sentry's environment is empty).
+    if on.engine.caps().directfs {
+        let gofers: Vec<i32> = procs
+            .iter()
+            .map(|(pid, _)| *pid)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"runsc-gofer"))
+            })
+            .collect();
+        assert!(gofers.len() >= 2, "{procs:?}");
+        for pid in gofers {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            assert!(
+                env.split(|b| *b == 0).any(|e| e == b"GOMAXPROCS=1"),
+                "gofer {pid} without GOMAXPROCS=1"
+            );
+        }
+    }
     let me = ksm::process_stat(std::process::id() as i32).expect("own ksm_stat");
     assert!(!me.merge_any, "the worker must not make itself mergeable");
     let until = std::time::Instant::now() + Duration::from_secs(90);

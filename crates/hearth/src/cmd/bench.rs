@@ -340,7 +340,7 @@ fn merge_label(engine: &RunscEngine, choice: &Choice) -> &'static str {
 fn print_caps(engine: &RunscEngine, choice: &Choice) {
     let c = engine.caps();
     println!(
-        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}{}{}",
+        "== engine: {} ({}): platform {}, uncompressed checkpoints {}, zero-page exclusion {}, restore into created {}, control-socket restore {} (used: {}), netstack {}, directfs {}{}{}",
         c.version.replace("runsc version ", ""),
         engine.config().runsc.display(),
         c.platform,
@@ -350,6 +350,7 @@ fn print_caps(engine: &RunscEngine, choice: &Choice) {
         c.control_restore,
         c.control_restore && choice.control,
         c.netstack,
+        c.directfs,
         pin_label(choice.pin),
         merge_label(engine, choice)
     );
