@@ -9,12 +9,43 @@
 //! the `cpuset` parent must carry `cpus` and `mems` before runsc can create a child in it (the
 //! kernel starts a new cpuset empty), so [`Cgroups::prepare`] copies them from above.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::Flock;
 
 /// Name of the directory all hearth cgroups live under; each worker has its own directory
 /// below it (several workers, e.g. parallel tests, share a machine without seeing each other).
 pub const PARENT: &str = "hearth";
+
+/// Where workers' liveness locks are: `<dir>/<instance>`, locked (`flock`) for as long as the
+/// worker runs. A lock dies with its process, so a worker killed before it could remove its
+/// cgroup directories leaves a free lock (or none), and the next worker to start on the
+/// machine removes them ([`Cgroups::remove_dead_workers`]).
+pub const WORKER_LOCK_DIR: &str = "/run/hearth/workers";
+
+/// A worker's liveness lock, held until dropped (then its file is unlinked, still locked).
+#[derive(Debug)]
+pub struct InstanceLock {
+    path: PathBuf,
+    lock: Option<Flock<File>>,
+}
+
+impl InstanceLock {
+    /// Whether this worker holds its lock (not when another holder in this process or another
+    /// has it: then that holder keeps the directories alive anyway).
+    pub fn held(&self) -> bool {
+        self.lock.is_some()
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            crate::netns::release(&self.path, lock);
+        }
+    }
+}
 
 /// Where this process's cgroups are.
 #[derive(Debug, Clone)]
@@ -24,6 +55,8 @@ pub struct Cgroups {
     unified: bool,
     /// `hearth/<worker instance>`, relative to our own cgroup.
     parent: String,
+    /// The worker instance's name.
+    instance: String,
 }
 
 impl Cgroups {
@@ -61,7 +94,87 @@ impl Cgroups {
             own,
             unified: unified_only,
             parent: format!("{PARENT}/{instance}"),
+            instance: instance.to_string(),
         }
+    }
+
+    /// The `hearth` directory in each of this process's hierarchies (every worker's directory
+    /// is below it).
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.own.iter().map(|(_, d)| d.join(PARENT)).collect()
+    }
+
+    /// Take this worker's liveness lock under `lock_dir` (normally [`WORKER_LOCK_DIR`]), before
+    /// any of its directories exist. A worker sweeping a dead run of this instance holds the
+    /// lock for a moment: wait up to a second; after that another live holder has it.
+    pub fn lock_instance(&self, lock_dir: &Path) -> InstanceLock {
+        let path = lock_dir.join(&self.instance);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut lock = None;
+        if fs::create_dir_all(lock_dir).is_ok() {
+            loop {
+                match crate::netns::try_lock(&path, true) {
+                    Ok(Some(l)) => {
+                        lock = Some(l);
+                        break;
+                    }
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(25));
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if lock.is_none() {
+            tracing::warn!(lock = %path.display(), "another process holds this worker's liveness lock");
+        }
+        InstanceLock { path, lock }
+    }
+
+    /// Remove what workers that are gone left: for every other worker directory under the
+    /// `hearth` directories whose liveness lock (under `lock_dir`) is free or missing, its
+    /// sandbox directories and itself. The kernel refuses to remove a cgroup that still has
+    /// processes, so a sandbox still running is never touched. Returns the directories removed.
+    pub fn remove_dead_workers(&self, lock_dir: &Path) -> usize {
+        let mut names = std::collections::BTreeSet::new();
+        for root in self.roots() {
+            if let Ok(entries) = fs::read_dir(&root) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name != self.instance && e.path().is_dir() {
+                        names.insert(name);
+                    }
+                }
+            }
+        }
+        let mut removed = 0;
+        for name in names {
+            let path = lock_dir.join(&name);
+            // Held by a live worker: keep. Free: ours now, until its directories are gone.
+            let lock = match crate::netns::try_lock(&path, false) {
+                Ok(Some(lock)) => Some(lock),
+                Ok(None) if path.exists() => continue,
+                Ok(None) => None,
+                Err(_) => continue,
+            };
+            for root in self.roots() {
+                let dir = root.join(&name);
+                if let Ok(entries) = fs::read_dir(&dir) {
+                    for e in entries.flatten() {
+                        if e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
+                            removed += 1;
+                        }
+                    }
+                }
+                if fs::remove_dir(&dir).is_ok() {
+                    removed += 1;
+                }
+            }
+            if let Some(lock) = lock {
+                crate::netns::release(&path, lock);
+            }
+        }
+        removed
     }
 
     fn controller_dir(&self, controller: &str) -> Option<&Path> {

@@ -379,6 +379,8 @@ pub struct RunscEngine {
     cores: usize,
     /// Sandboxes' sentry and gofer are marked mergeable (`ksm.rs`).
     merging: bool,
+    /// This worker's liveness lock: while held, no other worker removes its cgroups.
+    _instance_lock: crate::cgroup::InstanceLock,
 }
 
 impl RunscEngine {
@@ -434,7 +436,16 @@ impl RunscEngine {
             format!("w{}", &hex::encode(digest)[..10])
         };
         let cgroups = Cgroups::discover(&instance);
+        let lock_dir = Path::new(crate::cgroup::WORKER_LOCK_DIR);
+        let instance_lock = cgroups.lock_instance(lock_dir);
         cgroups.prepare();
+        let gone = cgroups.remove_dead_workers(lock_dir);
+        if gone > 0 {
+            tracing::info!(
+                directories = gone,
+                "removed the cgroup directories of workers that are gone"
+            );
+        }
         let network = match cfg.network {
             NetPolicy::Egress => {
                 let net_state = cfg.state_root.with_file_name("net");
@@ -468,6 +479,7 @@ impl RunscEngine {
             next_core: AtomicUsize::new(0),
             cores,
             merging,
+            _instance_lock: instance_lock,
         })
     }
 

@@ -954,8 +954,8 @@ fn lock_instance(instance: &str) -> Result<Flock<File>, NetError> {
 }
 
 /// Lock `path` exclusively without waiting. `None`: someone holds it (or, without `create`, it
-/// does not exist).
-fn try_lock(path: &Path, create: bool) -> Result<Option<Flock<File>>, NetError> {
+/// does not exist). Also the workers' liveness locks (`cgroup.rs`).
+pub(crate) fn try_lock(path: &Path, create: bool) -> Result<Option<Flock<File>>, NetError> {
     loop {
         let file = match OpenOptions::new()
             .read(true)
@@ -994,7 +994,7 @@ fn try_lock(path: &Path, create: bool) -> Result<Option<Flock<File>>, NetError> 
 
 /// Give a lock up: unlink its file first, while it still holds, so nobody locks the file and
 /// takes it for the live one.
-fn release(path: &Path, lock: Flock<File>) {
+pub(crate) fn release(path: &Path, lock: Flock<File>) {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             tracing::warn!(path = %path.display(), "removing a lock file: {e}");

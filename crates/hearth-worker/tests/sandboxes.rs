@@ -519,6 +519,50 @@ async fn the_kernel_merges_the_sandboxes_runsc_pages_and_nothing_of_the_worker()
     on.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_worker_removes_the_cgroups_of_workers_that_are_gone_and_no_others() {
+    use hearth_worker::cgroup::{Cgroups, WORKER_LOCK_DIR};
+    let lock_dir = Path::new(WORKER_LOCK_DIR);
+    let (gone, live) = (
+        format!("wgone{}", std::process::id()),
+        format!("wlive{}", std::process::id()),
+    );
+    // A live worker: its liveness lock held (here, by this test).
+    let live_lock = Cgroups::discover(&live).lock_instance(lock_dir);
+    assert!(live_lock.held());
+    // Both left a sandbox directory in every hierarchy; the gone one holds no lock.
+    let mut made = Vec::new();
+    for root in Cgroups::discover(&gone).roots() {
+        for name in [&gone, &live] {
+            let d = root.join(name).join("hs00000000000000aa");
+            if std::fs::create_dir_all(&d).is_ok() {
+                made.push((name.clone(), d));
+            }
+        }
+    }
+    assert!(made.len() >= 2, "{made:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine_in(dir.path());
+    for (name, d) in &made {
+        let parent = d.parent().expect("parent");
+        if *name == gone {
+            assert!(!d.exists() && !parent.exists(), "{} was left", d.display());
+        } else {
+            assert!(d.exists(), "{} of a live worker was removed", d.display());
+        }
+    }
+    // Once the live one is gone too, the next worker removes its directories as well.
+    drop(live_lock);
+    drop(engine);
+    let engine = engine_in(dir.path());
+    for (name, d) in &made {
+        if *name == live {
+            assert!(!d.exists(), "{} was left", d.display());
+        }
+    }
+    drop(engine);
+}
+
 const NODE_APP: &str = r#"
 let count = 0;
 export const handler = async (event, context) => {
