@@ -59,6 +59,18 @@ pub struct Cgroups {
     instance: String,
 }
 
+/// Remove the directories in `dir` the kernel lets go (cgroups without processes or children).
+/// Returns how many went.
+fn remove_empty_children(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir() && fs::remove_dir(e.path()).is_ok())
+        .count()
+}
+
 impl Cgroups {
     /// Discover the cgroups of the current process; `instance` names this worker's directory.
     pub fn discover(instance: &str) -> Self {
@@ -159,13 +171,7 @@ impl Cgroups {
             };
             for root in self.roots() {
                 let dir = root.join(&name);
-                if let Ok(entries) = fs::read_dir(&dir) {
-                    for e in entries.flatten() {
-                        if e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
-                            removed += 1;
-                        }
-                    }
-                }
+                removed += remove_empty_children(&dir);
                 if fs::remove_dir(&dir).is_ok() {
                     removed += 1;
                 }
@@ -229,19 +235,10 @@ impl Cgroups {
     /// Remove empty sandbox cgroups left under the parent (after their sandboxes are gone).
     /// Returns how many directories were removed.
     pub fn remove_stale(&self) -> usize {
-        let mut removed = 0;
-        for (_, dir) in &self.own {
-            let parent = dir.join(&self.parent);
-            let Ok(entries) = fs::read_dir(&parent) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if e.path().is_dir() && fs::remove_dir(e.path()).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        removed
+        self.own
+            .iter()
+            .map(|(_, dir)| remove_empty_children(&dir.join(&self.parent)))
+            .sum()
     }
 
     /// Remove one sandbox's cgroup directories (runsc normally does; this is the safety net).

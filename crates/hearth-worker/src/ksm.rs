@@ -102,12 +102,7 @@ pub fn enable(dir: &Path) -> Result<Vec<String>, KsmError> {
 /// (`PR_GET_MEMORY_MERGE` fails with `EINVAL` on kernels without it).
 pub fn process_merge_supported() -> std::io::Result<()> {
     // SAFETY: prctl(PR_GET_MEMORY_MERGE) takes integer arguments and only reads a flag.
-    let r = unsafe { libc::prctl(libc::PR_GET_MEMORY_MERGE, 0, 0, 0, 0) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    prctl_result(unsafe { libc::prctl(libc::PR_GET_MEMORY_MERGE, 0, 0, 0, 0) })
 }
 
 /// Mark the calling process (and what it later starts) mergeable. Meant for a child between
@@ -115,7 +110,10 @@ pub fn process_merge_supported() -> std::io::Result<()> {
 pub fn mark_this_process() -> std::io::Result<()> {
     // SAFETY: prctl(PR_SET_MEMORY_MERGE, 1) takes integer arguments and changes only this
     // process's memory-merging flag.
-    let r = unsafe { libc::prctl(libc::PR_SET_MEMORY_MERGE, 1, 0, 0, 0) };
+    prctl_result(unsafe { libc::prctl(libc::PR_SET_MEMORY_MERGE, 1, 0, 0, 0) })
+}
+
+fn prctl_result(r: libc::c_int) -> std::io::Result<()> {
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -164,24 +162,21 @@ pub fn process_stat(pid: i32) -> Option<ProcessStat> {
 
 /// How many full passes the scanner has made (under `dir`, normally [`SYSFS`]).
 pub fn full_scans(dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(dir.join("full_scans"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    read_count(dir, "full_scans")
 }
 
 /// Pages the scanner has saved host-wide: duplicates now sharing a KSM page plus zero pages
 /// mapped to the kernel's zero page (under `dir`, normally [`SYSFS`]).
 pub fn saved_pages(dir: &Path) -> Option<u64> {
-    let read = |n: &str| -> Option<u64> {
-        std::fs::read_to_string(dir.join(n))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some(read("pages_sharing")? + read("ksm_zero_pages").unwrap_or(0))
+    Some(read_count(dir, "pages_sharing")? + read_count(dir, "ksm_zero_pages").unwrap_or(0))
+}
+
+fn read_count(dir: &Path, name: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
