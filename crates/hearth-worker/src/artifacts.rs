@@ -13,6 +13,7 @@ use std::process::Command;
 use hearth_store::{ChunkStore, Scope, StoreError};
 
 use crate::images::{ImageError, ImageStore, recipe_for};
+use crate::scratch::Scratch;
 
 /// The artifact name of an image.
 pub fn image_artifact(name: &str) -> String {
@@ -65,8 +66,8 @@ pub async fn publish_image(
     {
         return Ok(0);
     }
-    let tmp = tempfile_in(images.dir())?;
-    let tar = tmp.join("image.tar");
+    let tmp = Scratch::new(images.dir(), "art", "")?;
+    let tar = tmp.path().join("image.tar");
     let root = rootfs.clone();
     let t = tar.clone();
     tokio::task::spawn_blocking(move || flatten(&root, &t))
@@ -81,9 +82,8 @@ pub async fn publish_image(
     let info = chunks
         .put_file(&Scope::Shared, &artifact, &tar, meta)
         .await
-        .map_err(|e| step("storing the image", e));
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(info?.new_bytes)
+        .map_err(|e| step("storing the image", e))?;
+    Ok(info.new_bytes)
 }
 
 /// Make sure the image serving `runtime` is in the local cache, fetching it from the chunk
@@ -107,8 +107,8 @@ pub async fn ensure_image(
         }
         Err(e) => return Err(step("reading the image manifest", e)),
     };
-    let tmp = tempfile_in(images.dir())?;
-    let tar = tmp.join("image.tar");
+    let tmp = Scratch::new(images.dir(), "art", "")?;
+    let tar = tmp.path().join("image.tar");
     chunks
         .get_to_file(&Scope::Shared, &artifact, &tar)
         .await
@@ -116,19 +116,7 @@ pub async fn ensure_image(
     let info = manifest.meta.get("image_json").cloned().unwrap_or_default();
     let store = images.clone();
     let name_owned = name.to_string();
-    let root =
-        tokio::task::spawn_blocking(move || store.import_tar_with_info(&name_owned, &tar, &info))
-            .await
-            .map_err(|e| step("unpacking the image", e))?;
-    let _ = std::fs::remove_dir_all(&tmp);
-    root
-}
-
-fn tempfile_in(dir: &Path) -> Result<PathBuf, ImageError> {
-    let tmp = dir.join(format!(".art-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    Ok(tmp)
+    tokio::task::spawn_blocking(move || store.import_tar_with_info(&name_owned, &tar, &info))
+        .await
+        .map_err(|e| step("unpacking the image", e))?
 }

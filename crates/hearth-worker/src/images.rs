@@ -45,6 +45,8 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use crate::scratch::Scratch;
+
 /// Errors building, importing or finding images.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -70,6 +72,8 @@ pub enum ImageError {
     },
     #[error("cannot import {0}: not a directory or a tar archive")]
     BadImport(PathBuf),
+    #[error(transparent)]
+    Scratch(#[from] crate::scratch::ScratchError),
     /// Some images of [`ImageStore::ensure_all`] failed to build (the others were built).
     #[error(
         "runtime images not built: {}",
@@ -513,7 +517,7 @@ impl ImageStore {
         image_json: &str,
     ) -> Result<PathBuf, ImageError> {
         let tmp = self.fresh_tmp(name)?;
-        let rootfs = tmp.join("rootfs");
+        let rootfs = tmp.path().join("rootfs");
         fs::create_dir_all(&rootfs).map_err(io_err(&rootfs))?;
         let mut cmd = Command::new("tar");
         cmd.arg("-xf")
@@ -521,20 +525,16 @@ impl ImageStore {
             .arg("-C")
             .arg(&rootfs)
             .arg("--numeric-owner");
-        if let Err(e) = run_streaming(cmd, "untar image", &mut |_| {}) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        let meta = tmp.join("image.json");
+        run_streaming(cmd, "untar image", &mut |_| {})?;
+        let meta = tmp.path().join("image.json");
         fs::write(&meta, image_json).map_err(io_err(&meta))?;
         let dest = self.dir.join(name);
         if dest.join("image.json").is_file() {
             // Another fetch finished first; sandboxes may already use it: keep it.
-            let _ = fs::remove_dir_all(&tmp);
             return Ok(dest.join("rootfs"));
         }
         let _ = fs::remove_dir_all(&dest);
-        fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        fs::rename(tmp.path(), &dest).map_err(io_err(&dest))?;
         Ok(dest.join("rootfs"))
     }
 
@@ -595,7 +595,7 @@ impl ImageStore {
             hint: "apt-get install -y mmdebstrap",
         })?;
         let tmp = self.fresh_tmp(recipe.name)?;
-        let rootfs = tmp.join("rootfs");
+        let rootfs = tmp.path().join("rootfs");
         let suite = recipe.suite();
         let packages = recipe.all_packages();
         progress(&format!(
@@ -610,21 +610,15 @@ impl ImageStore {
             .arg("--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*")
             .arg(&suite)
             .arg(&rootfs);
-        // A failed mmdebstrap's tree is left alone (it is never used): it may still have
-        // the host's /dev or /proc mounted inside, and deleting it could reach through them.
+        // A failed mmdebstrap's tree is removed with the scratch directory, unless it still
+        // has the host's /dev or /proc mounted inside (see `scratch`): then it is left.
         run_streaming(cmd, "mmdebstrap", &mut |line| {
             progress(&format!("{}: {line}", recipe.name))
         })?;
-        if let Some(node) = recipe.node
-            && let Err(e) = node_stage(recipe.name, node, &suite, &tmp, &rootfs, progress)
-        {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
+        if let Some(node) = recipe.node {
+            node_stage(recipe.name, node, &suite, tmp.path(), &rootfs, progress)?;
         }
-        if let Err(e) = finish_build(recipe, &rootfs, progress) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
+        finish_build(recipe, &rootfs, progress)?;
         let info = ImageInfo {
             name: recipe.name.to_string(),
             source: format!("mmdebstrap {suite}"),
@@ -633,7 +627,7 @@ impl ImageStore {
             built_at: unix_now_string(),
             recipe_digest: recipe.digest(&suite),
         };
-        let out = self.commit(&tmp, recipe.name, &info)?;
+        let out = self.commit(tmp.path(), recipe.name, &info)?;
         progress(&format!("{}: built at {}", recipe.name, out.display()));
         Ok(out)
     }
@@ -656,7 +650,7 @@ impl ImageStore {
             });
         }
         let tmp = self.fresh_tmp(name)?;
-        let rootfs = tmp.join("rootfs");
+        let rootfs = tmp.path().join("rootfs");
         fs::create_dir_all(&rootfs).map_err(io_err(&rootfs))?;
         progress(&format!("{name}: importing {}", source.display()));
         let mut cmd;
@@ -674,17 +668,10 @@ impl ImageStore {
                 .arg(&rootfs)
                 .arg("--no-same-owner");
         } else {
-            let _ = fs::remove_dir_all(&tmp);
             return Err(ImageError::BadImport(source.to_path_buf()));
         }
-        if let Err(e) = run_streaming(cmd, "import", &mut |l| progress(l)) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = finish_rootfs(&rootfs, None, false) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
+        run_streaming(cmd, "import", &mut |l| progress(l))?;
+        finish_rootfs(&rootfs, None, false)?;
         let info = ImageInfo {
             name: name.to_string(),
             source: format!("import {}", source.display()),
@@ -693,16 +680,12 @@ impl ImageStore {
             built_at: unix_now_string(),
             recipe_digest: String::new(),
         };
-        self.commit(&tmp, name, &info)
+        self.commit(tmp.path(), name, &info)
     }
 
-    fn fresh_tmp(&self, name: &str) -> Result<PathBuf, ImageError> {
-        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        Ok(tmp)
+    /// Scratch space for building `name`: removed when dropped, swept if its process dies.
+    fn fresh_tmp(&self, name: &str) -> Result<Scratch, ImageError> {
+        Ok(Scratch::new(&self.dir, "tmp", name)?)
     }
 
     fn commit(&self, tmp: &Path, name: &str, info: &ImageInfo) -> Result<PathBuf, ImageError> {

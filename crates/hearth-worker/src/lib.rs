@@ -16,6 +16,7 @@ pub mod pool;
 pub mod prewarm;
 pub mod probe;
 pub mod scaling;
+pub mod scratch;
 pub mod sentry;
 pub mod snapshots;
 pub mod tmpdisk;
