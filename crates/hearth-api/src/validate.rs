@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use crate::error::ApiError;
 
 /// Environment variables Lambda sets itself; a function may not override them.
-pub const RESERVED_ENV: [&str; 17] = [
+pub const RESERVED_ENV: [&str; 18] = [
     "_HANDLER",
     "_X_AMZN_TRACE_ID",
     "AWS_DEFAULT_REGION",
@@ -27,6 +27,7 @@ pub const RESERVED_ENV: [&str; 17] = [
     "AWS_SESSION_TOKEN",
     "AWS_LAMBDA_RUNTIME_API",
     "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
 ];
 /// Lambda's limit on the serialized environment.
 pub const MAX_ENV_BYTES: usize = 4096;

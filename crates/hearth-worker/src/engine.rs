@@ -164,6 +164,9 @@ pub struct SlotSpec {
     /// `Configure`, and a runtime with a `prestart` loads meanwhile. What boots use; restores
     /// need a sandbox that was created only.
     pub started: bool,
+    /// The memory size a started sandbox's prestart sizes its runtime for (in its environment
+    /// as `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`); `None` for images whose prestart does not.
+    pub memory_mb: Option<u32>,
 }
 
 /// What a claim gives a created sandbox.
@@ -191,6 +194,12 @@ pub const PLATFORM_ENV: &[(&str, &str)] = &[
     ("LAMBDA_TASK_ROOT", "/var/task"),
     ("LAMBDA_RUNTIME_DIR", "/var/runtime"),
 ];
+
+/// The [`PLATFORM_ENV`] variables a function may set itself (Lambda documents `LANG`, `PATH` and
+/// `LD_LIBRARY_PATH` as not reserved, and takes a function's `TZ`): its own value replaces
+/// Lambda's. A prestarted runtime that started with another value declines such a function
+/// unless it follows the variable at run time.
+pub const FUNCTION_SETTABLE_ENV: &[&str] = &["TZ", "LANG", "PATH", "LD_LIBRARY_PATH"];
 
 /// How long a started sandbox's agent may take to say Hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(20);
@@ -644,6 +653,9 @@ impl RunscEngine {
         }
         let mut env = vec!["HEARTH_AGENT_DEFER=1".to_string()];
         env.extend(PLATFORM_ENV.iter().map(|(k, v)| format!("{k}={v}")));
+        if let Some(mb) = spec.memory_mb {
+            env.push(format!("AWS_LAMBDA_FUNCTION_MEMORY_SIZE={mb}"));
+        }
         json!({
             "ociVersion": "1.0.2",
             "process": {

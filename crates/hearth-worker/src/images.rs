@@ -168,6 +168,12 @@ pub struct Recipe {
     /// Contents of `/var/runtime/prestart`: the runtime started before its function is known,
     /// which the agent hands the function's environment at claim time (see hearth-agent).
     pub prestart: Option<&'static str>,
+    /// More files in `/var/runtime` (name, contents), not executable: what a prestart runs.
+    pub runtime_files: &'static [(&'static str, &'static str)],
+    /// The prestart sizes its runtime from `AWS_LAMBDA_FUNCTION_MEMORY_SIZE` (Node.js: V8's
+    /// heap, fixed when node starts): started sandboxes of this image are made for one memory
+    /// size, with it in their environment, and a prestart declines a function of another size.
+    pub sized_prestart: bool,
     /// The Debian suite to build from (`None`: this machine's own); a newer suite brings a
     /// newer interpreter into the image only, never onto the host.
     pub suite: Option<&'static str>,
@@ -249,38 +255,81 @@ const PYTHON_PRESTART: &str = include_str!("runtimes/python-prestart.py");
 /// function names one (a script from a layer that ends by running its arguments).
 /// aws-lambda-ric 3 takes the handler as its argument and the current directory as the
 /// function's root; 4 reads `_HANDLER` and `LAMBDA_TASK_ROOT` and ignores arguments.
-macro_rules! node_bootstrap {
-    ($major:literal, $client:literal) => {
+/// A shell script that starts `/var/lang/bin/node` as a Node.js image's bootstrap starts it:
+/// Lambda's `NODE_PATH` unless one is set, V8's heap sized from
+/// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, then `$args` after node's flags, then `$tail`.
+macro_rules! node_script {
+    ($major:literal, $what:literal, $args:expr, $tail:literal) => {
         concat!(
             "#!/bin/sh\n# hearth nodejs",
             $major,
-            r#".x runtime: the official AWS Lambda runtime interface client (aws-lambda-ric)
+            ".x ",
+            $what,
+            r#"
 if [ -z "${NODE_PATH:-}" ]; then
   export NODE_PATH=/opt/nodejs/node"#,
             $major,
             r#"/node_modules:/opt/nodejs/node_modules:/var/runtime/node_modules:/var/runtime:/var/task
 fi
-set -- /var/runtime/node_modules/aws-lambda-ric/"#,
-            $client,
-            r#" "$_HANDLER"
+set -- "#,
+            $args,
+            r#"
 mb=${AWS_LAMBDA_FUNCTION_MEMORY_SIZE:-}
 case "$mb" in
   ''|*[!0-9]*) ;;
   *) young=$((mb / 10)); set -- --max-semi-space-size=$((young / 2)) --max-old-space-size=$((mb - young)) "$@" ;;
 esac
 set -- /var/lang/bin/node --expose-gc --max-http-header-size 81920 "$@"
-cd "${LAMBDA_TASK_ROOT:-/var/task}" || exit 1
+"#,
+            $tail,
+        )
+    };
+}
+
+macro_rules! node_bootstrap {
+    ($major:literal, $client:literal) => {
+        node_script!(
+            $major,
+            "runtime: the official AWS Lambda runtime interface client (aws-lambda-ric)",
+            concat!(
+                "/var/runtime/node_modules/aws-lambda-ric/",
+                $client,
+                r#" "$_HANDLER""#
+            ),
+            r#"cd "${LAMBDA_TASK_ROOT:-/var/task}" || exit 1
 if [ -n "${AWS_LAMBDA_EXEC_WRAPPER:-}" ]; then
   exec "$AWS_LAMBDA_EXEC_WRAPPER" "$@"
 fi
 exec "$@"
-"#,
+"#
+        )
+    };
+}
+
+/// `/var/runtime/prestart` of a Node.js image: `node` as the bootstrap starts it, on
+/// [`NODE_PRESTART_MODULE`] (`/var/runtime/prestart.mjs`) with the client's entry as argument.
+macro_rules! node_prestart {
+    ($major:literal, $client:literal) => {
+        node_script!(
+            $major,
+            "runtime started ahead of demand (see /var/runtime/prestart.mjs)",
+            concat!(
+                "/var/runtime/prestart.mjs /var/runtime/node_modules/aws-lambda-ric/",
+                $client
+            ),
+            "exec \"$@\"\n"
         )
     };
 }
 
 const NODE22_BOOTSTRAP: &str = node_bootstrap!("22", "bin/index.mjs");
 const NODE24_BOOTSTRAP: &str = node_bootstrap!("24", "index.mjs");
+const NODE22_PRESTART: &str = node_prestart!("22", "bin/index.mjs");
+const NODE24_PRESTART: &str = node_prestart!("24", "index.mjs");
+/// The module a Node.js prestart runs: it loads node, the client's built-in modules and its
+/// native addon, then takes a function's environment from the agent (the Python prestart's
+/// protocol) and imports the client.
+const NODE_PRESTART_MODULE: &str = include_str!("runtimes/node-prestart.mjs");
 
 /// The runtimes hearth builds.
 pub const RECIPES: &[Recipe] = &[
@@ -290,6 +339,8 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
         bootstrap: Some(PYTHON_BOOTSTRAP),
         prestart: Some(PYTHON_PRESTART),
+        runtime_files: &[],
+        sized_prestart: false,
         suite: None,
         python: Some("3.11"),
         node: None,
@@ -300,6 +351,8 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &["awslambdaric", "simplejson", "snapshot-restore-py"],
         bootstrap: Some(PYTHON313_BOOTSTRAP),
         prestart: Some(PYTHON_PRESTART),
+        runtime_files: &[],
+        sized_prestart: false,
         // Debian 13 (trixie) ships Python 3.13.
         suite: Some("trixie"),
         python: Some("3.13"),
@@ -310,7 +363,9 @@ pub const RECIPES: &[Recipe] = &[
         packages: &["libstdc++6"],
         wheels: &[],
         bootstrap: Some(NODE22_BOOTSTRAP),
-        prestart: None,
+        prestart: Some(NODE22_PRESTART),
+        runtime_files: &[("prestart.mjs", NODE_PRESTART_MODULE)],
+        sized_prestart: true,
         suite: None,
         python: None,
         // aws-lambda-ric 3 runs callback handlers, as Lambda's nodejs22.x does (4 refuses
@@ -327,7 +382,9 @@ pub const RECIPES: &[Recipe] = &[
         packages: &["libstdc++6"],
         wheels: &[],
         bootstrap: Some(NODE24_BOOTSTRAP),
-        prestart: None,
+        prestart: Some(NODE24_PRESTART),
+        runtime_files: &[("prestart.mjs", NODE_PRESTART_MODULE)],
+        sized_prestart: true,
         suite: None,
         python: None,
         node: Some(NodeBuild {
@@ -343,6 +400,8 @@ pub const RECIPES: &[Recipe] = &[
         wheels: &[],
         bootstrap: None,
         prestart: None,
+        runtime_files: &[],
+        sized_prestart: false,
         suite: None,
         python: None,
         node: None,
@@ -382,6 +441,13 @@ impl Recipe {
             "tools": USERLAND_TOOLS,
             "hosts": HOSTS,
         });
+        // Only recipes with runtime files name them: the other images' digests stay as they were.
+        if let (false, Some(map)) = (self.runtime_files.is_empty(), inputs.as_object_mut()) {
+            map.insert(
+                "runtime_files".into(),
+                serde_json::json!(self.runtime_files),
+            );
+        }
         // Only Node.js recipes name the build stage: the other images' digests stay as they were.
         if let (Some(node), Some(map)) = (self.node, inputs.as_object_mut()) {
             map.insert(
@@ -860,6 +926,10 @@ fn finish_build(
     finish_rootfs(rootfs, recipe.bootstrap, true)?;
     if let Some(script) = recipe.prestart {
         runtime_script(rootfs, "prestart", script)?;
+    }
+    for (name, contents) in recipe.runtime_files {
+        let path = dir_in(rootfs, "var/runtime")?.join(name);
+        fs::write(&path, contents).map_err(io_err(&path))?;
     }
     Ok(())
 }
@@ -1368,6 +1438,51 @@ mod tests {
                  /var/runtime/node_modules/aws-lambda-ric/bin/index.mjs index.handler"
             )
         );
+    }
+
+    #[test]
+    fn a_node_prestart_starts_node_as_the_bootstrap_would_on_its_module() {
+        // Both scripts with `exec` echoing what it would run.
+        let run = |script: &str, env: &[(&str, &str)]| {
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(format!(
+                    "exec() {{ echo \"NODE_PATH=$NODE_PATH\"; echo \"$@\"; exit 0; }}\n{}",
+                    script.trim_start_matches("#!/bin/sh\n")
+                ))
+                .env_clear()
+                .env("LAMBDA_TASK_ROOT", "/")
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        for (prestart, bootstrap, client) in [
+            (NODE22_PRESTART, NODE22_BOOTSTRAP, "bin/index.mjs"),
+            (NODE24_PRESTART, NODE24_BOOTSTRAP, "index.mjs"),
+        ] {
+            for mb in ["128", "3008"] {
+                let env = [("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", mb)];
+                let pre = run(prestart, &env);
+                let boot = run(bootstrap, &[env[0], ("_HANDLER", "index.handler")]);
+                let client = format!("/var/runtime/node_modules/aws-lambda-ric/{client}");
+                assert_eq!(
+                    pre.replace(&format!("/var/runtime/prestart.mjs {client}"), ""),
+                    boot.replace(&format!("{client} index.handler"), ""),
+                    "{pre}\n{boot}"
+                );
+                assert!(pre.contains(&format!("/var/runtime/prestart.mjs {client}\n")));
+                assert!(pre.contains("--max-old-space-size="), "{pre}");
+            }
+        }
+        // The module it runs is in the image; only Node.js prestarts are sized.
+        for r in RECIPES {
+            assert_eq!(r.sized_prestart, r.node.is_some(), "{}", r.name);
+            if r.node.is_some() {
+                assert_eq!(r.runtime_files, &[("prestart.mjs", NODE_PRESTART_MODULE)]);
+            }
+        }
     }
 
     #[test]

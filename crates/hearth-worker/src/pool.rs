@@ -40,7 +40,7 @@ use crate::demand::{self, DemandConfig, DemandHistory};
 use crate::engine::{Claim, Engine, NetMode, SENTRY_OVERHEAD_MB, Sandbox, SlotSpec};
 use crate::evict;
 use crate::frames;
-use crate::images::ImageStore;
+use crate::images::{ImageStore, recipe_for};
 use crate::prewarm::{self, PrewarmConfig};
 use crate::scaling;
 use crate::snapshots::{RestorePoint, SnapshotError, SnapshotMeta, SnapshotMiss, SnapshotStore};
@@ -450,6 +450,7 @@ impl Worker {
         let Ok(rootfs) = self.inner.images.rootfs_for_runtime(runtime) else {
             return;
         };
+        let sized = recipe_for(runtime).is_ok_and(|r| r.sized_prestart);
         let kind = SlotSpec {
             rootfs,
             net: if self.inner.engine.egress_allowed() {
@@ -460,6 +461,8 @@ impl Worker {
             tmp_mb: 512,
             pids_limit: PIDS_LIMIT,
             started: true,
+            // Lambda's default memory size, which hearth's API gives a function that sets none.
+            memory_mb: sized.then_some(128),
         };
         self.inner
             .lock()
@@ -1280,6 +1283,9 @@ pub fn lambda_env(spec: &FunctionSpec, region: &str, init_type: &str) -> Vec<Str
         .chain(
             crate::engine::PLATFORM_ENV
                 .iter()
+                .filter(|(k, _)| {
+                    !(crate::engine::FUNCTION_SETTABLE_ENV.contains(k) && spec.env.contains_key(*k))
+                })
                 .map(|(k, v)| (*k, v.to_string())),
         )
         .collect();
@@ -1428,12 +1434,15 @@ impl Worker {
             .images
             .rootfs_for_runtime(&spec.runtime)
             .map_err(|e| InvokeError::NotReady(e.to_string()))?;
+        // A prestart that sizes its runtime needs sandboxes made for this memory size.
+        let sized = started && recipe_for(&spec.runtime).is_ok_and(|r| r.sized_prestart);
         Ok(SlotSpec {
             rootfs,
             net: self.net_mode(spec),
             tmp_mb: spec.ephemeral_storage_mb,
             pids_limit: PIDS_LIMIT,
             started,
+            memory_mb: sized.then_some(spec.memory_mb),
         })
     }
 
@@ -1809,8 +1818,10 @@ impl Worker {
         // A streamed response goes to the caller's sink, or is gathered here without one.
         let mut gathered = Vec::new();
         let mut streamed_bytes = 0usize;
-        // The function's memory is sampled while it runs (cgroup peaks count page cache).
-        let mut sample = tokio::time::interval(Duration::from_millis(50));
+        // The function's memory is sampled while it runs (cgroup peaks count page cache), from
+        // 50 ms on: a short invoke's is read once, after its response, off the way in.
+        let every = Duration::from_millis(50);
+        let mut sample = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let frame = tokio::select! {
@@ -2172,7 +2183,7 @@ impl Worker {
         ));
         let started = now();
         let engine = &*inner.engine;
-        let mut peak = engine.resident(&env.sandbox.id).unwrap_or(0);
+        let mut peak = 0;
         let outcome = Self::run(&mut env, &req, &request_id, &mut log, engine, &mut peak).await;
         let duration = since(started);
         peak = peak.max(engine.resident(&env.sandbox.id).unwrap_or(0));
@@ -2476,5 +2487,25 @@ mod tests {
             !env.iter()
                 .any(|e| e.starts_with("AWS_LAMBDA_MAX_CONCURRENCY"))
         );
+        assert!(env.contains(&"TZ=:UTC".to_string()));
+        // A function's own TZ, LANG, PATH or LD_LIBRARY_PATH replaces Lambda's; the task root
+        // stays Lambda's.
+        let mut own = spec.clone();
+        own.env.insert("TZ".into(), "Europe/Paris".into());
+        own.env
+            .insert("PATH".into(), "/var/task/bin:/usr/bin".into());
+        own.env
+            .insert("LAMBDA_TASK_ROOT".into(), "/elsewhere".into());
+        let own_env = lambda_env(&own, "eu-west-1", "on-demand");
+        let values = |key: &str| {
+            own_env
+                .iter()
+                .filter_map(|e| e.strip_prefix(&format!("{key}=")))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(values("TZ"), ["Europe/Paris"]);
+        assert_eq!(values("PATH"), ["/var/task/bin:/usr/bin"]);
+        assert_eq!(values("LANG"), ["C.UTF-8"]);
+        assert_eq!(values("LAMBDA_TASK_ROOT"), ["/var/task"]);
     }
 }

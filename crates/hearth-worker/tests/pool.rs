@@ -473,6 +473,42 @@ async fn the_ready_pool_takes_creation_off_the_request_path() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn node_ready_sandboxes_serve_only_their_memory_size_and_python_ones_any() {
+    let p = Pool::new(|cfg| {
+        cfg.prewarm = PrewarmConfig::default();
+    });
+    let image = p.dir.path().join("images/nodejs22.x");
+    std::fs::create_dir_all(image.join("rootfs")).expect("image dir");
+    std::fs::write(image.join("image.json"), b"{}").expect("image.json");
+    let node = |name: &str, memory_mb: u32| {
+        let mut spec = p.spec(name);
+        spec.runtime = "nodejs22.x".into();
+        spec.handler = "index.handler".into();
+        spec.memory_mb = memory_mb;
+        spec
+    };
+    // Prewarmed for Lambda's default size: a 512 MB function does not take it, it makes its own.
+    p.worker.prewarm("nodejs22.x");
+    settle(&p, |c| c.created >= 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    p.call(&node("big", 512), json!({})).await.expect("call");
+    assert_eq!(p.worker.stats().claimed_ready, 0);
+    p.call(&node("small", 128), json!({})).await.expect("call");
+    assert_eq!(p.worker.stats().claimed_ready, 1);
+    // Python's prestart does not depend on the size: any size takes its ready sandbox.
+    let p = Pool::new(|cfg| {
+        cfg.prewarm = PrewarmConfig::default();
+    });
+    p.worker.prewarm("python3.11");
+    settle(&p, |c| c.created >= 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut py = p.spec("py");
+    py.memory_mb = 1024;
+    p.call(&py, json!({})).await.expect("call");
+    assert_eq!(p.worker.stats().claimed_ready, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn snapstart_restores_the_checkpointed_function() {
     let p = Pool::new(|cfg| {
         cfg.snapshot_dir = Some(std::env::temp_dir().join(format!(

@@ -1723,6 +1723,157 @@ async fn python_boots_take_over_the_prestarted_interpreter_unless_startup_variab
     h.finish().await;
 }
 
+/// What a Node.js handler sees of how it was started: `/proc/self/cmdline` tells a prestarted
+/// node (`... /var/runtime/prestart.mjs <client>`) from one the bootstrap started.
+const NODE_START_APP: &str = r#"
+import fs from "node:fs";
+import v8 from "node:v8";
+import { createRequire } from "node:module";
+const require = createRequire(import.meta.url);
+export const handler = async () => ({
+  cmdline: fs.readFileSync("/proc/self/cmdline", "utf8").split("\0").filter(Boolean),
+  argv: process.argv, execArgv: process.execArgv,
+  heapMb: Math.round(v8.getHeapStatistics().heap_size_limit / 1048576),
+  nodePath: process.env.NODE_PATH, greeting: process.env.GREETING ?? null,
+  home: process.env.HOME ?? null, options: process.env.NODE_OPTIONS ?? null,
+  helper: require("helper").where, cwd: process.cwd(),
+  tzOffset: new Date(0).getTimezoneOffset(), env: process.env,
+});
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_boots_take_over_a_node_prestarted_for_their_memory_size_unless_startup_variables_differ()
+ {
+    let h = Harness::new(Duration::from_secs(60));
+    h.worker.prewarm("nodejs22.x");
+    let files = [
+        ("index.mjs", NODE_START_APP),
+        // Found only through NODE_PATH (its last entry is /var/task), as a fresh node finds it.
+        ("helper.js", "exports.where = 'task';\n"),
+    ];
+    let started_as = |v: &Value| -> Vec<String> {
+        v["cmdline"]
+            .as_array()
+            .expect("cmdline")
+            .iter()
+            .map(|a| a.as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let client22 = "/var/runtime/node_modules/aws-lambda-ric/bin/index.mjs";
+    let heap_flags = |mb: u32| {
+        let young = mb / 10;
+        vec![
+            "--expose-gc".to_string(),
+            "--max-http-header-size".into(),
+            "81920".into(),
+            format!("--max-semi-space-size={}", young / 2),
+            format!("--max-old-space-size={}", mb - young),
+        ]
+    };
+
+    // Lambda's default size: the prewarmed sandbox's node, with what a fresh one would have.
+    let mut a = h.spec("nodepre", "nodejs22.x", "index.handler", &files);
+    a.memory_mb = 128;
+    a.env.insert("GREETING".into(), "hi".into());
+    // Node follows TZ when it changes: a prestarted node takes a function's own.
+    a.env.insert("TZ".into(), "America/New_York".into());
+    wait_ready(&h, 1).await;
+    let r = h.invoke(&a, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    let mut want = vec!["/var/lang/bin/node".to_string()];
+    want.extend(heap_flags(128));
+    want.extend([
+        "/var/runtime/prestart.mjs".to_string(),
+        client22.to_string(),
+    ]);
+    assert_eq!(started_as(&v), want, "{v}\n{}", r.log);
+    assert_eq!(v["tzOffset"], 300, "{v}");
+    let prestarted = v.clone();
+    assert_eq!(
+        v["argv"],
+        json!(["/var/lang/bin/node", client22, "index.handler"]),
+        "{v}"
+    );
+    assert_eq!(v["execArgv"], json!(heap_flags(128)), "{v}");
+    assert_eq!(v["greeting"], "hi", "{v}");
+    assert_eq!(v["home"], Value::Null, "{v}");
+    assert_eq!(v["helper"], "task", "{v}");
+    assert_eq!(v["cwd"], "/var/task", "{v}");
+    assert_eq!(
+        v["nodePath"],
+        "/opt/nodejs/node22/node_modules:/opt/nodejs/node_modules:/var/runtime/node_modules:/var/runtime:/var/task",
+        "{v}"
+    );
+    assert_eq!(h.worker.stats().claimed_ready, 1);
+
+    // Another size on Node.js 24: its sandbox is made for 512 MiB, and its node sized so.
+    let mut b = h.spec("nodepre24", "nodejs24.x", "index.handler", &files);
+    b.memory_mb = 512;
+    let r = h.invoke(&b, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    let client24 = "/var/runtime/node_modules/aws-lambda-ric/index.mjs";
+    let mut want = vec!["/var/lang/bin/node".to_string()];
+    want.extend(heap_flags(512));
+    want.extend([
+        "/var/runtime/prestart.mjs".to_string(),
+        client24.to_string(),
+    ]);
+    assert_eq!(started_as(&v), want, "{v}");
+    assert_eq!(v["execArgv"], json!(heap_flags(512)), "{v}");
+    let heap = v["heapMb"].as_u64().expect("heap");
+    assert!(
+        (460..=560).contains(&heap),
+        "V8's heap is sized for 512 MiB: {v}"
+    );
+
+    // NODE_OPTIONS is read when node starts: a fresh node from the bootstrap, which honours it.
+    let mut c = h.spec("nodefresh", "nodejs22.x", "index.handler", &files);
+    c.memory_mb = 128;
+    c.env
+        .insert("NODE_OPTIONS".into(), "--no-deprecation".into());
+    c.env.insert("GREETING".into(), "hi".into());
+    c.env.insert("TZ".into(), "America/New_York".into());
+    wait_ready(&h, 1).await;
+    let before = h.worker.stats().claimed_ready;
+    let r = h.invoke(&c, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    let mut want = vec!["/var/lang/bin/node".to_string()];
+    want.extend(heap_flags(128));
+    want.extend([client22.to_string(), "index.handler".to_string()]);
+    assert_eq!(started_as(&v), want, "{v}");
+    assert_eq!(v["options"], "--no-deprecation", "{v}");
+    assert_eq!(v["helper"], "task", "{v}");
+    // The prestarted node's environment is the one the bootstrap gives a fresh node (what the
+    // shell adds included), but for what differs between the two functions.
+    let differ = [
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "_X_AMZN_TRACE_ID",
+        "NODE_OPTIONS",
+    ];
+    let env_of = |v: &Value| -> BTreeMap<String, Value> {
+        v["env"]
+            .as_object()
+            .expect("env")
+            .iter()
+            .filter(|(k, _)| !differ.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert_eq!(env_of(&prestarted), env_of(&v));
+    assert_eq!(v["env"]["PWD"], "/var/task", "{v}");
+    assert_eq!(
+        h.worker.stats().claimed_ready,
+        before + 1,
+        "a ready sandbox, declined"
+    );
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_waits_for_sandboxes_that_come_free_instead_of_starting_one_each() {
     let h = Arc::new(Harness::with_configs(

@@ -448,7 +448,9 @@ pub struct SandboxArgs {
 
 #[derive(Args)]
 pub struct RuntimesArgs {
-    /// Runtimes to compare, comma-separated (each needs its image).
+    /// Runtimes to compare, comma-separated (each needs its image). `<runtime>:bootstrap`
+    /// times the runtime started by its bootstrap: the function sets an empty `LD_PRELOAD`,
+    /// which changes nothing but makes a prestarted runtime decline it.
     #[arg(long, default_value = "python3.11,nodejs22.x")]
     runtimes: String,
     /// Warm invocations to time per runtime.
@@ -1617,13 +1619,18 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
     let code_cache = dir.path().join("code-cache");
     let images = ImageStore::new(&a.engines.image_cache);
     let mut fns = Vec::new();
-    for rt in &runtimes {
+    for name in &runtimes {
+        let (rt, bootstrap) = match name.split_once(':') {
+            None => (name.as_str(), false),
+            Some((rt, "bootstrap")) => (rt, true),
+            Some(_) => bail!("{name}: a runtime, or a runtime and :bootstrap"),
+        };
         let (file, handler, code) = runtime_handler(rt)?;
         images
             .rootfs_for_runtime(rt)
             .with_context(|| format!("{rt} image (hearth image build {rt})"))?;
         let sha = cache_file(&code_cache, file, code)?;
-        fns.push((rt.clone(), handler, sha));
+        fns.push((rt.to_string(), handler, sha, bootstrap));
     }
     let agent = a.engines.agent();
     println!(
@@ -1665,16 +1672,20 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
                 ..WorkerConfig::default()
             },
         );
-        for rt in &runtimes {
+        for (rt, ..) in &fns {
             worker.prewarm(rt);
         }
         let spec = |i: usize, rev: String| {
-            let (rt, handler, sha) = &fns[i];
-            FunctionSpec {
+            let (rt, handler, sha, bootstrap) = &fns[i];
+            let mut spec = FunctionSpec {
                 runtime: rt.clone(),
                 handler: handler.to_string(),
                 ..bench_spec(&format!("bench{i}"), sha, rev, 128)
+            };
+            if *bootstrap {
+                spec.env.insert("LD_PRELOAD".into(), String::new());
             }
+            spec
         };
         let measured = async {
             // Cold starts: the runtimes take turns, each from a refilled ready pool.
@@ -1695,7 +1706,7 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
                 "  (ready pool held >= {min_ready} sandboxes before each start; {claimed} of {} starts claimed a ready sandbox)",
                 a.cold * fns.len()
             );
-            for (i, (rt, _, _)) in fns.iter().enumerate() {
+            for (i, rt) in runtimes.iter().enumerate() {
                 let cell = summary(&format!("{rt}: cold start, ready pool"), cold[i].clone());
                 let note = init_note("init", &inits[i]);
                 table.set(
@@ -1705,7 +1716,7 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             // Warm invokes, after 20 untimed ones each.
-            for (i, (rt, _, _)) in fns.iter().enumerate() {
+            for (i, rt) in runtimes.iter().enumerate() {
                 let mut warm = Vec::new();
                 for n in 0..a.warm + 20 {
                     let t = timed_invoke(&worker, spec(i, "warm".into()), n).await?;
