@@ -249,12 +249,6 @@ exec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n";
 
 const PYTHON_PRESTART: &str = include_str!("runtimes/python-prestart.py");
 
-/// `/var/runtime/bootstrap` of a Node.js image: Lambda's `NODE_PATH` (unless the function set
-/// one), V8's heap sized from the function's memory as Lambda's Node.js runtimes size it, and
-/// the client started in the function's directory, through `AWS_LAMBDA_EXEC_WRAPPER` when the
-/// function names one (a script from a layer that ends by running its arguments).
-/// aws-lambda-ric 3 takes the handler as its argument and the current directory as the
-/// function's root; 4 reads `_HANDLER` and `LAMBDA_TASK_ROOT` and ignores arguments.
 /// A shell script that starts `/var/lang/bin/node` as a Node.js image's bootstrap starts it:
 /// Lambda's `NODE_PATH` unless one is set, V8's heap sized from
 /// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, then `$args` after node's flags, then `$tail`.
@@ -286,6 +280,12 @@ set -- /var/lang/bin/node --expose-gc --max-http-header-size 81920 "$@"
     };
 }
 
+/// `/var/runtime/bootstrap` of a Node.js image: Lambda's `NODE_PATH` (unless the function set
+/// one), V8's heap sized from the function's memory as Lambda's Node.js runtimes size it, and
+/// the client started in the function's directory, through `AWS_LAMBDA_EXEC_WRAPPER` when the
+/// function names one (a script from a layer that ends by running its arguments).
+/// aws-lambda-ric 3 takes the handler as its argument and the current directory as the
+/// function's root; 4 reads `_HANDLER` and `LAMBDA_TASK_ROOT` and ignores arguments.
 macro_rules! node_bootstrap {
     ($major:literal, $client:literal) => {
         node_script!(

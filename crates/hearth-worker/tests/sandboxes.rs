@@ -1671,18 +1671,21 @@ async fn restores_go_into_pre_created_sandboxes_and_other_engines_snapshots_mean
 async fn python_boots_take_over_the_prestarted_interpreter_unless_startup_variables_differ() {
     let h = Harness::new(Duration::from_secs(60));
     h.worker.prewarm("python3.11");
-    let app = "import os, sys\n\
+    let app = "import os, sys, time\n\
                def handler(event, context):\n    \
                    import helper\n    \
                    return {'argv': sys.orig_argv, 'path': sys.path[:2], 'pythonpath': os.environ.get('PYTHONPATH'), \
                            'greeting': os.environ.get('GREETING'), 'home': os.environ.get('HOME'), \
-                           'helper': helper.WHERE, 'cwd': os.getcwd()}\n";
+                           'helper': helper.WHERE, 'cwd': os.getcwd(), 'gmtoff': time.localtime(0).tm_gmtoff}\n";
     let files = [("app.py", app), ("helper.py", "WHERE = 'task'\n")];
     let mut a = h.spec("prestarted", "python3.11", "app.handler", &files);
     a.env.insert("GREETING".into(), "hi".into());
+    // The function's own time zone, which the prestarted interpreter reads at the hand-over.
+    a.env.insert("TZ".into(), "America/New_York".into());
     wait_ready(&h, 1).await;
     let r = h.invoke(&a, json!({})).await.expect("invoke");
     let v = json_of(&r);
+    assert_eq!(v["gmtoff"], -5 * 3600, "{v}");
     // The interpreter the pool had started, with exactly what a fresh one would see.
     assert_eq!(
         v["argv"],

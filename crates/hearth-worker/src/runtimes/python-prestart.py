@@ -15,6 +15,9 @@ import os
 import sys
 
 _STARTUP_ONLY = ("PYTHON", "LC_", "MALLOC_")
+# Read when used, not at start: the time zone is read again (time.tzset) after the hand-over,
+# and PATH when a program is spawned.
+_FOLLOWED = {"TZ", "PATH"}
 _STARTUP_ONLY_NAMES = {"LANGUAGE", "LD_PRELOAD", "LD_AUDIT", "GLIBC_TUNABLES", "AWS_LAMBDA_EXEC_WRAPPER"}
 
 
@@ -36,7 +39,7 @@ def _read_config(fd):
 def _refusal(env, started_with):
     """Why this process cannot become the runtime for `env` (None: it can)."""
     for k, v in started_with.items():
-        if env.get(k) != v:
+        if env.get(k) != v and k not in _FOLLOWED:
             return f"{k} differs from the value this interpreter started with"
     for k in env:
         if k not in started_with and (k.startswith(_STARTUP_ONLY) or k in _STARTUP_ONLY_NAMES):

@@ -1672,8 +1672,48 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
                 ..WorkerConfig::default()
             },
         );
-        for (rt, ..) in &fns {
+        // Each runtime's ready sandboxes in turn, to read what one holds (a prestarted runtime
+        // included) once its memory has settled; a `:bootstrap` variant shares its runtime's.
+        let memory_dirs = || -> std::collections::BTreeMap<PathBuf, u64> {
+            engine
+                .cgroups()
+                .sandbox_dirs()
+                .into_iter()
+                .filter_map(|d| {
+                    let bytes = ["memory.usage_in_bytes", "memory.current"]
+                        .iter()
+                        .find_map(|f| std::fs::read_to_string(d.join(f)).ok())?;
+                    Some((d, bytes.trim().parse::<u64>().ok()?))
+                })
+                .collect()
+        };
+        let mut kinds = 0;
+        for (i, (rt, ..)) in fns.iter().enumerate() {
+            if fns[..i].iter().any(|(other, ..)| other == rt) {
+                continue;
+            }
+            let before = memory_dirs();
             worker.prewarm(rt);
+            kinds += 1;
+            wait_settled(&worker, kinds).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let new: Vec<u64> = memory_dirs()
+                .into_iter()
+                .filter(|(d, _)| !before.contains_key(d))
+                .map(|(_, b)| b)
+                .collect();
+            if !new.is_empty() {
+                let mib = new.iter().sum::<u64>() as f64 / new.len() as f64 / 1048576.0;
+                println!(
+                    "{rt}: a ready sandbox holds {mib:.1} MiB (cgroup memory, {} measured)",
+                    new.len()
+                );
+                table.set(
+                    "memory of a ready sandbox (cgroup, sentry and prestarted runtime included)",
+                    cols[i],
+                    format!("{mib:.1} MiB"),
+                );
+            }
         }
         let spec = |i: usize, rev: String| {
             let (rt, handler, sha, bootstrap) = &fns[i];
