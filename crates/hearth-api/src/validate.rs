@@ -757,6 +757,17 @@ mod tests {
         assert!(environment(&env(&[("_A", "1")])).is_err());
         let e = environment(&env(&[("AWS_REGION", "x")])).expect_err("reserved");
         assert!(e.message.contains("AWS_REGION"));
+        let e = environment(&env(&[("LAMBDA_RUNTIME_DIR", "/x")])).expect_err("reserved");
+        assert!(e.message.contains("LAMBDA_RUNTIME_DIR"));
+        // Lambda's defaults a function may replace.
+        assert!(
+            environment(&env(&[
+                ("TZ", "Europe/Paris"),
+                ("PATH", "/bin"),
+                ("LANG", "C")
+            ]))
+            .is_ok()
+        );
         let big = "x".repeat(5000);
         assert!(environment(&env(&[("BIG", &big)])).is_err());
     }
