@@ -169,6 +169,20 @@ pub struct SlotSpec {
     pub memory_mb: Option<u32>,
 }
 
+impl SlotSpec {
+    /// Whether a sandbox of this kind can serve `kind` though it was made for another memory
+    /// size: its prestart then declines the function and the bootstrap starts a fresh runtime,
+    /// which is still faster than creating a sandbox.
+    pub fn serves_resized(&self, kind: &SlotSpec) -> bool {
+        self.memory_mb.is_some()
+            && kind.memory_mb.is_some()
+            && SlotSpec {
+                memory_mb: kind.memory_mb,
+                ..self.clone()
+            } == *kind
+    }
+}
+
 /// What a claim gives a created sandbox.
 #[derive(Debug, Clone)]
 pub struct Claim {

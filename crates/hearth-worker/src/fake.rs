@@ -60,6 +60,8 @@ impl Default for FakeTimings {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FakeCounts {
     pub created: usize,
+    /// Sandboxes created for a memory size ([`SlotSpec::memory_mb`]), by size.
+    pub created_for_memory: BTreeMap<u32, usize>,
     pub destroyed: usize,
     /// Sandboxes created and not destroyed.
     pub live: usize,
@@ -219,6 +221,9 @@ impl Engine for FakeEngine {
         {
             let mut b = lock(&self.books);
             b.counts.created += 1;
+            if let Some(mb) = spec.memory_mb {
+                *b.counts.created_for_memory.entry(mb).or_default() += 1;
+            }
             b.counts.live += 1;
             b.agents.insert(id.clone(), state.clone());
         }

@@ -686,7 +686,16 @@ impl Inner {
         let ready = {
             let mut st = self.lock();
             st.demand.entry(kind.clone()).or_default().push_back(now());
-            let s = st.ready.get_mut(kind).and_then(|v| v.pop());
+            let mut s = st.ready.get_mut(kind).and_then(|v| v.pop());
+            if s.is_none() {
+                // None made for this memory size yet (its demand, counted above, has the
+                // refill make some): one made for another size boots it without a prestart.
+                s = st
+                    .ready
+                    .iter_mut()
+                    .find(|(k, v)| !v.is_empty() && k.serves_resized(kind))
+                    .and_then(|(_, v)| v.pop());
+            }
             st.ready.retain(|_, v| !v.is_empty());
             if s.is_some() {
                 st.claimed_ready += 1;

@@ -473,7 +473,7 @@ async fn the_ready_pool_takes_creation_off_the_request_path() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn node_ready_sandboxes_serve_only_their_memory_size_and_python_ones_any() {
+async fn node_ready_sandboxes_are_made_per_memory_size_and_python_ones_serve_any() {
     let p = Pool::new(|cfg| {
         cfg.prewarm = PrewarmConfig::default();
     });
@@ -487,14 +487,33 @@ async fn node_ready_sandboxes_serve_only_their_memory_size_and_python_ones_any()
         spec.memory_mb = memory_mb;
         spec
     };
-    // Prewarmed for Lambda's default size: a 512 MB function does not take it, it makes its own.
+    // Prewarmed for Lambda's default size.
     p.worker.prewarm("nodejs22.x");
     settle(&p, |c| c.created >= 1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        p.engine.counts().created_for_memory,
+        BTreeMap::from([(128, 1)])
+    );
+    // A 512 MB function with none of its size ready takes that one (its prestart will decline,
+    // a fresh runtime boots: still faster than creating one), and the pool makes its size.
     p.call(&node("big", 512), json!({})).await.expect("call");
-    assert_eq!(p.worker.stats().claimed_ready, 0);
-    p.call(&node("small", 128), json!({})).await.expect("call");
     assert_eq!(p.worker.stats().claimed_ready, 1);
+    settle(&p, |c| {
+        c.created_for_memory.get(&512).is_some_and(|n| *n >= 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let made = p.engine.counts().created;
+    // The next one of that size takes one made for it.
+    p.call(&node("big2", 512), json!({})).await.expect("call");
+    assert_eq!(p.worker.stats().claimed_ready, 2);
+    assert_eq!(
+        p.engine.counts().created,
+        made,
+        "nothing created on its way"
+    );
+    assert_eq!(p.engine.counts().created_for_memory.get(&512), Some(&1));
     // Python's prestart does not depend on the size: any size takes its ready sandbox.
     let p = Pool::new(|cfg| {
         cfg.prewarm = PrewarmConfig::default();

@@ -1869,6 +1869,16 @@ async fn node_boots_take_over_a_node_prestarted_for_their_memory_size_unless_sta
     };
     assert_eq!(env_of(&prestarted), env_of(&v));
     assert_eq!(v["env"]["PWD"], "/var/task", "{v}");
+
+    // A size with no sandbox made for it may take one made for 128 MB (then its prestart
+    // declines and the bootstrap starts node) or a new one: node's heap is 256 MB's either way.
+    let mut d = h.spec("noderesized", "nodejs22.x", "index.handler", &files);
+    d.memory_mb = 256;
+    let r = h.invoke(&d, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    assert_eq!(v["execArgv"], json!(heap_flags(256)), "{v}");
+    assert_eq!(started_as(&v)[1..6], heap_flags(256)[..], "{v}");
     assert_eq!(
         h.worker.stats().claimed_ready,
         before + 1,
