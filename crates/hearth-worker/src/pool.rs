@@ -450,7 +450,6 @@ impl Worker {
         let Ok(rootfs) = self.inner.images.rootfs_for_runtime(runtime) else {
             return;
         };
-        let sized = recipe_for(runtime).is_ok_and(|r| r.sized_prestart);
         let kind = SlotSpec {
             rootfs,
             net: if self.inner.engine.egress_allowed() {
@@ -462,7 +461,7 @@ impl Worker {
             pids_limit: PIDS_LIMIT,
             started: true,
             // Lambda's default memory size, which hearth's API gives a function that sets none.
-            memory_mb: sized.then_some(128),
+            memory_mb: prestart_memory(runtime, 128),
         };
         self.inner
             .lock()
@@ -475,6 +474,14 @@ impl Worker {
 }
 
 const PIDS_LIMIT: i64 = 1024;
+
+/// The memory size a started sandbox of `runtime` is made for, when its prestart sizes its
+/// runtime from it ([`crate::images::Recipe::sized_prestart`]); `None` otherwise.
+fn prestart_memory(runtime: &str, memory_mb: u32) -> Option<u32> {
+    recipe_for(runtime)
+        .is_ok_and(|r| r.sized_prestart)
+        .then_some(memory_mb)
+}
 
 /// While calls wait for sandboxes, the ready pool gets at most one new sandbox this often.
 const REFILL_HOLD: Duration = Duration::from_secs(5);
@@ -1443,15 +1450,15 @@ impl Worker {
             .images
             .rootfs_for_runtime(&spec.runtime)
             .map_err(|e| InvokeError::NotReady(e.to_string()))?;
-        // A prestart that sizes its runtime needs sandboxes made for this memory size.
-        let sized = started && recipe_for(&spec.runtime).is_ok_and(|r| r.sized_prestart);
         Ok(SlotSpec {
             rootfs,
             net: self.net_mode(spec),
             tmp_mb: spec.ephemeral_storage_mb,
             pids_limit: PIDS_LIMIT,
             started,
-            memory_mb: sized.then_some(spec.memory_mb),
+            memory_mb: started
+                .then(|| prestart_memory(&spec.runtime, spec.memory_mb))
+                .flatten(),
         })
     }
 

@@ -909,17 +909,7 @@ async fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             let stats = worker.stats();
-            let usage: Vec<u64> = engine
-                .cgroups()
-                .sandbox_dirs()
-                .iter()
-                .filter_map(|d| {
-                    ["memory.usage_in_bytes", "memory.current"]
-                        .iter()
-                        .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
-                        .and_then(|t| t.trim().parse::<u64>().ok())
-                })
-                .collect();
+            let usage: Vec<u64> = sandbox_memory(engine.cgroups()).into_values().collect();
             let n = usage.len().max(1);
             let ksmd0 = ksmd_ticks();
             let idle_pct = idle_cpu(&engine, n).await;
@@ -1588,6 +1578,23 @@ async fn wait_settled(worker: &Worker, want: usize) -> usize {
     }
 }
 
+/// The memory charged to each sandbox's cgroup (v1 `memory.usage_in_bytes`, v2
+/// `memory.current`), by cgroup directory.
+fn sandbox_memory(
+    cgroups: &hearth_worker::cgroup::Cgroups,
+) -> std::collections::BTreeMap<PathBuf, u64> {
+    cgroups
+        .sandbox_dirs()
+        .into_iter()
+        .filter_map(|d| {
+            let bytes = ["memory.usage_in_bytes", "memory.current"]
+                .iter()
+                .find_map(|f| std::fs::read_to_string(d.join(f)).ok())?;
+            Some((d, bytes.trim().parse::<u64>().ok()?))
+        })
+        .collect()
+}
+
 /// The small handler `hearth bench runtimes` runs: (file, handler, code) for a runtime.
 fn runtime_handler(runtime: &str) -> anyhow::Result<(&'static str, &'static str, &'static str)> {
     let image = hearth_worker::images::recipe_for(runtime)?;
@@ -1674,19 +1681,7 @@ async fn runtimes_bench(a: RuntimesArgs) -> anyhow::Result<ExitCode> {
         );
         // Each runtime's ready sandboxes in turn, to read what one holds (a prestarted runtime
         // included) once its memory has settled; a `:bootstrap` variant shares its runtime's.
-        let memory_dirs = || -> std::collections::BTreeMap<PathBuf, u64> {
-            engine
-                .cgroups()
-                .sandbox_dirs()
-                .into_iter()
-                .filter_map(|d| {
-                    let bytes = ["memory.usage_in_bytes", "memory.current"]
-                        .iter()
-                        .find_map(|f| std::fs::read_to_string(d.join(f)).ok())?;
-                    Some((d, bytes.trim().parse::<u64>().ok()?))
-                })
-                .collect()
-        };
+        let memory_dirs = || sandbox_memory(engine.cgroups());
         let mut kinds = 0;
         for (i, (rt, ..)) in fns.iter().enumerate() {
             if fns[..i].iter().any(|(other, ..)| other == rt) {
