@@ -1810,28 +1810,8 @@ async fn node_boots_take_over_a_node_prestarted_for_their_memory_size_unless_sta
     );
     assert_eq!(h.worker.stats().claimed_ready, 1);
 
-    // Another size on Node.js 24: its sandbox is made for 512 MiB, and its node sized so.
-    let mut b = h.spec("nodepre24", "nodejs24.x", "index.handler", &files);
-    b.memory_mb = 512;
-    let r = h.invoke(&b, json!({})).await.expect("invoke");
-    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
-    let v = json_of(&r);
-    let client24 = "/var/runtime/node_modules/aws-lambda-ric/index.mjs";
-    let mut want = vec!["/var/lang/bin/node".to_string()];
-    want.extend(heap_flags(512));
-    want.extend([
-        "/var/runtime/prestart.mjs".to_string(),
-        client24.to_string(),
-    ]);
-    assert_eq!(started_as(&v), want, "{v}");
-    assert_eq!(v["execArgv"], json!(heap_flags(512)), "{v}");
-    let heap = v["heapMb"].as_u64().expect("heap");
-    assert!(
-        (460..=560).contains(&heap),
-        "V8's heap is sized for 512 MiB: {v}"
-    );
-
     // NODE_OPTIONS is read when node starts: a fresh node from the bootstrap, which honours it.
+    // (Before any other kind has demand: the sandbox that comes ready is one of Node.js 22's.)
     let mut c = h.spec("nodefresh", "nodejs22.x", "index.handler", &files);
     c.memory_mb = 128;
     c.env
@@ -1848,6 +1828,11 @@ async fn node_boots_take_over_a_node_prestarted_for_their_memory_size_unless_sta
     want.extend([client22.to_string(), "index.handler".to_string()]);
     assert_eq!(started_as(&v), want, "{v}");
     assert_eq!(v["options"], "--no-deprecation", "{v}");
+    assert_eq!(
+        h.worker.stats().claimed_ready,
+        before + 1,
+        "a ready sandbox, declined"
+    );
     assert_eq!(v["helper"], "task", "{v}");
     // The prestarted node's environment is the one the bootstrap gives a fresh node (what the
     // shell adds included), but for what differs between the two functions.
@@ -1870,6 +1855,27 @@ async fn node_boots_take_over_a_node_prestarted_for_their_memory_size_unless_sta
     assert_eq!(env_of(&prestarted), env_of(&v));
     assert_eq!(v["env"]["PWD"], "/var/task", "{v}");
 
+    // Another size on Node.js 24: its sandbox is made for 512 MiB, and its node sized so.
+    let mut b = h.spec("nodepre24", "nodejs24.x", "index.handler", &files);
+    b.memory_mb = 512;
+    let r = h.invoke(&b, json!({})).await.expect("invoke");
+    assert!(!r.function_error, "{}", String::from_utf8_lossy(&r.payload));
+    let v = json_of(&r);
+    let client24 = "/var/runtime/node_modules/aws-lambda-ric/index.mjs";
+    let mut want = vec!["/var/lang/bin/node".to_string()];
+    want.extend(heap_flags(512));
+    want.extend([
+        "/var/runtime/prestart.mjs".to_string(),
+        client24.to_string(),
+    ]);
+    assert_eq!(started_as(&v), want, "{v}");
+    assert_eq!(v["execArgv"], json!(heap_flags(512)), "{v}");
+    let heap = v["heapMb"].as_u64().expect("heap");
+    assert!(
+        (460..=560).contains(&heap),
+        "V8's heap is sized for 512 MiB: {v}"
+    );
+
     // A size with no sandbox made for it may take one made for 128 MB (then its prestart
     // declines and the bootstrap starts node) or a new one: node's heap is 256 MB's either way.
     let mut d = h.spec("noderesized", "nodejs22.x", "index.handler", &files);
@@ -1879,11 +1885,6 @@ async fn node_boots_take_over_a_node_prestarted_for_their_memory_size_unless_sta
     let v = json_of(&r);
     assert_eq!(v["execArgv"], json!(heap_flags(256)), "{v}");
     assert_eq!(started_as(&v)[1..6], heap_flags(256)[..], "{v}");
-    assert_eq!(
-        h.worker.stats().claimed_ready,
-        before + 1,
-        "a ready sandbox, declined"
-    );
     h.finish().await;
 }
 
